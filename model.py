@@ -1,0 +1,500 @@
+"""A Qwen3 decoder written from scratch, loading and saving Hugging Face safetensors checkpoints.
+
+Read top to bottom: config, the three building blocks (RMSNorm, RoPE, SwiGLU), attention with
+grouped-query heads and per-head q/k norms, the decoder, then checkpoint I/O and the memento
+special tokens (paper §A.2.1). All attention goes through `memento_attention.attention`, so the
+same model runs plain causal attention (stage 1), memento attention over a whole sequence
+(stage 2, prefill) and decoding against a compacting KV cache (kv_cache.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from memento_attention import attention
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class Qwen3Config:
+    """Hyperparameters of a Qwen3 decoder, with Hugging Face's `config.json` field names.
+
+    `head_dim` is the per-head width (Qwen3 decouples it from hidden_size / heads);
+    `rope_theta` is the RoPE base. Only the default (unscaled) RoPE is implemented.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "float32"
+    extra: dict = field(default_factory=dict, repr=False)  # unknown fields, written back on save
+
+    REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Qwen3Config":
+        """Build a config from an HF config dict.
+
+        rope_theta is read top-level (Qwen3 hub checkpoints) or from `rope_parameters`
+        (recent transformers). Raises ValueError naming the missing field, a non-Qwen3
+        model_type, or a RoPE scaling type this model does not implement.
+        """
+        if d.get("model_type", "qwen3") != "qwen3":
+            raise ValueError(f"{source}: model_type is {d['model_type']!r}, expected 'qwen3'")
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}; is this a Qwen3 config.json?")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: RoPE type {rope_type!r} is not implemented (only 'default')")
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name != "extra"}
+        kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
+        if "rope_theta" not in d and "rope_theta" in rope:
+            kw["rope_theta"] = rope["rope_theta"]
+        if "dtype" in d and "torch_dtype" not in d and isinstance(d["dtype"], str):
+            kw["torch_dtype"] = d["dtype"]
+        known = {f.name for f in fields(cls)} | {"model_type", "architectures", "rope_parameters", "dtype"}
+        kw["extra"] = {k: v for k, v in d.items() if k not in known}
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        """The HF `config.json` dict (both rope_theta spellings, so old and new readers agree)."""
+        d = asdict(self)
+        extra = d.pop("extra")
+        d = {**extra, **d, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["dtype"] = self.torch_dtype
+        return d
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim, computed in fp32: x / rms(x) * weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """RoPE rotation tables at explicit logical positions.
+
+    positions: [B, T] int. Returns cos, sin: [B, 1, T, head_dim] in `dtype`. Positions are
+    logical (index in the full sequence), never cache slots: after compaction the next token
+    keeps the position it had in training (§6.1).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, D] by the tables of `rope_cos_sin` (half-split layout, as in Qwen)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class SwiGLU(nn.Module):
+    """The Qwen MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with per-head RMSNorm on q and k (Qwen3), RoPE after the norm."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.cfg = cfg
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, mask_from, layer_cache):
+        B, T, _ = x.shape
+        d = self.cfg.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, d)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, d)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is None:
+            # Whole sequence: mask_from is indexed by position in this sequence.
+            y = attention(q, k, v, mask_from)
+        else:
+            # Against the cache: it returns every stored key with its logical position and
+            # mask_from, so the same rule applies in logical positions.
+            k, v, k_pos, k_mask_from = layer_cache.update(k, v, positions, mask_from)
+            y = attention(q, k, v, k_mask_from, q_pos=positions, k_pos=k_pos)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, positions, mask_from, layer_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask_from, layer_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, layers and final norm; named `model` inside Qwen3 to match HF tensor names."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Qwen3(nn.Module):
+    """Qwen3 causal LM (paper §4 trains it; §6.1 decodes it with a compacting cache).
+
+    Call `model(input_ids)` for plain causal logits. See `forward` for positions, memento
+    masks and KV caches. Tensor names match HF `Qwen3ForCausalLM`.
+    """
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Qwen3":
+        """Random init for training from scratch: N(0, std) linears/embeddings, ones for norms."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                mask_from: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Logits for every input token.
+
+        Args:
+            input_ids: [B, T] int64 token ids.
+            positions: [B, T] int64 logical positions for RoPE (and, with a cache, for the
+                visibility rule). Default 0..T-1; required with a cache.
+            mask_from: [B, T] int, the memento mask of these tokens (memento_attention.py,
+                §4): key j visible to query i iff j <= i < mask_from[j]. Without a cache it
+                is indexed by position in this sequence; None = plain causal.
+            cache: a kv_cache.KVCache; the tokens are appended to it and attend to
+                everything it holds (compaction happens outside the forward).
+        Returns:
+            [B, T, vocab_size] float32 logits.
+        Raises:
+            ValueError if input_ids is not [B, T] int or positions are missing with a cache
+            or reach max_position_embeddings.
+        """
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"Qwen3.forward: input_ids must be a [B, T] integer tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        B, T = input_ids.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("Qwen3.forward: pass explicit positions when decoding with a cache")
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"Qwen3.forward: position {int(positions.max())} >= max_position_embeddings "
+                             f"({self.config.max_position_embeddings}); shorten the input")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            lc = None if cache is None else cache.layers[i]
+            if self.gradient_checkpointing and self.training and lc is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask_from, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, positions, mask_from, lc)
+        return self.lm_head(self.model.norm(x)).float()
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "Qwen3":
+        """Load an HF Qwen3 checkpoint (single or sharded safetensors) from a dir or the hub.
+
+        A hub id ("Qwen/Qwen3-0.6B") is fetched with huggingface_hub.snapshot_download,
+        config, weights and tokenizer files only. Weights are read with safetensors (no
+        pickle). Raises FileNotFoundError for an unknown path or id, ValueError for a bad
+        config, a missing tensor, a tensor of the wrong shape or an unexpected tensor.
+        """
+        path = resolve_checkpoint(path_or_hub_id)
+        cfg_file = path / "config.json"
+        cfg = Qwen3Config.from_dict(json.loads(cfg_file.read_text()), source=str(cfg_file))
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = _read_safetensors(path)
+        expected = dict(model.state_dict(keep_vars=True))
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+            state.pop("lm_head.weight", None)  # some tied checkpoints store a copy
+        for name, p in expected.items():
+            if name not in state:
+                raise ValueError(f"{path}: checkpoint is missing tensor {name!r}")
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                                 f"config.json implies {tuple(p.shape)}")
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise ValueError(f"{path}: unexpected tensor(s) {unexpected[:3]}; is this a Qwen3 checkpoint?")
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.to(device)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+        """Write config.json + safetensors in HF layout, atomically.
+
+        Files go to a temporary sibling directory which then replaces `out_dir`, so an
+        interrupted save never leaves a half-written checkpoint where a good one was.
+        With max_shard_bytes, weights are split into model-0000k-of-0000n.safetensors
+        plus model.safetensors.index.json. Other files already in out_dir (a tokenizer,
+        training state) are carried over.
+        """
+        out = Path(out_dir)
+        with atomic_dir(out) as tmp:
+            self.config.torch_dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            if self.config.tie_word_embeddings:
+                state.pop("lm_head.weight")
+            _write_safetensors(state, tmp, max_shard_bytes)
+
+    # ------------------------------------------------------------------------- vocabulary
+
+    def resize_token_embeddings(self, new_vocab: int) -> None:
+        """Grow (never shrink) the embedding and an untied lm_head to `new_vocab` rows.
+
+        New rows are zero here; `add_memento_tokens` initializes the ones it uses.
+        Raises ValueError when asked to shrink.
+        """
+        old = self.config.vocab_size
+        if new_vocab < old:
+            raise ValueError(f"resize_token_embeddings: cannot shrink vocab from {old} to {new_vocab}")
+        if new_vocab == old:
+            return
+        emb = self.model.embed_tokens.weight
+        new_emb = nn.Embedding(new_vocab, emb.shape[1], device=emb.device, dtype=emb.dtype)
+        with torch.no_grad():
+            new_emb.weight.zero_()
+            new_emb.weight[:old] = emb
+        self.model.embed_tokens = new_emb
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = new_emb.weight
+        else:
+            w = self.lm_head.weight
+            head = nn.Linear(w.shape[1], new_vocab, bias=False, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                head.weight.zero_()
+                head.weight[:old] = w
+            self.lm_head = head
+        self.config.vocab_size = new_vocab
+
+
+# The words each memento token's embedding starts from (METHOD.md §2, paper §A.2.1).
+MEMENTO_TOKEN_SEEDS = {
+    "<|block_start|>": ["block", "start", "begin", "section", "step"],
+    "<|block_end|>": ["block", "end", "finish", "section", "done"],
+    "<|summary_start|>": ["summary", "summarize", "brief", "recap", "overview"],
+    "<|summary_end|>": ["summary", "end", "finish", "done", "complete"],
+}
+
+
+def add_memento_tokens(model: Qwen3, tokenizer, noise_std: float = 0.01, seed: int = 0) -> dict[str, int]:
+    """Register the four memento tokens and initialize their rows (paper §A.2.1).
+
+    Each word is encoded in its mid-sentence form " word" (leading space); a word that
+    becomes several tokens contributes the mean of its pieces' rows. A new token's row is
+    the mean over its five words plus N(0, noise_std²) noise, in the input embedding and,
+    when untied, in lm_head (tied models share the row). Tokens the tokenizer already has
+    keep their ids; rows are (re)initialized only for tokens that were missing. The
+    embedding grows if a new id falls beyond vocab_size.
+
+    Args:
+        model: a Qwen3 (modified in place).
+        tokenizer: a tokenizer.Tokenizer (modified in place).
+    Returns:
+        {token: id} for the four tokens.
+    """
+    missing = [t for t in MEMENTO_TOKEN_SEEDS if t not in tokenizer.special_ids]
+    ids = tokenizer.add_special_tokens(list(MEMENTO_TOKEN_SEEDS))
+    need = max(ids.values()) + 1
+    if need > model.config.vocab_size:
+        model.resize_token_embeddings(need)
+    g = torch.Generator().manual_seed(seed)
+    tables = [model.model.embed_tokens.weight]
+    if not model.config.tie_word_embeddings:
+        tables.append(model.lm_head.weight)
+    with torch.no_grad():
+        for tok in missing:
+            for table in tables:
+                word_rows = [table[tokenizer.encode(" " + w)].float().mean(0) for w in MEMENTO_TOKEN_SEEDS[tok]]
+                mean = torch.stack(word_rows).mean(0)
+                noise = torch.randn(mean.shape, generator=g) * noise_std
+                table[ids[tok]] = (mean + noise.to(mean.device)).to(table.dtype)
+    return {t: ids[t] for t in MEMENTO_TOKEN_SEEDS}
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json", "generation_config.json"]
+
+
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub id downloaded to the HF cache.
+
+    Raises FileNotFoundError with one line saying what was tried and what to pass instead.
+    """
+    p = Path(path_or_hub_id)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p}: no config.json; pass a checkpoint directory written by save_pretrained or a hub id")
+        return p
+    s = str(path_or_hub_id)
+    if p.exists() or s.count("/") != 1 or s.startswith((".", "/")):
+        raise FileNotFoundError(f"checkpoint {s!r}: not a checkpoint directory, and not a hub id of the form 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # the hub client raises many types; the user needs one line
+        raise FileNotFoundError(f"checkpoint {s!r}: not a local directory, and the hub download failed "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for f in files:
+        with safe_open(path / f, framework="pt") as fh:
+            for k in fh.keys():
+                state[k] = fh.get_tensor(k)
+    return state
+
+
+def _write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if not max_shard_bytes or total <= max_shard_bytes:
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        return
+    shards, cur, size = [], {}, 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = t, size + nbytes
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+class atomic_dir:
+    """Context manager: yields a fresh temp dir that replaces `target` on success.
+
+    Files already in `target` that the block does not write are carried over. On an
+    exception (or a kill) the temp dir is abandoned and `target` is left as it was.
+    """
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.target.is_dir():
+            for f in self.target.iterdir():
+                stale_weights = f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json"
+                if f.is_file() and not stale_weights and not (self.tmp / f.name).exists():
+                    shutil.copy2(f, self.tmp / f.name)
+        for f in self.tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = self.target.with_name(f".{self.target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.target.exists():
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        shutil.rmtree(old, ignore_errors=True)
+        return False

@@ -1,0 +1,41 @@
+"""Shared test fixtures: tiny random Qwen3 checkpoints made by HF transformers, and paths."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED_DATA = Path(os.environ.get("MEMENTO_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def tiny_hf_config(tied: bool = False, vocab: int = 300, **kw):
+    from transformers import Qwen3Config as HFConfig
+
+    args = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                max_position_embeddings=4096, tie_word_embeddings=tied)
+    args.update(kw)
+    return HFConfig(**args)
+
+
+def tiny_hf_model(tied: bool = False, seed: int = 0, **kw):
+    """A Qwen3ForCausalLM with random weights (norm weights randomized too, so they matter)."""
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    m = Qwen3ForCausalLM(tiny_hf_config(tied, **kw)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared sample data not found at {SHARED_DATA}; set MEMENTO_SHARED_DATA")
+    return SHARED_DATA
