@@ -39,3 +39,28 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared sample data not found at {SHARED_DATA}; set MEMENTO_SHARED_DATA")
     return SHARED_DATA
+
+
+def tiny_model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, vocab=272, seed=0, std=0.15):
+    """A random Qwen3 of our own (byte-level vocab), big enough for masks to matter."""
+    from model import Qwen3, Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                      max_position_embeddings=40960, tie_word_embeddings=True, rope_theta=10000.0)
+    return Qwen3(cfg).init_weights(std=std, seed=seed).eval()
+
+
+def memento_text(rng, n_blocks=3, end_mid_block=False, block_len=(3, 12), memento_len=(2, 6)):
+    """A memento-formatted response (METHOD.md §2) with random lowercase content."""
+    import string
+
+    def words(lo, hi):
+        return "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(rng.randint(lo, hi)))
+
+    out = "<think>\n"
+    for _ in range(n_blocks):
+        out += f"<|block_start|>{words(*block_len)}<|block_end|>\n<|summary_start|>{words(*memento_len)}<|summary_end|>\n"
+    if end_mid_block:
+        return out + "<|block_start|>" + words(*block_len)
+    return out + "</think>\n" + words(2, 6)

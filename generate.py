@@ -1,0 +1,450 @@
+"""Generate with block masking and a compacting KV cache (paper §6.1, §6.2.1, §A.3).
+
+    python generate.py --prompt "..." [--checkpoint DIR|hub-id]
+    python generate.py --replay traces.jsonl --json
+
+The loop is the whole method at inference: prefill the prompt once, then one token at a
+time: pick the token (sample, or take it from a trace when replaying), let the block tracker
+read it, evict whatever the token's arrival masks (before feeding it, as the engine does
+when <|summary_end|> is sampled), feed it, and count the cache. --restart additionally
+recomputes each memento's K/V without its block (the implicit-channel ablation, §6.2.1);
+--no-compaction keeps every token (the full-cache baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kv_cache import EMPTY, KVCache
+from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens
+
+DEFAULT_CHECKPOINT = "out/stage2"
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass
+class SampleConfig:
+    """Sampling (paper defaults, METHOD.md §5): temperature 0 means greedy."""
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+
+
+def sample(logits: torch.Tensor, sc: SampleConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from logits [B, V] (float) -> [B] int64: temperature, then
+    top-k, then top-p (nucleus) filtering."""
+    if sc.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / sc.temperature
+    if sc.top_k > 0:
+        kth = torch.topk(logits, min(sc.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if sc.top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > sc.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@dataclass
+class Sequence:
+    """One sequence's state and results. kv_curve: cache tokens after each token."""
+
+    prompt: list[int]
+    forced: list[int] | None = None
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+    stop_reason: str = ""
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compaction: bool = True,
+             restart: bool = False, max_new_tokens: int = 1024, max_block_tokens: int | None = None,
+             sampling: SampleConfig = SampleConfig(), seed: int | None = None,
+             forced: list[list[int]] | None = None, replay_chunk: int = 1, keep_logits: bool = False,
+             on_token=None):
+    """Prefill B prompts, then decode them together through one compacting KVCache.
+
+    Args:
+        model: a model.Qwen3. tok: a tokenizer.Tokenizer with the memento tokens.
+        prompts: B lists of token ids (each already in ChatML, see Tokenizer.chat_prompt).
+        cfg: the masking options (memento_attention.MementoConfig).
+        compaction: False keeps every token (full-cache baseline; the mask is not applied).
+        restart: restart mode (§6.2.1): at each memento's end evict its block with the
+            delimiters, and recompute the memento tokens' K/V at the same positions.
+            Needs keep_last_n_blocks == 0 without keep_last_block_for_answer.
+        max_new_tokens: response tokens per sequence. max_block_tokens: force
+            <|block_end|> once an open block holds this many tokens (§5).
+        forced: B lists of response ids to teacher-force instead of sampling (replay).
+        replay_chunk: with `forced`, feed up to this many tokens per forward (chunks never
+            cross a position where a mask starts, so the result is the same as 1; it only
+            trades memory for speed). Sampling always decodes one token at a time.
+        keep_logits: store each position's logits [V] (float32) in Sequence.logits
+            (prompt positions included), for tests.
+        on_token: callback(row, token_id, kind) per decoded token; kind is one of
+            "block", "memento", "delimiter", "text".
+    Returns:
+        (list[Sequence], KVCache): the sequences and the cache with its counters.
+    Raises:
+        ValueError for a prompt at or beyond max_position_embeddings, or restart with
+        options it does not define.
+    """
+    if restart and (cfg.keep_last_n_blocks != 0 or cfg.keep_last_block_for_answer):
+        raise ValueError("--restart is defined for keep_last_n_blocks=0 without keep_last_block_for_answer")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    max_pos = model.config.max_position_embeddings
+    for p in prompts:
+        if len(p) >= max_pos:
+            raise ValueError(f"prompt of {len(p)} tokens does not fit max_position_embeddings={max_pos}; shorten it")
+    T = MementoTokens.from_tokenizer(tok)
+    stop_ids = {tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids}
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    B = len(prompts)
+    seqs = [Sequence(p, None if forced is None else forced[i]) for i, p in enumerate(prompts)]
+    trackers = [BlockTracker(T, cfg) for _ in range(B)]
+    cache = KVCache(model.config, B, dtype, device)
+
+    # ---- prefill: right-padded, padding slots are EMPTY (seen by nobody) and evicted at once
+    lens = torch.tensor([len(p) for p in prompts])
+    Tp = int(lens.max())
+    ids = torch.zeros(B, Tp, dtype=torch.int64)
+    mask_from = torch.full((B, Tp), EMPTY, dtype=torch.int64)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = torch.tensor(p)
+        mask_from[r, :len(p)] = NEVER
+        for i, t in enumerate(p):
+            for b in trackers[r].step(t):
+                if compaction:
+                    lo, hi = b.span(cfg.mask_delimiters)
+                    mask_from[r, lo:hi + 1] = i
+    positions = torch.arange(Tp).expand(B, Tp)
+    logits = model(ids.to(device), positions.to(device), mask_from.to(device), cache)
+    for r, p in enumerate(prompts):  # the §6 count: keys j <= i with mask_from[j] > i
+        n = len(p)
+        vis = (torch.arange(n)[None, :] <= torch.arange(n)[:, None]) & (mask_from[r, :n][None, :] > torch.arange(n)[:, None])
+        cache.curve[r].extend(vis.sum(1).tolist())
+        if keep_logits:
+            seqs[r].logits.extend(logits[r, :n].cpu())
+    cache.evict_masked(lens.to(device))
+    last = logits[torch.arange(B), lens - 1].clone()
+
+    # ---- decode. Sampling feeds one token per live row per step. Teacher forcing feeds up to
+    # `replay_chunk` tokens at once, cut so that a chunk never crosses a position where a mask
+    # starts: evictions still happen exactly before the token that triggers them.
+    starts = [_mask_events(s.prompt + s.forced, T, cfg) if forced is not None else set() for s in seqs]
+    vocab = tok.n_vocab
+    while True:
+        live = [not s.done for s in seqs]
+        if not any(live):
+            break
+        if forced is None:
+            last[:, vocab:] = float("-inf")  # the embedding may be padded beyond the tokenizer
+            sampled = sample(last, sampling, gen).cpu()
+        chunks = []
+        for r, s in enumerate(seqs):
+            if s.done:
+                chunks.append([])
+                continue
+            p = len(s.prompt) + len(s.tokens)
+            if forced is not None:
+                k = len(s.tokens)
+                n = 1
+                while n < replay_chunk and k + n < len(s.forced) and p + n not in starts[r]:
+                    n += 1
+                chunk = s.forced[k:k + n]
+            else:
+                chunk = [int(sampled[r])]
+                ob = trackers[r].open_block_start
+                if max_block_tokens and ob is not None and p - ob - 1 >= max_block_tokens:
+                    chunk = [T.block_end]
+            for t in chunk:
+                kind = _kind(trackers[r], t, T)
+                for b in trackers[r].step(t):
+                    if not compaction:
+                        continue
+                    if restart:
+                        _restart_memento(model, cache, r, b, s, device)
+                    else:
+                        cache.evict(r, *b.span(cfg.mask_delimiters))
+                s.tokens.append(t)
+                if on_token:
+                    on_token(r, t, kind)
+            if forced is None and chunk[-1] in stop_ids:
+                s.done, s.stop_reason = True, "stop token"
+                chunk = []
+            chunks.append(chunk)
+        n_new = [len(c) for c in chunks]
+        W = max(n_new)
+        if W == 0:
+            continue
+        ids = torch.zeros(B, W, dtype=torch.int64)
+        pos = torch.zeros(B, W, dtype=torch.int64)
+        mf = torch.full((B, W), EMPTY, dtype=torch.int64)
+        for r, c in enumerate(chunks):
+            p0 = len(seqs[r].prompt) + len(seqs[r].tokens) - len(c)
+            ids[r, :len(c)] = torch.tensor(c, dtype=torch.int64)
+            pos[r, :len(c)] = torch.arange(p0, p0 + len(c))
+            mf[r, :len(c)] = NEVER
+        logits = model(ids.to(device), pos.to(device), mf.to(device), cache)
+        for layer in cache.layers:  # padding slots (rows with shorter or no chunks) go back
+            layer.length -= torch.tensor([W - n for n in n_new], device=layer.length.device)
+            layer.mask_from[torch.arange(layer.capacity, device=device) >= layer.length[:, None]] = EMPTY
+        cache.record(n_new, active=[n > 0 for n in n_new])
+        for r, s in enumerate(seqs):
+            if n_new[r] == 0:
+                continue
+            if keep_logits:
+                s.logits.extend(logits[r, :n_new[r]].cpu())
+            last[r] = logits[r, n_new[r] - 1]
+            p = len(s.prompt) + len(s.tokens)
+            if forced is not None and len(s.tokens) == len(s.forced):
+                s.done, s.stop_reason = True, "end of trace"
+            elif len(s.tokens) >= max_new_tokens:
+                s.done, s.stop_reason = True, "max_new_tokens"
+            elif p >= max_pos:
+                s.done, s.stop_reason = True, "max_position_embeddings"
+    return seqs, cache
+
+
+def _mask_events(ids: list[int], T: MementoTokens, cfg: MementoConfig) -> set[int]:
+    """Positions at which some mask starts (a teacher-forced chunk must begin there)."""
+    tr = BlockTracker(T, cfg)
+    return {p for p, t in enumerate(ids) if tr.step(t)}
+
+
+def _restart_memento(model, cache: KVCache, row: int, b, seq: Sequence, device) -> None:
+    """§6.2.1: drop block b with its delimiters, then recompute the K/V of every token
+    between <|block_end|> and <|summary_end|> (the memento and any whitespace before
+    <|summary_start|>) at their own logical positions against what remains, so they no
+    longer carry the block. The memento text is unchanged."""
+    sub = cache.row_copy(row)
+    sub.evict(0, b.s, b.z - 1)
+    full = seq.prompt + seq.tokens
+    ids = torch.tensor([full[b.e + 1:b.z]], device=device)
+    pos = torch.arange(b.e + 1, b.z, device=device)[None]
+    model(ids, pos, None, sub)
+    cache.write_row(row, sub)
+
+
+def _kind(tracker: BlockTracker, t: int, T: MementoTokens) -> str:
+    if t in (T.block_start, T.block_end, T.summary_start, T.summary_end):
+        return "delimiter"
+    if tracker.summarizing is not None:
+        return "memento"
+    if tracker.open_blocks:
+        return "block"
+    return "text"
+
+
+def kv_summary(seq: Sequence, curve: list[int], bytes_per_token: int, tracker_blocks: int) -> dict:
+    """The §A.3.1 figures for one sequence: KV tokens after each step, peak, AUC, bytes,
+    and the same for a full cache (every token kept: i + 1 after token i)."""
+    n = len(seq.prompt) + len(seq.tokens)
+    return {
+        "tokens": len(seq.tokens),
+        "prompt_tokens": len(seq.prompt),
+        "blocks_completed": tracker_blocks,
+        "peak_kv_tokens": max(curve) if curve else 0,
+        "final_kv_tokens": curve[-1] if curve else 0,
+        "kv_auc": sum(curve),
+        "peak_kv_bytes": (max(curve) if curve else 0) * bytes_per_token,
+        "full_cache_peak_kv_tokens": n,
+        "full_cache_kv_auc": n * (n + 1) // 2,
+        "full_cache_peak_kv_bytes": n * bytes_per_token,
+        "bytes_per_token": bytes_per_token,
+        "stop_reason": seq.stop_reason,
+        "kv_curve": curve,
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+
+STYLE = {"block": "\033[2m", "memento": "\033[1;36m", "delimiter": "\033[33m", "text": ""}
+RESET = "\033[0m"
+
+
+def load(checkpoint: str, device: str, dtype: torch.dtype):
+    """Model and tokenizer from a checkpoint dir or hub id; exits with one line if missing."""
+    from model import Qwen3, resolve_checkpoint
+    from tokenizer import Tokenizer
+
+    try:
+        path = resolve_checkpoint(checkpoint)
+        model = Qwen3.from_pretrained(path, dtype=dtype, device=device).eval()
+        tok = Tokenizer.from_dir(path)
+        MementoTokens.from_tokenizer(tok)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        hint = " (train one with `python train_sft.py --stage 1` then `--stage 2`)" if checkpoint == DEFAULT_CHECKPOINT else ""
+        sys.exit(f"generate.py: cannot load checkpoint {checkpoint!r}: {str(e).strip(chr(34))}{hint}")
+    return model, tok
+
+
+def read_replay(path: str, tok) -> list[tuple[int, dict]]:
+    """(line number, record) for each usable line of an OpenMementos .jsonl; bad lines are
+    reported on stderr with their number and skipped."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        sys.exit(f"generate.py: cannot read --replay file: {e}")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            print(f"{path}:{i}: not JSON ({e.msg}); skipped", file=sys.stderr)
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("response"), str):
+            print(f"{path}:{i}: no 'response' string; skipped", file=sys.stderr)
+            continue
+        out.append((i, rec))
+    return out
+
+
+def plot_curves(path: str, curves: list[tuple[str, list[int]]]) -> None:
+    """Write the sawtooth: KV tokens per step, memento vs full cache. Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("generate.py: --plot needs matplotlib (pip install matplotlib)")
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for label, c in curves:
+        ax.plot(range(1, len(c) + 1), c, label=label, lw=1)
+    ax.set_xlabel("tokens in the sequence (prompt + response)")
+    ax.set_ylabel("tokens in the KV cache")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the user message (ChatML is applied)")
+    src.add_argument("--replay", metavar="FILE.jsonl", help="teacher-force OpenMementos traces (problem, response)")
+    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint dir or hub id")
+    ap.add_argument("--keep-last-n-blocks", type=int, default=0)
+    ap.add_argument("--mask-delimiters", action="store_true")
+    ap.add_argument("--keep-last-block-for-answer", action="store_true")
+    ap.add_argument("--max-block-tokens", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=2048)
+    ap.add_argument("--restart", action="store_true", help="restart mode: recompute mementos without their block")
+    ap.add_argument("--no-compaction", action="store_true", help="full KV cache (baseline)")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replay-chunk", type=int, default=256, help="teacher-forced tokens per forward in --replay (exact; memory vs speed)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    ap.add_argument("--json", action="store_true", help="one JSON object per sequence on stdout")
+    ap.add_argument("--plot", metavar="FILE.png", help="write the KV sawtooth (needs matplotlib)")
+    args = ap.parse_args(argv)
+    if args.prompt is None and args.replay is None:
+        ap.error("give --prompt TEXT or --replay FILE.jsonl")
+    try:
+        cfg = MementoConfig(args.keep_last_n_blocks, args.mask_delimiters, args.keep_last_block_for_answer)
+    except ValueError as e:
+        ap.error(str(e))
+    model, tok = load(args.checkpoint, args.device, getattr(torch, args.dtype))
+    sc = SampleConfig(args.temperature, args.top_p, args.top_k)
+    kw = dict(compaction=not args.no_compaction, restart=args.restart, max_block_tokens=args.max_block_tokens, seed=args.seed)
+    if args.replay:
+        jobs = [(f"{args.replay}:{i}", tok.chat_prompt(str(rec.get("problem", ""))), tok.encode(rec["response"]), rec)
+                for i, rec in read_replay(args.replay, tok)]
+        if not jobs:
+            sys.exit("generate.py: no usable trace in the replay file")
+    else:
+        jobs = [("prompt", tok.chat_prompt(args.prompt), None, None)]
+    stream = not args.json and args.prompt is not None
+    color = stream and sys.stdout.isatty()
+    curves = []
+    for name, prompt_text, forced, rec in jobs:
+        prompt = tok.encode(prompt_text)
+        if forced is not None:
+            over = len(prompt) + len(forced) - model.config.max_position_embeddings
+            if over > 0:
+                print(f"{name}: trace is {over} tokens longer than max_position_embeddings; truncated", file=sys.stderr)
+                forced = forced[:len(forced) - over]
+
+        def show(r, t, kind):
+            piece = tok.decode_bytes([t]).decode("utf-8", errors="replace")
+            sys.stdout.write(f"{STYLE[kind]}{piece}{RESET}" if color and STYLE[kind] else piece)
+            sys.stdout.flush()
+
+        try:
+            seqs, cache = generate(model, tok, [prompt], cfg, max_new_tokens=len(forced) if forced else args.max_new_tokens,
+                                   replay_chunk=args.replay_chunk,
+                                   sampling=sc, forced=None if forced is None else [forced],
+                                   on_token=show if stream else None, **kw)
+        except ValueError as e:
+            sys.exit(f"generate.py: {e}")
+        s = seqs[0]
+        tracker = BlockTracker(MementoTokens.from_tokenizer(tok), cfg)
+        for t in s.prompt + s.tokens:
+            tracker.step(t)
+        summary = kv_summary(s, cache.curve[0], cache.bytes_per_token, len(tracker.completed))
+        curves.append((name, summary["kv_curve"]))
+        text = tok.decode(s.tokens)
+        verdict = _task_verdict(args.prompt, text) if args.prompt else None
+        if args.json:
+            out = {"name": name, **summary, "token_ids": s.prompt + s.tokens,
+                   "special_token_ids": dict(tok.special_ids), "restart": args.restart,
+                   "compaction": not args.no_compaction}
+            if args.prompt is not None:
+                out["text"] = text
+            if verdict is not None:
+                out["task_check"] = verdict
+            print(json.dumps(out))
+        else:
+            if stream:
+                print()
+            if verdict is not None:
+                print(f"\ntask check: {verdict}")
+            print_summary(name, summary, args)
+    if args.plot:
+        plot_curves(args.plot, [(f"{n} (memento)", c) for n, c in curves] +
+                    [("full cache", list(range(1, max(len(c) for _, c in curves) + 1)))])
+
+
+def print_summary(name: str, s: dict, args) -> None:
+    """The human-readable KV summary printed after a generation or replay."""
+    mb = 1 / 2**20
+    mode = "full cache (--no-compaction)" if args.no_compaction else ("restart mode" if args.restart else "memento compaction")
+    print(f"\n--- KV summary [{name}] ({mode}) ---")
+    print(f"tokens generated      {s['tokens']:>10,}   (prompt {s['prompt_tokens']:,})")
+    print(f"blocks completed      {s['blocks_completed']:>10,}")
+    print(f"peak KV tokens        {s['peak_kv_tokens']:>10,}   full cache {s['full_cache_peak_kv_tokens']:,}"
+          f"   ({s['full_cache_peak_kv_tokens'] / max(1, s['peak_kv_tokens']):.2f}x)")
+    print(f"KV AUC (token·steps)  {s['kv_auc']:>10,}   full cache {s['full_cache_kv_auc']:,}"
+          f"   ({s['full_cache_kv_auc'] / max(1, s['kv_auc']):.2f}x)")
+    print(f"peak KV bytes         {s['peak_kv_bytes'] * mb:>10.2f} MiB   full cache {s['full_cache_peak_kv_bytes'] * mb:.2f} MiB"
+          f"   ({s['bytes_per_token']:,} B/token for this model and dtype)")
+
+
+def _task_verdict(prompt: str, text: str):
+    """The embedded task's checker, when the prompt is one of its problems (else None)."""
+    try:
+        from data.toy_task import check_trace, parse_prompt
+    except ImportError:
+        return None
+    spec = parse_prompt(prompt)
+    return None if spec is None else check_trace(spec, text)
+
+
+if __name__ == "__main__":
+    main()
