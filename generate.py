@@ -279,6 +279,8 @@ def load(checkpoint: str, device: str, dtype: torch.dtype):
     from tokenizer import Tokenizer
 
     try:
+        if checkpoint == DEFAULT_CHECKPOINT and not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"{checkpoint} does not exist")
         path = resolve_checkpoint(checkpoint)
         model = Qwen3.from_pretrained(path, dtype=dtype, device=device).eval()
         tok = Tokenizer.from_dir(path)

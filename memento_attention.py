@@ -15,6 +15,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 # "Never masked". int32 max, so mask_from fits the int32 tensors the Triton kernel reads.
 NEVER = 2**31 - 1
@@ -69,11 +70,11 @@ def attention_reference(q, k, v, mask_from=None, *, q_pos=None, k_pos=None):
     vis = visible_mask(q_pos.long(), k_pos.long(), mask_from.long())[:, None, None]  # [B,1,1,Tq,Tk]
     # GQA without copies: the `rep` query heads sharing a kv head form one group.
     rep = Hq // Hkv
-    qf = q.float().reshape(B, Hkv, rep, Tq, D)
-    scores = (qf @ k.float()[:, :, None].transpose(-1, -2)) / math.sqrt(D)  # [B,Hkv,rep,Tq,Tk]
+    qf = q.float().reshape(B, Hkv, rep * Tq, D)
+    scores = (qf @ k.float().transpose(-1, -2)).view(B, Hkv, rep, Tq, Tk) / math.sqrt(D)
     scores = scores.masked_fill(~vis, float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return (p @ v.float()[:, :, None]).reshape(B, Hq, Tq, D).to(q.dtype)
+    return (p.view(B, Hkv, rep * Tq, Tk) @ v.float()).view(B, Hq, Tq, D).to(q.dtype)
 
 
 def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
@@ -88,18 +89,30 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
         q_pos, k_pos: optional [B, Tq] / [B, Tk] int logical positions. By default keys sit
             at 0..Tk-1 and queries are the last Tq of them (training, prefill, and decoding
             against a cache whose entries are all visible).
-        backend: "torch" (dense reference) or "triton" (block-masked flash kernel, CUDA or
-            TRITON_INTERPRET=1); None reads $MEMENTO_ATTN_BACKEND, else picks triton on
-            CUDA and torch elsewhere.
+        backend: "torch" (the dense reference below, the oracle of every test), "sdpa"
+            (torch's fused scaled_dot_product_attention with the same rule as a dense boolean
+            mask: what the paper trained with, and the fast CPU path), or "triton" (the
+            block-masked flash kernel of kernels/, CUDA or TRITON_INTERPRET=1). None reads
+            $MEMENTO_ATTN_BACKEND, else picks triton on CUDA and sdpa elsewhere.
     Returns:
         [B, Hq, Tq, D] in q's dtype.
     Raises:
         ValueError on inconsistent shapes or an unknown backend.
     """
     _check(q, k, v, mask_from)
-    backend = backend or os.environ.get("MEMENTO_ATTN_BACKEND") or ("triton" if q.is_cuda else "torch")
+    backend = backend or os.environ.get("MEMENTO_ATTN_BACKEND") or ("triton" if q.is_cuda else "sdpa")
     if backend == "torch":
         return attention_reference(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
+    if backend == "sdpa":
+        B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
+        if k_pos is None:
+            k_pos = torch.arange(Tk, device=q.device).expand(B, Tk)
+        if q_pos is None:
+            q_pos = torch.arange(Tk - Tq, Tk, device=q.device).expand(B, Tq)
+        if mask_from is None:
+            mask_from = torch.full((B, Tk), NEVER, device=q.device, dtype=torch.int64)
+        vis = visible_mask(q_pos.long(), k_pos.long(), mask_from.long())[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=True)
     if backend == "triton":
         if q_pos is not None or k_pos is not None or q.shape[2] != k.shape[2]:
             # The kernel covers square self-attention (training, prefill); decoding against
@@ -110,7 +123,7 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
         if mask_from is None:
             mask_from = torch.full(q.shape[:1] + q.shape[2:3], NEVER, device=q.device, dtype=torch.int32)
         return memento_flash_attention(q, k, v, mask_from.to(torch.int32))
-    raise ValueError(f"attention: unknown backend {backend!r}; use 'torch' or 'triton' (or set MEMENTO_ATTN_BACKEND)")
+    raise ValueError(f"attention: unknown backend {backend!r}; use 'torch', 'sdpa' or 'triton' (or set MEMENTO_ATTN_BACKEND)")
 
 
 # ============================================================================ block tracking (§3)

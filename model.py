@@ -305,14 +305,15 @@ class Qwen3(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.to(device)
 
-    def save_pretrained(self, out_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+    def save_pretrained(self, out_dir: str | os.PathLike, max_shard_bytes: int | None = None, extra_files=None) -> None:
         """Write config.json + safetensors in HF layout, atomically.
 
         Files go to a temporary sibling directory which then replaces `out_dir`, so an
         interrupted save never leaves a half-written checkpoint where a good one was.
         With max_shard_bytes, weights are split into model-0000k-of-0000n.safetensors
         plus model.safetensors.index.json. Other files already in out_dir (a tokenizer,
-        training state) are carried over.
+        training state) are carried over. `extra_files(tmp_dir)`, if given, writes more files
+        (tokenizer, training state) into the same atomic swap.
         """
         out = Path(out_dir)
         with atomic_dir(out) as tmp:
@@ -322,6 +323,8 @@ class Qwen3(nn.Module):
             if self.config.tie_word_embeddings:
                 state.pop("lm_head.weight")
             _write_safetensors(state, tmp, max_shard_bytes)
+            if extra_files is not None:
+                extra_files(tmp)
 
     # ------------------------------------------------------------------------- vocabulary
 

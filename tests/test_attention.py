@@ -53,3 +53,16 @@ def test_bad_shapes():
         attention(q, k, v, torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown backend"):
         attention(q, k, v, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("Tq", [13, 1, 4])
+def test_sdpa_backend_matches_reference(Tq):
+    q, k, v = _qkv(T=13, Hq=4, Hkv=1)
+    q = q[:, :, -Tq:]
+    mask_from = torch.full((2, 13), NEVER)
+    mask_from[0, 2:6] = 9
+    mask_from[1, 7:9] = 12
+    for kw in ({}, {"q_pos": torch.arange(13 - Tq, 13).expand(2, Tq) + 5, "k_pos": torch.arange(13).expand(2, 13) + 5}):
+        mf = mask_from + 5 if kw else mask_from
+        ref = attention(q, k, v, mf, backend="torch", **kw)
+        assert (attention(q, k, v, mf, backend="sdpa", **kw) - ref).abs().max() < 1e-5
