@@ -101,6 +101,8 @@ class ChatClient:
             raise LLMError(f"LLM endpoint {self.url} answered HTTP {e.code} ({detail.strip()}); {hint}")
         except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise _Retry(f"no reply within --timeout {self.timeout:g} s")
             raise _Retry(f"cannot connect ({type(reason).__name__}: {reason})")
         try:
             return json.loads(raw)["choices"][0]["message"]["content"]
