@@ -116,7 +116,7 @@ def server():
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     fake.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     yield fake
@@ -351,3 +351,6 @@ def test_cli_reports_an_unreachable_endpoint(tmp_path):
     assert len(err) == 1 and "unreachable" in err[0] and "--base-url" in err[0] and "resume" in err[0]
     p = run_cli("--input", str(tmp_path / "missing.jsonl"), "--output", "x", "--base-url", "u", "--model", "m")
     assert p.returncode == 2 and "no such file" in p.stderr
+    p = run_cli("--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--base-url", "u", "--model", "m",
+                "--tokenizer", str(tmp_path / "missing.json"))
+    assert p.returncode == 2 and "--tokenizer" in p.stderr and "no such file" in p.stderr

@@ -76,6 +76,7 @@ class ChatClient:
 
     @property
     def url(self) -> str:
+        """The full chat-completions URL: {base_url}/chat/completions."""
         return self.base_url.rstrip("/") + "/chat/completions"
 
     def _post(self, messages: list[dict]) -> str:

@@ -266,4 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{e} (finished traces are saved in {a.output}; rerun the same command to resume)")
     except (ValueError, OSError, ImportError) as e:
         return fail(str(e))
+    except KeyboardInterrupt:
+        return fail(f"interrupted; finished traces are saved in {a.output}; rerun the same command to resume")
     return 0
