@@ -80,6 +80,19 @@ def test_segment_equals_brute_force(inst):
         assert objective(blocks, scores, lengths, lam) == pytest.approx(best, abs=1e-9)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(11, 13), st.integers(0, 10**6), st.sampled_from([1.0, 0.5, 0.25]),
+       st.sampled_from([30, 60, 90]), st.sampled_from([0.5, 2.0]))
+def test_segment_equals_brute_force_medium(n, seed, unit, min_tokens, lam):
+    rng = random.Random(seed)
+    lengths = [rng.randint(5, 40) for _ in range(n)]
+    scores = [rng.randint(0, int(3 / unit)) * unit for _ in range(n - 1)]
+    blocks = segment(scores, lengths, min_tokens, lam)
+    best = brute_force(scores, lengths, min_tokens, lam, 1)
+    assert valid(blocks, lengths, min_tokens, 1)
+    assert objective(blocks, scores, lengths, lam) == pytest.approx(best, abs=1e-9)
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.integers(60, 100), st.integers(0, 10**6), st.sampled_from([1.0, 0.5]),
        st.sampled_from([100, 200, 300]), st.sampled_from([0.5, 1.0]), st.integers(1, 3))
