@@ -249,6 +249,9 @@ def test_seed_filter():
     assert seed_reason({"cot": "<think> no end"}, 0, count) == "no_close_think"
     assert seed_reason({"cot": "<think> 解 </think> x"}, 0, count) == "cjk"
     assert seed_reason({"cot": ""}, 0, count) == "no_cot"
+    assert seed_reason({"cot": "<think> a <|block_end|> </think> x"}, 0, count) == "reserved_token"
+    assert seed_reason({"cot": "<think> a </think> x </think>"}, 0, count) == "reserved_token"
+    assert seed_reason({"cot": "<think> a </think> x"}, 0, count) is None
     assert has_cjk("한국어") and has_cjk("かな") and not has_cjk("plain ascii, ü, α")
     assert trace_id(tr) == "ot3-train-0000030"
     assert trace_id({"cot": "a"}) == trace_id({"cot": "a"}) != trace_id({"cot": "b"})

@@ -72,6 +72,8 @@ class FakeLLM:
             return 200, json.dumps({"scores": [{"boundary": b, "score": 3 if b % 5 == 4 else b % 2}
                                                for b in wanted]})
         if task == "write memento":
+            if step == "reserved":
+                return 200, json.dumps({"memento": "v0: x <|block_end|> y"})
             return 200, json.dumps({"memento": f"v0: result of block ({len(user)} chars)"})
         if task == "refine memento":
             v = int(re.search(r"Current memento:\nv(\d+):", user).group(1))
@@ -230,6 +232,12 @@ def test_refinement_loop(server, grades, expected):
     assert tasks.count("refine memento") == len(expected) - 1
 
 
+def test_memento_with_a_special_token_is_retried(server):
+    server.plan["write memento"] = ["reserved"]
+    r = make_memento(client(server), "Some block. " * 30)
+    assert r["memento"].startswith("v0: result") and len(server.requests) == 3
+
+
 def test_judge_reply_of_wrong_shape_is_retried(server):
     server.plan["judge memento"] = ["bad_shape"]
     assert make_memento(client(server), "Some block. " * 30)["scores"] == [9]
@@ -263,7 +271,8 @@ SMALL = Config(min_trace_tokens=0, min_block_tokens=40)
 def test_interrupted_run_resumes_without_loss_or_duplicates(server, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     traces = synthetic_traces(6)
-    write_jsonl(inp, traces + [traces[2]])  # a duplicate input line is processed once
+    rejects = [{"task_id": "cjk", "cot": "<think> 中文的推理 </think> 1"}, {"task_id": "open", "cot": "<think> no end"}]
+    write_jsonl(inp, traces + [traces[2]] + rejects)  # a duplicate input line is processed once
     server.fail_after = 14  # ~2 traces' worth of requests, then the server breaks
     with pytest.raises(LLMError):
         run_pipeline(inp, out, client(server, max_retries=1), SMALL, progress=False, log=lambda s: None)
@@ -278,7 +287,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(server, tmp_path):
     assert sorted(ids) == sorted(t["task_id"] for t in traces)
     assert ids[:len(first)] == first
     assert stats["already_done"] == len(first) and stats["written"] == 6 - len(first)
-    assert stats["duplicates"] == 1
+    assert stats["duplicates"] == 1 and stats["filtered"] == {"cjk": 1, "no_close_think": 1}
     # a third run has nothing left to do
     n_req = len(server.requests)
     stats = run_pipeline(inp, out, client(server), SMALL, progress=False, log=lambda s: None)

@@ -14,6 +14,7 @@ from typing import Callable
 
 from .llm import ChatClient
 from .prompts import JUDGE_CRITERIA, compress_messages, judge_messages, refine_messages
+from .seed import RESERVED
 from .tokens import approx_tokens
 
 __all__ = ["parse_memento", "parse_judgement", "make_memento"]
@@ -22,10 +23,14 @@ __all__ = ["parse_memento", "parse_judgement", "make_memento"]
 def parse_memento(obj) -> str:
     """Validate a compressor reply {"memento": "<non-empty text>"}; return the stripped text.
 
-    Raises ValueError on any other shape.
+    Raises ValueError on any other shape or if the text contains a special token or
+    <think>/</think> (the response layout would break).
     """
     if not isinstance(obj, dict) or not isinstance(obj.get("memento"), str) or not obj["memento"].strip():
         raise ValueError('expected {"memento": "<non-empty text>"}')
+    for tok in RESERVED + ("<think>", "</think>"):
+        if tok in obj["memento"]:
+            raise ValueError(f"memento contains the reserved token {tok}")
     return obj["memento"].strip()
 
 

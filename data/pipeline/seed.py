@@ -11,6 +11,7 @@ from typing import Callable
 __all__ = ["THINK_OPEN", "THINK_CLOSE", "has_cjk", "think_parts", "trace_id", "seed_reason"]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+RESERVED = ("<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>")
 
 # Han (incl. extension A/B and compatibility), kana, Hangul, CJK punctuation/fullwidth forms.
 _CJK = re.compile("[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
@@ -51,7 +52,8 @@ def seed_reason(trace: dict, min_tokens: int, count_tokens: Callable[[str], int]
 
     Args: trace: dict with a string `cot`; min_tokens: minimum reasoning length (tokens,
         measured with count_tokens on the text inside <think>...</think>).
-    Returns: one of "no_cot", "no_close_think", "cjk", "too_short", or None.
+    Returns: one of "no_cot", "no_close_think", "cjk", "reserved_token" (a Memento special
+        token or a second <think>/</think> in the text), "too_short", or None.
     """
     cot = trace.get("cot")
     if not isinstance(cot, str) or not cot.strip():
@@ -60,7 +62,11 @@ def seed_reason(trace: dict, min_tokens: int, count_tokens: Callable[[str], int]
         return "no_close_think"
     if has_cjk(cot):
         return "cjk"
-    body, _ = think_parts(cot)
+    body, answer = think_parts(cot)
+    if any(tok in body or tok in answer for tok in RESERVED):
+        return "reserved_token"  # the output layout could not be parsed back
+    if THINK_OPEN in body or THINK_OPEN in answer or THINK_CLOSE in answer:
+        return "reserved_token"
     if count_tokens(body) < min_tokens:
         return "too_short"
     return None
