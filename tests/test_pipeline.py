@@ -228,6 +228,9 @@ def test_split_merges_consecutive_math_and_numbered_lists():
     assert "".join(s) == text
     assert s[1] == "\\( a t^2 + b t + c = 0 \\)\n\n\\( A t^2 + B t + C = 0 \\)\n\n$$x = 1$$\n\n"
     assert s[2] == "Now we subtract the two equations from each other.\n"
+    # a sentence with prose between two inline formulas is not a math unit
+    t = "\\( x \\) is larger than \\( y \\) here.\n\n\\( z = a + b + c + d \\)\n\n"
+    assert split_sentences(t) == ["\\( x \\) is larger than \\( y \\) here.\n\n", "\\( z = a + b + c + d \\)\n\n"]
     # "1." / "2." opening a line are list numbers, not sentence ends
     assert s[3] == "1. first item of the list here\n2. second item of the list here."
     assert len(s) == 4

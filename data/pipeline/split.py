@@ -32,7 +32,8 @@ ABBREVIATIONS = frozenset("""e.g. i.e. etc. dr. vs. mr. mrs. ms. prof. fig. figs
 approx. cf. al. resp. no. st. jr. sr. vol. pp. ca. viz. def. thm. lem. sec. ch.""".split())
 
 _CONTINUATION = re.compile(r"(Therefore|Thus|So)\b")
-_INLINE_MATH_ONLY = re.compile(r"(\\\(.*\\\)|\$[^$].*\$)[\s.,;]*", re.S)
+# one inline-math span and nothing else but trailing punctuation
+_INLINE_MATH_ONLY = re.compile(r"(\\\((?:(?!\\\)).)*\\\)|\$[^$]+\$)[\s.,;]*", re.S)
 _BEGIN = re.compile(r"\\begin\{([^}]+)\}")
 _OPENERS = re.compile(r"```|\$\$|\\\[|\\begin\{")
 
