@@ -72,7 +72,6 @@ class ChatClient:
     temperature: float = 0.0
     max_tokens: int | None = None
     extra: dict = field(default_factory=dict)
-    sleep: Callable[[float], None] = time.sleep
 
     @property
     def url(self) -> str:
@@ -132,7 +131,7 @@ class ChatClient:
         connect_only = True
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+                time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
             try:
                 text = self._post(messages)
             except _Retry as e:

@@ -158,6 +158,8 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
     cfg = cfg or Config()
     if workers < 1:
         raise ValueError(f"--workers {workers} must be >= 1")
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit {limit} must be >= 0")
     input_path, output_path = Path(input_path), Path(output_path)
     traces = _read_traces(input_path)
     if limit is not None:

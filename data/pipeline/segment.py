@@ -176,7 +176,7 @@ def segment(scores, token_lengths, min_tokens: int = 200, lam: float = 0.5,
         G = G[:, : live_cols[-1] + 1]
         lo = int(np.argmax(alive))
         Fn = np.full_like(G, np.inf)
-        Bk = np.zeros(G.shape, dtype=np.int32)
+        Bk = np.zeros(G.shape, dtype=np.int16 if n < 2**15 else np.int32)  # kept for all k
         GT = np.ascontiguousarray(G.T)  # reduce over j along the contiguous axis (faster)
         cols = np.arange(GT.shape[0])
         buf = np.empty_like(GT)
