@@ -294,6 +294,28 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(server, tmp_path):
     assert stats["written"] == 0 and len(server.requests) == n_req and output_ids(out) == ids
 
 
+def test_unusable_trace_is_skipped_and_the_run_goes_on(server, tmp_path, monkeypatch):
+    import data.pipeline.run as run_mod
+
+    real = run_mod.split_sentences
+
+    def split(text, *a):
+        if "trace 1 " in text:
+            raise ValueError("cannot split this one")
+        return real(text, *a)
+
+    monkeypatch.setattr(run_mod, "split_sentences", split)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, synthetic_traces(3) + [{"task_id": "empty", "cot": "<think> </think> 1"}])
+    logs = []
+    stats = run_pipeline(inp, out, client(server), SMALL, workers=2, progress=False, log=logs.append)
+    assert sorted(output_ids(out)) == ["syn-0", "syn-2"]
+    assert stats["failed"] == 1 and stats["filtered"] == {"too_short": 1}
+    assert any("skipped trace syn-1: cannot split this one" in line for line in logs)
+    with pytest.raises(ValueError, match="window >= 2"):
+        run_pipeline(inp, out, client(server), Config(window=1), progress=False, log=logs.append)
+
+
 def test_read_done_rejects_a_corrupt_middle_line(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('not json\n{"pipeline": {"trace_id": "a"}}\n')

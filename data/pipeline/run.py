@@ -149,7 +149,8 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
         traces processed concurrently; limit: only the first `limit` input traces are
         considered (finished ones included); progress: tqdm bar on stderr.
     Returns: counts {"input", "duplicates", "filtered": {reason: n}, "already_done",
-        "written"}.
+        "written", "failed"}; a trace whose processing raises ValueError (unusable data) is
+        logged, counted as failed and not written (a rerun tries it again).
     Raises: LLMError (after writing every trace that did finish) when the endpoint keeps
         failing; ValueError / FileNotFoundError on bad input or output files.
     """
@@ -158,6 +159,9 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
     cfg = cfg or Config()
     if workers < 1:
         raise ValueError(f"--workers {workers} must be >= 1")
+    if cfg.window < 2 or cfg.min_block_tokens < 0 or cfg.min_blocks < 1 or cfg.lam < 0:
+        raise ValueError(f"bad settings {cfg}: need window >= 2, min_block_tokens >= 0, "
+                         f"min_blocks >= 1, lam >= 0")
     if limit is not None and limit < 0:
         raise ValueError(f"--limit {limit} must be >= 0")
     input_path, output_path = Path(input_path), Path(output_path)
@@ -165,7 +169,8 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
     if limit is not None:
         traces = traces[:limit]
     done = read_done(output_path)
-    stats = {"input": len(traces), "duplicates": 0, "filtered": {}, "already_done": 0, "written": 0}
+    stats = {"input": len(traces), "duplicates": 0, "filtered": {}, "already_done": 0, "written": 0,
+             "failed": 0}
     pending, seen = [], set()
     for t in traces:
         key = trace_id(t)
@@ -189,19 +194,26 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
             ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(pending), disable=not progress, unit="trace") as bar:
         todo = iter(pending)
-        running = set()
+        running, futures = set(), {}
         while True:
             while error is None and len(running) < 2 * workers:
                 t = next(todo, None)
                 if t is None:
                     break
-                running.add(pool.submit(process_trace, t, client, cfg, count_tokens))
+                fut = pool.submit(process_trace, t, client, cfg, count_tokens)
+                futures[fut] = t
+                running.add(fut)
             if not running:
                 break
             finished, running = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
+                t = futures.pop(fut)
                 try:
                     rec = fut.result()
+                except ValueError as e:  # this trace's data is unusable: skip it, keep going
+                    stats["failed"] += 1
+                    log(f"pipeline: skipped trace {trace_id(t)}: {e}")
+                    continue
                 except BaseException as e:  # stop feeding work; finish what is in flight
                     error = error or e
                     continue
@@ -210,7 +222,8 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
                 os.fsync(out.fileno())
                 stats["written"] += 1
                 bar.update(1)
-    log(f"pipeline: wrote {stats['written']} traces to {output_path}")
+    log(f"pipeline: wrote {stats['written']} traces to {output_path}"
+        + (f", skipped {stats['failed']} unusable (see above)" if stats["failed"] else ""))
     if error is not None:
         raise error
     return stats

@@ -67,6 +67,6 @@ def seed_reason(trace: dict, min_tokens: int, count_tokens: Callable[[str], int]
         return "reserved_token"  # the output layout could not be parsed back
     if THINK_OPEN in body or THINK_OPEN in answer or THINK_CLOSE in answer:
         return "reserved_token"
-    if count_tokens(body) < min_tokens:
+    if not body or count_tokens(body) < min_tokens:
         return "too_short"
     return None
