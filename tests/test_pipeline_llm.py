@@ -188,6 +188,17 @@ def test_5xx_429_and_timeouts_are_retried_then_reported(server):
     assert time.perf_counter() - t < 2.0
 
 
+def test_backoff_doubles_up_to_the_cap(server, monkeypatch):
+    import data.pipeline.llm as llm
+
+    sleeps = []
+    monkeypatch.setattr(llm.time, "sleep", sleeps.append)
+    server.plan["score boundaries"] = [500] * 10
+    with pytest.raises(LLMError, match="failed after 5 attempts"):
+        score_boundaries(client(server, max_retries=4, backoff=0.01, max_backoff=0.03), SENTS[:3], 16)
+    assert sleeps == [0.01, 0.02, 0.03, 0.03]
+
+
 def test_non_retryable_http_error_fails_at_once(server):
     c = ChatClient(server.url.replace("/v1", "/v2"), "m", timeout=1, max_retries=3, backoff=0.001)
     with pytest.raises(LLMError, match="HTTP 404.*--base-url"):
