@@ -437,23 +437,32 @@ def tile_stats(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> d
 
 
 def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n):
-    """(fwd_bm, fwd_bn, bwd_bm, bwd_bn, num_warps, num_stages) for one call."""
+    """Launch configs {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)} for one call.
+
+    The CUDA defaults were picked without hardware timing, by compiling for sm_90 with the
+    ptxas bundled in Triton and keeping tile shapes whose register use does not spill (or
+    spills a few bytes); they are a starting point for tuning, not tuned numbers.
+    """
     if block_m is not None or block_n is not None:
         bm = block_m or 64
         bn = block_n or 64
         for name, val in (("block_m", bm), ("block_n", bn)):
-            if val < 16 or val & (val - 1):
-                raise ValueError(f"memento_flash_attention: {name}={val} must be a power of 2 >= 16")
-        return bm, bn, bm, bn, 4, 2
+            if not isinstance(val, int) or val < 16 or val & (val - 1):
+                raise ValueError(f"memento_flash_attention: {name}={val!r} must be a power of 2 >= 16")
+        cfg = (bm, bn, 4, 2)
+        return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
     if not is_cuda:
-        return 32, 32, 32, 32, 4, 1
-    # Not tuned on hardware in this repository: conventional flash-attention sizes that fit
-    # Hopper/Ampere shared memory for these head dims.
+        cfg = (32, 32, 4, 1)  # interpreter: small tiles keep numpy temporaries small
+        return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
+    if dtype == torch.float32:
+        if D <= 128:
+            return {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
+        return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
     if D <= 64:
-        return 128, 64, 64, 64, 4, 3
+        return {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 3)}
     if D <= 128:
-        return 128, 64, 64, 64, 8, 2
-    return 64, 32, 32, 32, 4, 1
+        return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 32, 4, 3)}
+    return {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
 
 
 def _validate(q, k, v, mask_from):
@@ -498,7 +507,8 @@ class _MementoFlashAttention(torch.autograd.Function):
         B, Hq, T, D = q.shape
         Hkv = k.shape[1]
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        fbm, fbn, bbm, bbn, warps, stages = _config(D, q.dtype, q.is_cuda, block_m, block_n)
+        cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n)
+        fbm, fbn, warps, stages = cfg["fwd"]
         upcast = q.dtype == torch.bfloat16 and not q.is_cuda
         ieee = q.dtype == torch.float32
         qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernels work in base 2
@@ -519,13 +529,13 @@ class _MementoFlashAttention(torch.autograd.Function):
             num_warps=warps, num_stages=stages,
         )
         ctx.save_for_backward(q, k, v, o, lse, mask_from)
-        ctx.cfg = (sm_scale, qk_scale, bbm, bbn, warps, stages, upcast, ieee)
+        ctx.cfg = (sm_scale, qk_scale, cfg, upcast, ieee)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, mask_from = ctx.saved_tensors
-        sm_scale, qk_scale, bm, bn, warps, stages, upcast, ieee = ctx.cfg
+        sm_scale, qk_scale, cfg, upcast, ieee = ctx.cfg
         B, Hq, T, D = q.shape
         Hkv = k.shape[1]
         do = _last_dim_contiguous(do)
@@ -533,16 +543,18 @@ class _MementoFlashAttention(torch.autograd.Function):
             do = do.to(q.dtype)
 
         delta = torch.empty_like(lse)
-        _bwd_delta_kernel[(triton.cdiv(T, bm), B * Hq)](
+        _bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](
             o, do, delta,
             o.stride(0), o.stride(1), o.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
-            T, Hq, HEAD_D=D, BLOCK_M=bm,
+            T, Hq, HEAD_D=D, BLOCK_M=64,
         )
-        kmax, kmin = key_tile_bounds(mask_from, T, bn)
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
+        # Each kernel has its own tiling, hence its own per-key-tile summary of mask_from.
+        bm, bn, warps, stages = cfg["dkdv"]
+        kmax, kmin = key_tile_bounds(mask_from, T, bn)
         _bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](
             q, k, v, do, mask_from, kmax, kmin, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
@@ -556,6 +568,8 @@ class _MementoFlashAttention(torch.autograd.Function):
             HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, IEEE=ieee,
             num_warps=warps, num_stages=stages,
         )
+        bm, bn, warps, stages = cfg["dq"]
+        kmax, kmin = key_tile_bounds(mask_from, T, bn)
         _bwd_dq_kernel[(triton.cdiv(T, bm), B * Hq)](
             q, k, v, do, mask_from, kmax, kmin, lse, delta, dq,
             q.stride(0), q.stride(1), q.stride(2),
