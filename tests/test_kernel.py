@@ -133,7 +133,9 @@ def _run_case(B, Hq, Hkv, T, D, dtype, mask_from, block_m, block_n, seed=0, sm_s
 # Forward and backward against the dense reference.
 # ---------------------------------------------------------------------------------------
 def _memento_case(keep, delims, answer_keep=False, complete_last=True, blocks=None):
-    blocks = blocks or [(9, 3), (14, 4), (6, 2), (11, 3)]
+    # Blocks longer than two 16-token tiles, so that whole key tiles get evicted and the
+    # skip / full / partial paths of the kernels all run.
+    blocks = blocks or [(40, 4), (50, 5), (35, 4)]
     T, info = memento_sequence(prompt=5, blocks=blocks, answer=6, complete_last=complete_last)
     return T, memento_mask_from(T, info, keep, delims, answer_keep)[None]
 
@@ -156,8 +158,12 @@ def test_memento_layouts_match_reference(name):
     T, mf = _memento_case(keep, delims, answer_keep, complete_last)
     vis = _dense_vis(mf, T)
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
-    # The layout must really mask something (else this would only re-test causal attention).
+    # The layout must really mask something (else this would only re-test causal attention),
+    # and with 16-token tiles it must exercise skipped, full and partial tiles.
     assert bool((vis[0] == causal).all()) == (keep < 0)
+    stats = tile_stats(mf, T, 16, 16)
+    assert stats["full"] > 0 and stats["partial"] > 0
+    assert (stats["skipped"] > 0) == (keep >= 0)
     _run_case(B=1, Hq=2, Hkv=1, T=T, D=16, dtype=torch.float32, mask_from=mf, block_m=16, block_n=16)
 
 
@@ -172,7 +178,7 @@ def test_delimiters_change_what_is_masked():
 
 def test_batch_of_different_layouts_gqa4():
     # Two sequences of one batch with different layouts (and keep semantics), GQA 4:1.
-    T1, a = _memento_case(0, False)
+    T1, a = _memento_case(0, False, blocks=[(9, 3), (14, 4), (6, 2), (11, 3)])
     T0, _ = memento_sequence(prompt=3, blocks=[(20, 5), (8, 2)], answer=0)
     _, info = memento_sequence(prompt=3, blocks=[(20, 5), (8, 2)], answer=T1 - T0)
     b = memento_mask_from(T1, info, 1, True)[None]
@@ -282,16 +288,23 @@ def _mask_from_strategy():
     @st.composite
     def build(draw):
         B = draw(st.integers(1, 2))
-        T = draw(st.integers(1, 90))
+        T = draw(st.integers(1, 160))
         rows = []
         for _ in range(B):
-            kind = draw(st.sampled_from(["valid", "memento", "arbitrary"]))
+            kind = draw(st.sampled_from(["valid", "memento", "runs", "arbitrary"]))
             if kind == "arbitrary":  # includes invalid values (<= j, negative)
-                vals = draw(st.lists(st.one_of(st.integers(-5, T + 5), st.just(NEVER)), min_size=T, max_size=T))
+                vals = draw(st.lists(st.integers(-5, T + 5), min_size=T, max_size=T))
                 rows.append(torch.tensor(vals, dtype=torch.int64))
+            elif kind == "runs":  # piecewise-constant, like evicted blocks: whole tiles share one value
+                vals, j = [], 0
+                while j < T:
+                    n = draw(st.integers(1, 40))
+                    vals += [draw(st.one_of(st.integers(j + n, j + n + T), st.just(NEVER)))] * n
+                    j += n
+                rows.append(torch.tensor(vals[:T], dtype=torch.int64))
             elif kind == "memento":
                 nb = draw(st.integers(0, 5))
-                blocks = [(draw(st.integers(1, 20)), draw(st.integers(1, 6))) for _ in range(nb)]
+                blocks = [(draw(st.integers(1, 70)), draw(st.integers(1, 6))) for _ in range(nb)]
                 Tm, info = memento_sequence(draw(st.integers(0, 10)), blocks, draw(st.integers(0, 10)))
                 mf = memento_mask_from(Tm, info, draw(st.integers(-1, 2)), draw(st.booleans()))
                 mf = torch.cat([mf, torch.full((max(T - Tm, 0),), NEVER, dtype=torch.int64)])[:T]
