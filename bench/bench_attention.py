@@ -160,7 +160,8 @@ def _build_method(name, q, k, v, mf, group):
         return fwd, visible_pairs(mf), info, bm
     if name in ("ours_causal", "ours_memento"):
         use = mf if name == "ours_memento" else torch.full_like(mf, NEVER)
-        bm_, bn_, _, _ = _config(q.shape[-1], q.dtype, q.is_cuda, None, None)["fwd"]
+        major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 0
+        bm_, bn_, _, _ = _config(q.shape[-1], q.dtype, q.is_cuda, None, None, major)["fwd"]
         st = tile_stats(use, T, bm_, bn_)
         info = {"tile": [bm_, bn_], "skipped_fraction": st["skipped_fraction"]}
 

@@ -76,7 +76,7 @@ def main():
     failures = 0
     for dt in args.dtypes.split(","):
         for D in map(int, args.dims.split(",")):
-            cfg = mf._config(D, _DT[dt], True, None, None)
+            cfg = mf._config(D, _DT[dt], True, None, None, args.arch // 10)
             for name, fn in kernels.items():
                 bm, bn, warps, stages = cfg[name]
                 consts = dict(HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, IEEE=(dt == "fp32"))

@@ -436,12 +436,13 @@ def tile_stats(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> d
     }
 
 
-def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n):
+def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n, sm_major: int = 9):
     """Launch configs {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)} for one call.
 
-    The CUDA defaults were picked without hardware timing, by compiling for sm_90 with the
-    ptxas bundled in Triton and keeping tile shapes whose register use does not spill (or
-    spills a few bytes); they are a starting point for tuning, not tuned numbers.
+    The CUDA defaults were picked without hardware timing, by compiling for sm_90 (and
+    sm_80 for the pre-Hopper D=128 branch) with the ptxas bundled in Triton and keeping tile
+    shapes whose register use does not spill (or spills a few bytes); see
+    bench/compile_check.py. They are a starting point for tuning, not tuned numbers.
     """
     if block_m is not None or block_n is not None:
         bm = block_m or 64
@@ -455,14 +456,22 @@ def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n):
         cfg = (32, 32, 4, 1)  # interpreter: small tiles keep numpy temporaries small
         return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
     if dtype == torch.float32:
+        if D <= 64:
+            return {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 4, 1)}
         if D <= 128:
             return {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
         return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
     if D <= 64:
         return {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 3)}
+    if D <= 128 and sm_major < 9:
+        return {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 8, 2), "dq": (32, 32, 4, 2)}
     if D <= 128:
         return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 32, 4, 3)}
     return {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
+
+
+def _sm_major(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_capability(t.device)[0] if t.is_cuda else 0
 
 
 def _validate(q, k, v, mask_from):
@@ -507,7 +516,7 @@ class _MementoFlashAttention(torch.autograd.Function):
         B, Hq, T, D = q.shape
         Hkv = k.shape[1]
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n)
+        cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _sm_major(q))
         fbm, fbn, warps, stages = cfg["fwd"]
         upcast = q.dtype == torch.bfloat16 and not q.is_cuda
         ieee = q.dtype == torch.float32
