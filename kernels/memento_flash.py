@@ -13,9 +13,10 @@ the score matrix are classified before any K/V is read:
     full     every pair is visible: no element-wise mask at all;
     partial  the rest (the causal diagonal, and the edges of evicted blocks).
 
-With OpenMementos-shaped sequences most of the lower triangle belongs to blocks that were
-already summarised, so most tiles are skipped and the cost approaches that of the visible
-pairs.
+In OpenMementos-shaped traces (~1,150-token blocks, ~194-token mementos, keep_last_n_blocks=0)
+the share of skipped causal tiles grows with length: about 46% at 4K tokens and 77% at 32K
+(128 x 64 tiles; bench/bench_attention.py reports it), so the work tracks the visible pairs
+rather than the causal triangle.
 
 Public API:
     memento_flash_attention(q, k, v, mask_from, sm_scale=None) -> out   (autograd-aware)
@@ -72,9 +73,10 @@ def _tile_full(q_start, q_last, k_start, k_min, BLOCK_N):
 @triton.jit
 def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # acc + a @ b with fp32 accumulation.
-    # UPCAST: the Triton 3.9 interpreter multiplies the raw uint16 bit patterns of bf16
-    # operands, so under the interpreter bf16 operands are widened first. bf16 x bf16
-    # products are exact in fp32, so this matches what the tensor cores compute.
+    # UPCAST: the Triton interpreter stores bf16 as uint16 and its dot multiplies those bit
+    # patterns (triton-lang/triton#11584, unsupported upstream), so under the interpreter
+    # bf16 operands are widened first. bf16 x bf16 products are exact in fp32, so this
+    # matches what the tensor cores compute; it is never set for CUDA tensors.
     # IEEE: fp32 inputs would otherwise go through TF32 on the GPU (~1e-3 relative error);
     # this project wants fp32 to mean fp32.
     if UPCAST:
@@ -362,7 +364,13 @@ def key_tile_bounds(mask_from: torch.Tensor, T: int, block_n: int):
     Returns:
         (kmax, kmin), each [B, ceil(T / block_n)] int32 on mask_from's device: max and min of
         mask_from over the real keys of each tile (padding past T is ignored).
+    Raises:
+        ValueError: mask_from not 2-D or shorter than T, T < 1, or block_n not a positive int.
     """
+    if mask_from.dim() != 2 or mask_from.shape[1] < T or T < 1:
+        raise ValueError(f"key_tile_bounds: mask_from must be [B, >=T] with T >= 1, got {tuple(mask_from.shape)} and T={T}")
+    if not isinstance(block_n, int) or block_n < 1:
+        raise ValueError(f"key_tile_bounds: block_n must be a positive int, got {block_n!r}")
     B = mask_from.shape[0]
     nk = triton.cdiv(T, block_n)
     mf = mask_from[:, :T].to(torch.int64)
@@ -390,7 +398,11 @@ def tile_schedule(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -
         [B, ceil(T / block_m), ceil(T / block_n)] int8 tensor on mask_from's device with
         values SKIP (0: no pair visible, K/V never loaded), FULL (1: every pair visible, no
         element-wise mask) or PARTIAL (2: element-wise mask applied).
+    Raises:
+        ValueError: as key_tile_bounds, or block_m not a positive int.
     """
+    if not isinstance(block_m, int) or block_m < 1:
+        raise ValueError(f"tile_schedule: block_m must be a positive int, got {block_m!r}")
     kmax, kmin = key_tile_bounds(mask_from, T, block_n)
     kmax, kmin = kmax.long(), kmin.long()
     dev = kmax.device
@@ -416,6 +428,9 @@ def tile_stats(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> d
         dict with integer counts `causal_tiles` (tiles not excluded by causality alone),
         `skipped` (those of them skipped by the memento rule), `full`, `partial`, and
         `skipped_fraction` = skipped / causal_tiles (0.0 for pure causal attention).
+        Counts are summed over the batch.
+    Raises:
+        ValueError: as tile_schedule.
     """
     sched = tile_schedule(mask_from, T, block_m, block_n)
     nq, nk = sched.shape[1], sched.shape[2]
