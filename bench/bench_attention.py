@@ -108,10 +108,10 @@ def _peak_bytes(fn, base):
     return torch.cuda.max_memory_allocated() - base
 
 
-def matmul_peak_tflops(dtype, n=8192, reps=20):
+def matmul_peak_tflops(dtype, n=8192, reps=20, device="cuda"):
     """Dense n x n x n matmul throughput in TFLOP/s: the device's practical ceiling."""
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     ms = _time_ms(lambda: a @ b, 5, reps)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
@@ -171,29 +171,54 @@ def _build_method(name, q, k, v, mf, group):
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
-def bench_cuda(args):
+def check_against_reference(T, B, Hq, Hkv, D, dtype, seed=0, device="cuda"):
+    """Max |error| of our kernel (out, dq, dk, dv) against the fp32 dense reference on one
+    OpenMementos-shaped case; the same rounded inputs go to both."""
+    mf = torch.stack([openmementos_mask_from(T, seed=seed + b) for b in range(B)]).to(device)
+    return _check_small(mf, B, Hq, Hkv, D, dtype, seed, device)
+
+
+def _check_small(mf, B, Hq, Hkv, D, dtype, seed=0, device="cpu"):
+    T = mf.shape[-1]
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, do = (torch.randn(B, h, T, D, device=device, generator=g).to(dtype) for h in (Hq, Hkv, Hkv, Hq))
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = memento_flash_attention(*ours, mf)
+    grads = torch.autograd.grad(out, ours, do)
+    ref_in = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ref_in, mf)
+    rgrads = torch.autograd.grad(ref, ref_in, do.float())
+    errs = {"out": (out.float() - ref).abs().max().item()}
+    errs.update({n: (a.float() - r).abs().max().item() for n, a, r in zip(("dq", "dk", "dv"), grads, rgrads)})
+    return errs
+
+
+def bench_cuda(args, device="cuda"):
     dtype = _DTYPES[args.dtype]
     B, Hq, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
     group = Hq // Hkv
     records = []
-    peak = matmul_peak_tflops(dtype)
+    errs = check_against_reference(2048, B, Hq, Hkv, D, dtype, args.seed, device)
+    records.append({"method": "check_vs_reference", "T": 2048, "dtype": args.dtype, "max_abs_err": errs})
+    peak = matmul_peak_tflops(dtype, device=device)
     records.append({"method": "matmul_peak", "dtype": args.dtype, "tflops": peak, "device": torch.cuda.get_device_name()})
     if not args.json:
         print(torch.cuda.get_device_name())
+        print("ours vs fp32 reference at T=2048, max |err|: " + ", ".join(f"{n}={e:.1e}" for n, e in errs.items()))
         _print_header(peak, args.dtype)
     for T in args.seq_lens:
-        mf = torch.stack([openmementos_mask_from(T, seed=args.seed + b) for b in range(B)]).cuda()
-        g = torch.Generator(device="cuda").manual_seed(args.seed)
-        q = torch.randn(B, Hq, T, D, device="cuda", dtype=dtype, generator=g).requires_grad_()
-        k = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype, generator=g).requires_grad_()
-        v = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype, generator=g).requires_grad_()
-        do = torch.randn(B, Hq, T, D, device="cuda", dtype=dtype, generator=g)
+        mf = torch.stack([openmementos_mask_from(T, seed=args.seed + b) for b in range(B)]).to(device)
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        q = torch.randn(B, Hq, T, D, device=device, dtype=dtype, generator=g).requires_grad_()
+        k = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_()
+        v = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_()
+        do = torch.randn(B, Hq, T, D, device=device, dtype=dtype, generator=g)
         for name in args.methods:
             rec = {"method": name, "T": T, "B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": args.dtype}
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
-            state = None
+            fwd = state = None
             try:
                 fwd, pairs, info, state = _build_method(name, q, k, v, mf, group)
                 rec["visible_pairs"] = pairs
@@ -202,22 +227,25 @@ def bench_cuda(args):
 
                 def run_fwd():
                     with torch.no_grad():
-                        fwd(q, k, v)
+                        fwd(q.detach(), k.detach(), v.detach())
 
                 def run_fwd_bwd():
                     out = fwd(q, k, v)
                     torch.autograd.grad(out, (q, k, v), do)
 
-                rec["fwd_ms"] = _time_ms(run_fwd, args.warmup, args.reps)
-                rec["fwd_bwd_ms"] = _time_ms(run_fwd_bwd, args.warmup, args.reps)
-                rec["fwd_tflops"] = flops_fwd / (rec["fwd_ms"] * 1e-3) / 1e12
-                rec["fwd_bwd_tflops"] = 3.5 * flops_fwd / (rec["fwd_bwd_ms"] * 1e-3) / 1e12
-                rec["fwd_peak_gib"] = _peak_bytes(run_fwd, base) / 2**30
-                rec["fwd_bwd_peak_gib"] = _peak_bytes(run_fwd_bwd, base) / 2**30
+                # Forward and forward+backward are measured separately so that a backward
+                # failure (OOM of a dense baseline, say) keeps the forward numbers.
+                for key, fn, flops in (("fwd", run_fwd, flops_fwd), ("fwd_bwd", run_fwd_bwd, 3.5 * flops_fwd)):
+                    try:
+                        rec[f"{key}_ms"] = _time_ms(fn, args.warmup, args.reps)
+                        rec[f"{key}_tflops"] = flops / (rec[f"{key}_ms"] * 1e-3) / 1e12
+                        rec[f"{key}_peak_gib"] = _peak_bytes(fn, base) / 2**30
+                    except Exception as e:
+                        rec[f"{key}_error"] = _err(e)
             except Exception as e:  # one failing baseline (OOM, missing backend) must not hide the others
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                rec["error"] = _err(e)
             finally:
-                del state
+                fwd = state = None  # drop this method's mask before the next one is measured
             records.append(rec)
             if not args.json:
                 _print_row(rec)
@@ -225,8 +253,13 @@ def bench_cuda(args):
     return records
 
 
+def _err(e):
+    msg = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {msg}"
+
+
 def _fmt(x, spec):
-    return format(x, spec) if isinstance(x, (int, float)) else "-"
+    return format(x, spec) if isinstance(x, (int, float)) else "-".rjust(int(spec.split(".")[0]))
 
 
 def _print_header(peak, dtype):
@@ -240,9 +273,12 @@ def _print_row(r):
         print(f"{r['method']:13} {r['T']:>6} ERROR {r['error']}")
         return
     skipped = f"{r['tiles_skipped']:.1%}" if r.get("tiles_skipped") is not None else "-"
-    print(f"{r['method']:13} {r['T']:>6} {_fmt(r['fwd_ms'], '8.2f')} {_fmt(r['fwd_tflops'], '9.1f')} "
-          f"{_fmt(r['fwd_bwd_ms'], '8.2f')} {_fmt(r['fwd_bwd_tflops'], '9.1f')} "
-          f"{_fmt(r['fwd_peak_gib'], '8.2f')} {_fmt(r['fwd_bwd_peak_gib'], '8.2f')} {skipped:>8}", flush=True)
+    print(f"{r['method']:13} {r['T']:>6} {_fmt(r.get('fwd_ms'), '8.2f')} {_fmt(r.get('fwd_tflops'), '9.1f')} "
+          f"{_fmt(r.get('fwd_bwd_ms'), '8.2f')} {_fmt(r.get('fwd_bwd_tflops'), '9.1f')} "
+          f"{_fmt(r.get('fwd_peak_gib'), '8.2f')} {_fmt(r.get('fwd_bwd_peak_gib'), '8.2f')} {skipped:>8}", flush=True)
+    for key in ("fwd_error", "fwd_bwd_error"):
+        if key in r:
+            print(f"{'':13} {'':>6} {key}: {r[key]}")
 
 
 def check_cpu(args):
@@ -252,18 +288,9 @@ def check_cpu(args):
     records = []
     for dtype_name in ("fp32", "bf16"):
         dtype = _DTYPES[dtype_name]
-        g = torch.Generator().manual_seed(args.seed)
-        q, k, v, do = (torch.randn(B, h, T, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv, Hq))
-        qk = [t.clone().requires_grad_() for t in (q, k, v)]
         t0 = time.time()
-        out = memento_flash_attention(*qk, mf)
-        grads = torch.autograd.grad(out, qk, do)
+        errs = _check_small(mf, B, Hq, Hkv, D, dtype, args.seed)
         secs = time.time() - t0
-        rf = [t.float().requires_grad_() for t in (q, k, v)]
-        ref = attention_reference(*rf, mf)
-        rgrads = torch.autograd.grad(ref, rf, do.float())
-        errs = {"out": (out.float() - ref).abs().max().item()}
-        errs.update({n: (a.float() - r).abs().max().item() for n, a, r in zip(("dq", "dk", "dv"), grads, rgrads)})
         bm_, bn_, _, _ = _config(D, dtype, False, None, None)["fwd"]
         rec = {"method": "ours_memento", "device": "cpu (Triton interpreter)", "T": T, "B": B, "Hq": Hq, "Hkv": Hkv,
                "D": D, "dtype": dtype_name, "max_abs_err": errs, "seconds": secs,
