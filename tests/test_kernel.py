@@ -5,8 +5,12 @@ set below before triton is imported); with CUDA they run natively. Shapes are ti
 interpreter finishes the file in a few minutes on 2 cores.
 """
 import os
+import sys
 
 import torch
+
+# Importable as `pytest tests/test_kernel.py` too, not only `python -m pytest` from the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
