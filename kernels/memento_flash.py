@@ -1,0 +1,649 @@
+"""Block-masked flash attention for MEMENTO training (paper §4, METHOD.md §4).
+
+Stage-2 training attends under the memento visibility rule
+
+    key j is visible to query i  iff  j <= i < mask_from[b, j]
+
+(queries and keys are the same T tokens; mask_from[b, j] == NEVER == 2**31 - 1 means key j
+is never masked). The paper materialised this as a dense [T, T] boolean mask for SDPA. Here
+the rule is evaluated inside the kernels from the O(T) vector `mask_from`, and whole tiles of
+the score matrix are classified before any K/V is read:
+
+    skip     every (query, key) pair of the tile is invisible: K/V are not even loaded;
+    full     every pair is visible: no element-wise mask at all;
+    partial  the rest (the causal diagonal, and the edges of evicted blocks).
+
+In OpenMementos-shaped traces (~1,150-token blocks, ~194-token mementos, keep_last_n_blocks=0)
+the share of skipped causal tiles grows with length: about 46% at 4K tokens and 77% at 32K
+(128 x 64 tiles; bench/bench_attention.py reports it), so the work tracks the visible pairs
+rather than the causal triangle.
+
+Public API:
+    memento_flash_attention(q, k, v, mask_from, sm_scale=None) -> out   (autograd-aware)
+    key_tile_bounds(mask_from, T, block_n) -> (kmax, kmin)                (tile summary)
+    tile_schedule(mask_from, T, block_m, block_n) -> [B, nQ, nK] int8    (SKIP/FULL/PARTIAL)
+    tile_stats(mask_from, T, block_m, block_n) -> dict                   (skipped fraction)
+
+Runs natively on CUDA; on CPU only under the Triton interpreter (TRITON_INTERPRET=1 set
+before triton is imported), which is slow and meant for tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+NEVER = 2**31 - 1  # same sentinel as memento_attention.NEVER
+_INT32_MIN = -(2**31)
+
+# Tile classes returned by tile_schedule.
+SKIP, FULL, PARTIAL = 0, 1, 2
+
+_SUPPORTED_D = (16, 32, 64, 128, 256)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------
+# Tile predicate. Shared verbatim by the kernels (as @triton.jit helpers) and by the pure
+# Python `tile_schedule` (through `.fn`, the undecorated function), so the property tests on
+# tile_schedule test the very expressions the kernels branch on.
+#
+# A query tile covers rows [q_start, q_last] (q_last clamped to T-1: padding rows do not
+# count); a key tile covers columns [k_start, k_start + BLOCK_N) and k_max / k_min are the
+# max / min of mask_from over its real columns.
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _tile_skipped(q_start, q_last, k_start, k_max):
+    # Query i sees key j only if i < mask_from[j] <= k_max; the smallest query of the tile
+    # is q_start, so q_start >= k_max hides every key from every query. The second clause
+    # is causality: the tile's first key comes after its last query.
+    return (q_start >= k_max) | (k_start > q_last)
+
+
+@triton.jit
+def _tile_full(q_start, q_last, k_start, k_min, BLOCK_N):
+    # Causal for every pair iff the last key column (padding included, so no column can be
+    # out of range either) is at most the first query; never masked for every pair iff the
+    # last query still comes before the earliest mask_from of the tile.
+    return (k_start + BLOCK_N - 1 <= q_start) & (q_last < k_min)
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # acc + a @ b with fp32 accumulation.
+    # UPCAST: the Triton interpreter stores bf16 as uint16 and its dot multiplies those bit
+    # patterns (triton-lang/triton#11584, unsupported upstream), so under the interpreter
+    # bf16 operands are widened first. bf16 x bf16 products are exact in fp32, so this
+    # matches what the tensor cores compute; it is never set for CUDA tensors.
+    # IEEE: fp32 inputs would otherwise go through TF32 on the GPU (~1e-3 relative error);
+    # this project wants fp32 to mean fp32.
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------
+# Forward.
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, MF, KMAX, KMIN, O, LSE,
+    s_qb, s_qh, s_qt,
+    s_kb, s_kh, s_kt,
+    s_vb, s_vh, s_vt,
+    s_ob, s_oh, s_ot,
+    s_mb, s_xb,
+    T, H, GROUP, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    # GQA: the query head reads its key/value head in place; nothing is repeated in memory.
+    hk = h // GROUP
+
+    q_start = pid_m * BLOCK_M
+    q_last = tl.minimum(q_start + BLOCK_M, T) - 1
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < T
+
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh
+    mf_base = MF + b64 * s_mb
+    tile_base = b64 * s_xb
+
+    # Online softmax, in base 2 (exp2 is the native instruction; qk_scale folds in log2 e).
+    # For each row keep m = running max of the scaled scores, l = sum of exp2(s - m) and
+    # acc = sum of exp2(s - m) * v. A new tile with row max m' rescales the old sums by
+    # alpha = exp2(m - m'), so after the last tile out = acc / l and the row's log-sum-exp
+    # (base 2) is m + log2(l), which the backward uses to rebuild P without a second pass.
+    #
+    # A row that has seen only masked scores has m = -inf, and exp2(-inf - -inf) would be
+    # NaN. The shift m_shift is therefore 0 while m is still -inf: every p is exp2(-inf) = 0
+    # and the row stays (m=-inf, l=0, acc=0). Such a row survives to the end only if its
+    # query sees no key at all (mask_from[i] <= i, impossible for valid inputs); it then
+    # gets out = 0, like the dense reference, and lse = +inf, which makes its P (hence all
+    # its gradients) exactly 0 in the backward.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+
+    # Causality already bounds the key loop at q_last; the memento rule is tested per tile,
+    # because evicted blocks sit anywhere in the prefix (max(mask_from) is not monotone).
+    for k_start in range(0, q_last + 1, BLOCK_N):
+        kt = k_start // BLOCK_N
+        k_max = tl.load(KMAX + tile_base + kt)
+        k_min = tl.load(KMIN + tile_base + kt)
+        if not _tile_skipped(q_start, q_last, k_start, k_max):
+            offs_n = k_start + offs_n0
+            col_ok = offs_n < T
+            kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
+            if not _tile_full(q_start, q_last, k_start, k_min, BLOCK_N):
+                mf = tl.load(mf_base + offs_n, mask=col_ok, other=0)
+                vis = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < mf[None, :]) & col_ok[None, :]
+                s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_shift)
+            p = tl.math.exp2(s - m_shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # P is rounded to V's dtype for the tensor cores, as in every flash kernel.
+            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+            m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(O + b64 * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward (FlashAttention-2 scheme).
+#
+# With s = sm_scale * q k^T, P = softmax(s), O = P V and upstream gradient dO:
+#     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   delta_i = sum_d dO_id O_id,
+#     dQ = sm_scale * dS K,   dK = sm_scale * dS^T Q.
+# delta_i equals rowsum(P * dP) and is computed once from O (preprocess kernel). P is
+# rebuilt tile by tile as exp2(s * log2 e - lse2) from the forward's base-2 log-sum-exp.
+# Masked pairs have P = 0, hence dS = 0: skipped tiles contribute nothing to any gradient,
+# so both backward kernels skip exactly the tiles the forward skipped.
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,
+    s_ob, s_oh, s_ot,
+    s_db, s_dh, s_dt,
+    T, H,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < T
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, MF, KMAX, KMIN, LSE, DELTA, DK, DV,
+    s_qb, s_qh, s_qt,
+    s_kb, s_kh, s_kt,
+    s_vb, s_vh, s_vt,
+    s_db, s_dh, s_dt,
+    s_dkb, s_dkh, s_dkt,
+    s_dvb, s_dvh, s_dvt,
+    s_mb, s_xb,
+    T, H, HKV, GROUP, sm_scale, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    # One program owns one key tile of one KV head and sweeps the query tiles of every
+    # query head in its GQA group, so dK/dV of the shared head are summed in registers and
+    # written once: no atomics, no per-query-head copies.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    b64 = b.to(tl.int64)
+
+    k_start = pid_n * BLOCK_N
+    offs_n = k_start + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    col_ok = offs_n < T
+
+    k = tl.load(K + b64 * s_kb + hk.to(tl.int64) * s_kh + offs_n[:, None] * s_kt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b64 * s_vb + hk.to(tl.int64) * s_vh + offs_n[:, None] * s_vt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    mf = tl.load(MF + b64 * s_mb + offs_n, mask=col_ok, other=0)
+    k_max = tl.load(KMAX + b64 * s_xb + pid_n)
+    k_min = tl.load(KMIN + b64 * s_xb + pid_n)
+
+    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+
+    # Both clauses of _tile_skipped are monotone in q_start for a fixed key tile: causality
+    # skips the query tiles that end before k_start, the memento rule every tile from
+    # q_start >= k_max on. The range below is therefore exactly the non-skipped tiles: no
+    # per-tile test, and the sweep stops as soon as the block is evicted.
+    q_begin = (k_start // BLOCK_M) * BLOCK_M
+    q_end = tl.minimum(T, k_max)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b64 * H + h
+        q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh
+        do_base = DO + b64 * s_db + h.to(tl.int64) * s_dh
+        for q_start in range(q_begin, q_end, BLOCK_M):
+            q_last = tl.minimum(q_start + BLOCK_M, T) - 1
+            offs_m = q_start + offs_m0
+            row_ok = offs_m < T
+            qT = tl.load(q_base + offs_m[None, :] * s_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            # Padding rows get lse = +inf, so their P is 0 even in unmasked (full) tiles.
+            lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+            # Work on the transposed tile (keys x queries) so the products land directly in
+            # dK and dV's row layout.
+            sT = _mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, IEEE) * qk_scale
+            pT = tl.math.exp2(sT - lse[None, :])
+            if not _tile_full(q_start, q_last, k_start, k_min, BLOCK_N):
+                vis = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < mf[:, None]) & col_ok[:, None]
+                pT = tl.where(vis, pT, 0.0)
+            dv = _mma(pT.to(do.dtype), do, dv, UPCAST, IEEE)
+            dpT = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, IEEE)
+            dsT = pT * (dpT - delta[None, :])
+            dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, UPCAST, IEEE)
+
+    dk = dk * sm_scale
+    tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + b64 * s_dvb + hk.to(tl.int64) * s_dvh + offs_n[:, None] * s_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, MF, KMAX, KMIN, LSE, DELTA, DQ,
+    s_qb, s_qh, s_qt,
+    s_kb, s_kh, s_kt,
+    s_vb, s_vh, s_vt,
+    s_db, s_dh, s_dt,
+    s_dqb, s_dqh, s_dqt,
+    s_mb, s_xb,
+    T, H, GROUP, sm_scale, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    # One program owns one query tile of one query head and walks the key tiles like the
+    # forward, with the same per-tile skip/full test.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+
+    q_start = pid_m * BLOCK_M
+    q_last = tl.minimum(q_start + BLOCK_M, T) - 1
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < T
+
+    q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b64 * s_db + h.to(tl.int64) * s_dh + offs_m[:, None] * s_dt + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh
+    mf_base = MF + b64 * s_mb
+    tile_base = b64 * s_xb
+
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    for k_start in range(0, q_last + 1, BLOCK_N):
+        kt = k_start // BLOCK_N
+        k_max = tl.load(KMAX + tile_base + kt)
+        k_min = tl.load(KMIN + tile_base + kt)
+        if not _tile_skipped(q_start, q_last, k_start, k_max):
+            offs_n = k_start + offs_n0
+            col_ok = offs_n < T
+            kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            vT = tl.load(v_base + offs_n[None, :] * s_vt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
+            p = tl.math.exp2(s - lse[:, None])
+            if not _tile_full(q_start, q_last, k_start, k_min, BLOCK_N):
+                mf = tl.load(mf_base + offs_n, mask=col_ok, other=0)
+                vis = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < mf[None, :]) & col_ok[None, :]
+                p = tl.where(vis, p, 0.0)
+            dp = _mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE)
+            ds = p * (dp - delta[:, None])
+            dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, UPCAST, IEEE)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------
+# Host side.
+# ---------------------------------------------------------------------------------------
+def key_tile_bounds(mask_from: torch.Tensor, T: int, block_n: int):
+    """Per-key-tile max and min of mask_from: the two numbers the tile predicate reads (§4).
+
+    Args:
+        mask_from: [B, T] integer tensor (any integer dtype), first query position from which
+            each key is masked; NEVER (2**31 - 1) = never.
+        T: sequence length (number of keys).
+        block_n: key tile size in tokens.
+    Returns:
+        (kmax, kmin), each [B, ceil(T / block_n)] int32 on mask_from's device: max and min of
+        mask_from over the real keys of each tile (padding past T is ignored).
+    Raises:
+        ValueError: mask_from not 2-D or shorter than T, T < 1, or block_n not a positive int.
+    """
+    if mask_from.dim() != 2 or mask_from.shape[1] < T or T < 1:
+        raise ValueError(f"key_tile_bounds: mask_from must be [B, >=T] with T >= 1, got {tuple(mask_from.shape)} and T={T}")
+    if not isinstance(block_n, int) or block_n < 1:
+        raise ValueError(f"key_tile_bounds: block_n must be a positive int, got {block_n!r}")
+    B = mask_from.shape[0]
+    nk = triton.cdiv(T, block_n)
+    mf = mask_from[:, :T].to(torch.int64)
+    padded_max = torch.full((B, nk * block_n), _INT32_MIN, dtype=torch.int64, device=mf.device)
+    padded_min = torch.full((B, nk * block_n), NEVER, dtype=torch.int64, device=mf.device)
+    padded_max[:, :T] = mf
+    padded_min[:, :T] = mf
+    kmax = padded_max.view(B, nk, block_n).amax(-1).clamp(_INT32_MIN, NEVER).to(torch.int32)
+    kmin = padded_min.view(B, nk, block_n).amin(-1).clamp(_INT32_MIN, NEVER).to(torch.int32)
+    return kmax.contiguous(), kmin.contiguous()
+
+
+def tile_schedule(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> torch.Tensor:
+    """Class of every (batch, query tile, key tile) under the kernels' own predicate (§4).
+
+    Evaluates `_tile_skipped` / `_tile_full` — the same functions the kernels call — on
+    torch tensors. The forward and dQ kernels use it as is; the dK/dV kernel iterates exactly
+    the non-skipped query tiles of each key tile (see its comments).
+
+    Args:
+        mask_from: [B, T] integer tensor, as for memento_flash_attention.
+        T: sequence length.
+        block_m, block_n: query and key tile sizes in tokens.
+    Returns:
+        [B, ceil(T / block_m), ceil(T / block_n)] int8 tensor on mask_from's device with
+        values SKIP (0: no pair visible, K/V never loaded), FULL (1: every pair visible, no
+        element-wise mask) or PARTIAL (2: element-wise mask applied).
+    Raises:
+        ValueError: as key_tile_bounds, or block_m not a positive int.
+    """
+    if not isinstance(block_m, int) or block_m < 1:
+        raise ValueError(f"tile_schedule: block_m must be a positive int, got {block_m!r}")
+    kmax, kmin = key_tile_bounds(mask_from, T, block_n)
+    kmax, kmin = kmax.long(), kmin.long()
+    dev = kmax.device
+    nq = triton.cdiv(T, block_m)
+    nk = kmax.shape[1]
+    q_start = (torch.arange(nq, device=dev) * block_m)[None, :, None]
+    q_last = (torch.clamp(q_start + block_m, max=T) - 1)
+    k_start = (torch.arange(nk, device=dev) * block_n)[None, None, :]
+    skipped = _tile_skipped.fn(q_start, q_last, k_start, kmax[:, None, :])
+    full = _tile_full.fn(q_start, q_last, k_start, kmin[:, None, :], block_n) & ~skipped
+    out = torch.full(skipped.shape, PARTIAL, dtype=torch.int8, device=dev)
+    out[skipped] = SKIP
+    out[full] = FULL
+    return out
+
+
+def tile_stats(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> dict:
+    """Tile counts for one tiling, for benchmarks (§4).
+
+    Args:
+        mask_from: [B, T] integer tensor; T, block_m, block_n as for tile_schedule.
+    Returns:
+        dict with integer counts `causal_tiles` (tiles not excluded by causality alone),
+        `skipped` (those of them skipped by the memento rule), `full`, `partial`, and
+        `skipped_fraction` = skipped / causal_tiles (0.0 for pure causal attention).
+        Counts are summed over the batch.
+    Raises:
+        ValueError: as tile_schedule.
+    """
+    sched = tile_schedule(mask_from, T, block_m, block_n)
+    nq, nk = sched.shape[1], sched.shape[2]
+    q_start = torch.arange(nq)[:, None] * block_m
+    q_last = torch.clamp(q_start + block_m, max=T) - 1
+    k_start = torch.arange(nk)[None, :] * block_n
+    causal = (k_start <= q_last).to(sched.device)  # the causal clause of _tile_skipped
+    n_causal = int(causal.sum()) * sched.shape[0]
+    skipped = int(((sched == SKIP) & causal).sum())
+    full = int((sched == FULL).sum())
+    partial = int((sched == PARTIAL).sum())
+    return {
+        "causal_tiles": n_causal,
+        "skipped": skipped,
+        "full": full,
+        "partial": partial,
+        "skipped_fraction": skipped / max(n_causal, 1),
+    }
+
+
+def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n, sm_major: int = 9):
+    """Launch configs {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)} for one call.
+
+    The CUDA defaults were picked without hardware timing, by compiling for sm_90 (and
+    sm_80 for the pre-Hopper D=128 branch) with the ptxas bundled in Triton and keeping tile
+    shapes whose register use does not spill (or spills a few bytes); see
+    bench/compile_check.py. They are a starting point for tuning, not tuned numbers.
+    """
+    if block_m is not None or block_n is not None:
+        bm = block_m or 64
+        bn = block_n or 64
+        for name, val in (("block_m", bm), ("block_n", bn)):
+            if not isinstance(val, int) or val < 16 or val & (val - 1):
+                raise ValueError(f"memento_flash_attention: {name}={val!r} must be a power of 2 >= 16")
+        cfg = (bm, bn, 4, 2)
+        return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
+    if not is_cuda:
+        cfg = (32, 32, 4, 1)  # interpreter: small tiles keep numpy temporaries small
+        return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
+    if dtype == torch.float32:
+        if D <= 64:
+            return {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 4, 1)}
+        if D <= 128:
+            return {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
+        return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+    if D <= 64:
+        return {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 3)}
+    if D <= 128 and sm_major < 9:
+        return {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 8, 2), "dq": (32, 32, 4, 2)}
+    if D <= 128:
+        return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 32, 4, 3)}
+    return {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
+
+
+def _sm_major(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_capability(t.device)[0] if t.is_cuda else 0
+
+
+def _validate(q, k, v, mask_from):
+    name = "memento_flash_attention"
+    for t_name, t in (("q", q), ("k", k), ("v", v), ("mask_from", mask_from)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {t_name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{name}: q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"{name}: k/v must be [B={B}, Hkv, T={T}, D={D}] (square self-attention), got {tuple(k.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{name}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if T == 0 or B == 0 or Hq == 0:
+        raise ValueError(f"{name}: empty input {tuple(q.shape)}")
+    if D not in _SUPPORTED_D:
+        raise ValueError(f"{name}: head dim {D} unsupported; use 16, 32, 64, 128 or 256")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"{name}: dtype {q.dtype} unsupported; use float32, bfloat16 or float16")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if tuple(mask_from.shape) != (B, T):
+        raise ValueError(f"{name}: mask_from must be [B, T] = [{B}, {T}], got {tuple(mask_from.shape)}")
+    if mask_from.dtype.is_floating_point or mask_from.dtype.is_complex or mask_from.dtype == torch.bool:
+        raise ValueError(f"{name}: mask_from must be an integer tensor (int32 preferred), got {mask_from.dtype}")
+    devs = {t.device for t in (q, k, v, mask_from)}
+    if len(devs) != 1:
+        raise ValueError(f"{name}: q, k, v, mask_from must be on one device, got {sorted(map(str, devs))}")
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _MementoFlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask_from, sm_scale, block_m, block_n):
+        B, Hq, T, D = q.shape
+        Hkv = k.shape[1]
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _sm_major(q))
+        fbm, fbn, warps, stages = cfg["fwd"]
+        upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+        ieee = q.dtype == torch.float32
+        qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernels work in base 2
+
+        kmax, kmin = key_tile_bounds(mask_from, T, fbn)
+        o = torch.empty_like(q)
+        lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
+        grid = (triton.cdiv(T, fbm), B * Hq)
+        _fwd_kernel[grid](
+            q, k, v, mask_from, kmax, kmin, o, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            mask_from.stride(0), kmax.stride(0),
+            T, Hq, Hq // Hkv, qk_scale,
+            HEAD_D=D, BLOCK_M=fbm, BLOCK_N=fbn, UPCAST=upcast, IEEE=ieee,
+            num_warps=warps, num_stages=stages,
+        )
+        ctx.save_for_backward(q, k, v, o, lse, mask_from)
+        ctx.cfg = (sm_scale, qk_scale, cfg, upcast, ieee)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, mask_from = ctx.saved_tensors
+        sm_scale, qk_scale, cfg, upcast, ieee = ctx.cfg
+        B, Hq, T, D = q.shape
+        Hkv = k.shape[1]
+        do = _last_dim_contiguous(do)
+        if do.dtype != q.dtype:
+            do = do.to(q.dtype)
+
+        delta = torch.empty_like(lse)
+        _bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](
+            o, do, delta,
+            o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            T, Hq, HEAD_D=D, BLOCK_M=64,
+        )
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        # Each kernel has its own tiling, hence its own per-key-tile summary of mask_from.
+        bm, bn, warps, stages = cfg["dkdv"]
+        kmax, kmin = key_tile_bounds(mask_from, T, bn)
+        _bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](
+            q, k, v, do, mask_from, kmax, kmin, lse, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            mask_from.stride(0), kmax.stride(0),
+            T, Hq, Hkv, Hq // Hkv, sm_scale, qk_scale,
+            HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, IEEE=ieee,
+            num_warps=warps, num_stages=stages,
+        )
+        bm, bn, warps, stages = cfg["dq"]
+        kmax, kmin = key_tile_bounds(mask_from, T, bn)
+        _bwd_dq_kernel[(triton.cdiv(T, bm), B * Hq)](
+            q, k, v, do, mask_from, kmax, kmin, lse, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            mask_from.stride(0), kmax.stride(0),
+            T, Hq, Hq // Hkv, sm_scale, qk_scale,
+            HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, IEEE=ieee,
+            num_warps=warps, num_stages=stages,
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def memento_flash_attention(q, k, v, mask_from, sm_scale=None, *, block_m=None, block_n=None):
+    """Causal self-attention under the memento visibility rule, as fused Triton kernels (§4).
+
+    Key j is visible to query i iff j <= i < mask_from[b, j]. Tiles in which no pair is
+    visible are skipped without loading K/V (see tile_schedule); forward and backward
+    (dQ, dK, dV) are Triton kernels with fp32 accumulation; differentiable in q, k, v.
+
+    Args:
+        q: [B, Hq, T, D] float32, bfloat16 or float16 (CUDA, or CPU under TRITON_INTERPRET=1).
+        k, v: [B, Hkv, T, D], same dtype and device; Hq must be a multiple of Hkv (GQA:
+            query head h reads key/value head h // (Hq // Hkv), no copies are made).
+        mask_from: [B, T] integer tensor (int32 preferred; others are converted, values
+            clamped to int32), first query position from which each key is masked;
+            NEVER = 2**31 - 1 for never. Valid inputs have mask_from[b, j] > j.
+        sm_scale: softmax scale applied to q.k; default 1 / sqrt(D).
+        block_m, block_n: optional tile sizes in tokens (powers of 2, >= 16) for the query
+            and key axes of every kernel; default depends on D and device.
+    Returns:
+        [B, Hq, T, D] attention output in q's dtype.
+    Raises:
+        ValueError: non-tensor inputs, wrong ranks or shapes (k/v must be [B, Hkv, T, D],
+            mask_from [B, T]), Hq not a multiple of Hkv, head dim not in 16/32/64/128/256,
+            unsupported or mixed dtypes, non-integer mask_from, mixed devices, empty input, or
+            a bad block size.
+
+    A query that sees no key at all (only possible when mask_from[b, i] <= i, which the
+    memento builders never produce) gets a zero output row and zero gradients instead of
+    NaN, matching memento_attention.attention_reference; no error is raised for it.
+    """
+    _validate(q, k, v, mask_from)
+    D = q.shape[-1]
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    _config(D, q.dtype, q.is_cuda, block_m, block_n)  # validate block sizes up front
+    if mask_from.dtype != torch.int32:
+        mask_from = mask_from.to(torch.int64).clamp(_INT32_MIN, NEVER).to(torch.int32)
+    mask_from = mask_from.contiguous()
+    return _MementoFlashAttention.apply(q, k, v, mask_from, float(sm_scale), block_m, block_n)

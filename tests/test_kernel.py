@@ -1,0 +1,420 @@
+"""Tests of the block-masked flash attention kernels (kernels/memento_flash.py, paper §4).
+
+Without CUDA every test runs the Triton kernels under the interpreter (TRITON_INTERPRET=1,
+set below before triton is imported); with CUDA they run natively. Shapes are tiny so the
+interpreter finishes the file in a few minutes on 2 cores.
+"""
+import os
+import sys
+
+import torch
+
+# Importable as `pytest tests/test_kernel.py` too, not only `python -m pytest` from the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kernels.memento_flash import (  # noqa: E402
+    FULL,
+    SKIP,
+    key_tile_bounds,
+    memento_flash_attention,
+    tile_schedule,
+    tile_stats,
+)
+from memento_attention import NEVER, attention, attention_reference, visible_mask  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+# Tolerances against the fp32 dense reference evaluated on the same (rounded) inputs.
+# fp32: both sides do fp32 math; only summation order differs.
+# fp16/bf16: the kernel rounds P (and dS) to the input dtype before the second matmul, as
+# every flash kernel does, and rounds its outputs; bf16 has 8 mantissa bits, fp16 11.
+TOL = {
+    torch.float32: dict(out=(1e-4, 1e-4), grad=(1e-4, 1e-4)),
+    torch.float16: dict(out=(2e-3, 2e-3), grad=(6e-3, 6e-3)),
+    torch.bfloat16: dict(out=(2e-2, 2e-2), grad=(6e-2, 4e-2)),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Memento-structured mask_from, built from METHOD.md §4 independently of the kernel.
+# ---------------------------------------------------------------------------------------
+def memento_sequence(prompt, blocks, answer, complete_last=True):
+    """Token layout: prompt, <think>, per block [<block_start> content <block_end>
+    <summary_start> memento <summary_end>], </think>, answer.
+
+    blocks: list of (content_len, memento_len). If complete_last is False the last block
+    stops inside its memento (no <summary_end>) and the sequence ends there.
+    Returns (T, list of dicts with s, e, z positions; z None when not completed).
+    """
+    pos = prompt + 1  # after <think>
+    info = []
+    for bi, (c, m) in enumerate(blocks):
+        s = pos
+        e = s + 1 + c
+        last = bi == len(blocks) - 1
+        if last and not complete_last:
+            info.append(dict(s=s, e=e, z=None, next_start=None))
+            return e + 2 + m, info  # <summary_start> + part of the memento
+        z = e + 1 + m + 1
+        info.append(dict(s=s, e=e, z=z, next_start=None))
+        pos = z + 1
+    for a, b in zip(info, info[1:]):
+        a["next_start"] = b["s"]
+    return pos + 1 + answer, info  # </think> + answer
+
+
+def memento_mask_from(T, info, keep_last_n_blocks=0, mask_delimiters=False, keep_last_block_for_answer=False):
+    mf = torch.full((T,), NEVER, dtype=torch.int64)
+    if keep_last_n_blocks < 0:
+        return mf
+    completed = [b for b in info if b["z"] is not None]
+    for bi, blk in enumerate(completed):
+        if keep_last_block_for_answer:
+            if blk["next_start"] is None:
+                continue  # last block before </think>: the answer keeps it
+            start = blk["next_start"]
+        else:
+            later = bi + keep_last_n_blocks
+            if later >= len(completed):
+                continue  # not yet N newer completed blocks: stays visible
+            start = completed[later]["z"]
+        lo, hi = (blk["s"], blk["e"] + 1) if mask_delimiters else (blk["s"] + 1, blk["e"])
+        mf[lo:hi] = start
+    return mf
+
+
+def _dense_vis(mask_from, T):
+    pos = torch.arange(T).expand(mask_from.shape[0], T)
+    return visible_mask(pos, pos, mask_from.long().cpu())
+
+
+def _random_mask_from(g, B, T, never_frac=0.3):
+    j = torch.arange(T)
+    mf = j + 1 + torch.randint(0, T, (B, T), generator=g)
+    mf[torch.rand(B, T, generator=g) < never_frac] = NEVER
+    return mf
+
+
+def _run_case(B, Hq, Hkv, T, D, dtype, mask_from, block_m, block_n, seed=0, sm_scale=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+    do = torch.randn(B, Hq, T, D, generator=g).to(dtype)
+    mask_from = mask_from.to(torch.int32)
+
+    qd, kd, vd = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    out = memento_flash_attention(qd, kd, vd, mask_from.to(DEVICE), sm_scale, block_m=block_m, block_n=block_n)
+    assert out.dtype == dtype and out.shape == (B, Hq, T, D)
+    dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), do.to(DEVICE))
+
+    qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
+    if sm_scale is not None:  # the reference uses 1/sqrt(D): fold the custom scale into q
+        qr_in = qr * (sm_scale * math.sqrt(D))
+    else:
+        qr_in = qr
+    ref = attention_reference(qr_in, kr, vr, mask_from)
+    rq, rk, rv = torch.autograd.grad(ref, (qr, kr, vr), do.float())
+
+    (ao, ro), (ag, rg) = TOL[dtype]["out"], TOL[dtype]["grad"]
+    torch.testing.assert_close(out.float().cpu(), ref, atol=ao, rtol=ro)
+    for name, a, r in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a.float().cpu(), r, atol=ag, rtol=rg, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# Forward and backward against the dense reference.
+# ---------------------------------------------------------------------------------------
+def _memento_case(keep, delims, answer_keep=False, complete_last=True, blocks=None):
+    # Blocks longer than two 16-token tiles, so that whole key tiles get evicted and the
+    # skip / full / partial paths of the kernels all run.
+    blocks = blocks or [(40, 4), (50, 5), (35, 4)]
+    T, info = memento_sequence(prompt=5, blocks=blocks, answer=6, complete_last=complete_last)
+    return T, memento_mask_from(T, info, keep, delims, answer_keep)[None]
+
+
+MEMENTO_CASES = {
+    # name: (keep_last_n_blocks, mask_delimiters, keep_last_block_for_answer, complete_last)
+    "keep-1": (-1, False, False, True),
+    "keep0": (0, False, False, True),
+    "keep0-delims": (0, True, False, True),
+    "keep1": (1, False, False, True),
+    "keep1-delims": (1, True, False, True),
+    "keep0-answer-keeps-last": (0, False, True, True),
+    "keep0-unfinished-last-block": (0, False, False, False),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMENTO_CASES))
+def test_memento_layouts_match_reference(name):
+    keep, delims, answer_keep, complete_last = MEMENTO_CASES[name]
+    T, mf = _memento_case(keep, delims, answer_keep, complete_last)
+    vis = _dense_vis(mf, T)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    # The layout must really mask something (else this would only re-test causal attention),
+    # and with 16-token tiles it must exercise skipped, full and partial tiles.
+    assert bool((vis[0] == causal).all()) == (keep < 0)
+    stats = tile_stats(mf, T, 16, 16)
+    assert stats["full"] > 0 and stats["partial"] > 0
+    assert (stats["skipped"] > 0) == (keep >= 0)
+    _run_case(B=1, Hq=2, Hkv=1, T=T, D=16, dtype=torch.float32, mask_from=mf, block_m=16, block_n=16)
+
+
+def test_delimiters_change_what_is_masked():
+    T, info = memento_sequence(prompt=5, blocks=[(9, 3), (14, 4)], answer=6)
+    off = memento_mask_from(T, info, 0, False)
+    on = memento_mask_from(T, info, 0, True)
+    s, e = info[0]["s"], info[0]["e"]
+    assert off[s] == NEVER and off[e] == NEVER and on[s] == info[0]["z"] and on[e] == info[0]["z"]
+    assert torch.equal(off[s + 1:e], on[s + 1:e])
+
+
+def test_batch_of_different_layouts_gqa4():
+    # Two sequences of one batch with different layouts (and keep semantics), GQA 4:1.
+    T1, a = _memento_case(0, False, blocks=[(9, 3), (14, 4), (6, 2), (11, 3)])
+    T0, _ = memento_sequence(prompt=3, blocks=[(20, 5), (8, 2)], answer=0)
+    _, info = memento_sequence(prompt=3, blocks=[(20, 5), (8, 2)], answer=T1 - T0)
+    b = memento_mask_from(T1, info, 1, True)[None]
+    assert a.shape[1] == b.shape[1] == T1
+    _run_case(B=2, Hq=4, Hkv=1, T=T1, D=16, dtype=torch.float32, mask_from=torch.cat([a, b]), block_m=32, block_n=16)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("T", [45, 64, 7])  # not a multiple of the tile / a multiple / < one tile
+def test_random_layouts_gqa_and_lengths(Hq, Hkv, T):
+    g = torch.Generator().manual_seed(T * 10 + Hq + Hkv)
+    mf = _random_mask_from(g, 2, T)
+    _run_case(B=2, Hq=Hq, Hkv=Hkv, T=T, D=16, dtype=torch.float32, mask_from=mf, block_m=32, block_n=32, seed=T)
+
+
+def test_rectangular_tiles_and_d32():
+    g = torch.Generator().manual_seed(3)
+    _run_case(B=1, Hq=2, Hkv=1, T=83, D=32, dtype=torch.float32, mask_from=_random_mask_from(g, 1, 83),
+              block_m=16, block_n=32)
+    _run_case(B=1, Hq=2, Hkv=1, T=83, D=32, dtype=torch.float32, mask_from=_random_mask_from(g, 1, 83),
+              block_m=32, block_n=16)
+
+
+def test_no_blocks_is_causal():
+    T, info = memento_sequence(prompt=20, blocks=[], answer=30)
+    mf = memento_mask_from(T, info, 0, True)[None]
+    assert bool((mf == NEVER).all())
+    _run_case(B=1, Hq=2, Hkv=2, T=T, D=16, dtype=torch.float32, mask_from=mf, block_m=16, block_n=16)
+
+
+def test_diagonal_only():
+    # mask_from[j] = j + 1: every query sees only itself, so out == v of its own kv head.
+    T = 40
+    mf = (torch.arange(T) + 1)[None]
+    _run_case(B=1, Hq=4, Hkv=2, T=T, D=16, dtype=torch.float32, mask_from=mf, block_m=16, block_n=16)
+    v = torch.randn(1, 2, T, 16)
+    out = memento_flash_attention(torch.randn(1, 4, T, 16).to(DEVICE), torch.randn(1, 2, T, 16).to(DEVICE),
+                                  v.to(DEVICE), mf.to(DEVICE), block_m=16, block_n=16)
+    torch.testing.assert_close(out.cpu(), v.repeat_interleave(2, dim=1), atol=1e-6, rtol=0)
+
+
+def test_custom_sm_scale():
+    g = torch.Generator().manual_seed(5)
+    _run_case(B=1, Hq=2, Hkv=1, T=30, D=16, dtype=torch.float32, mask_from=_random_mask_from(g, 1, 30),
+              block_m=16, block_n=16, sm_scale=0.37)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    T, mf = _memento_case(0, False)
+    _run_case(B=1, Hq=4, Hkv=2, T=T, D=32, dtype=dtype, mask_from=mf, block_m=32, block_n=16, seed=1)
+
+
+def test_fully_masked_query_gives_zero_not_nan():
+    # Invalid input on purpose: mask_from[10] = 10 hides key 10 from itself, and every
+    # earlier key is gone too (mask_from[j] = j + 1), so query 10 sees nothing.
+    T = 24
+    mf = (torch.arange(T) + 1)[None].clone()
+    mf[0, 10] = 10
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    out = memento_flash_attention(q, k, v, mf.to(DEVICE), block_m=16, block_n=16)
+    assert torch.isfinite(out).all()
+    assert bool((out[:, :, 10] == 0).all())
+    torch.testing.assert_close(out.detach().cpu(), attention_reference(q.detach().cpu(), k.detach().cpu(),
+                                                                        v.detach().cpu(), mf), atol=1e-5, rtol=1e-5)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+    assert bool((dq[:, :, 10] == 0).all())  # no key, no score, no gradient
+
+
+def test_non_contiguous_inputs():
+    # The model will hand in transposed views of [B, T, H, D] projections.
+    B, T, Hq, Hkv, D = 1, 37, 4, 2, 16
+    g = torch.Generator().manual_seed(9)
+    qb, kb, vb = (torch.randn(B, T, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    mf = _random_mask_from(g, B, T)
+    q, k, v = (t.to(DEVICE).transpose(1, 2).requires_grad_() for t in (qb, kb, vb))
+    assert not q.is_contiguous()
+    out = memento_flash_attention(q, k, v, mf.to(DEVICE), block_m=16, block_n=16)
+    ref = attention_reference(*(t.detach().cpu() for t in (q, k, v)), mf)
+    torch.testing.assert_close(out.detach().cpu(), ref, atol=1e-4, rtol=1e-4)
+    grads = torch.autograd.grad(out, (q, k, v), out.detach() * 0 + 1)
+    qr, kr, vr = (t.detach().cpu().requires_grad_() for t in (q, k, v))
+    rgrads = torch.autograd.grad(attention_reference(qr, kr, vr, mf).sum(), (qr, kr, vr))
+    for a, r in zip(grads, rgrads):
+        torch.testing.assert_close(a.cpu(), r, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_dispatch_to_triton(monkeypatch):
+    # memento_attention.attention(backend="triton") and $MEMENTO_ATTN_BACKEND reach the kernel.
+    T, mf = _memento_case(0, False)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, T, 32, generator=g).to(DEVICE) for h in (4, 2, 2))
+    ref = attention(q, k, v, mf.to(DEVICE), backend="torch")
+    torch.testing.assert_close(attention(q, k, v, mf.to(DEVICE), backend="triton"), ref, atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("MEMENTO_ATTN_BACKEND", "triton")
+    torch.testing.assert_close(attention(q, k, v, mf.long().to(DEVICE)), ref, atol=1e-4, rtol=1e-4)
+    causal = attention(q, k, v, None, backend="torch")
+    torch.testing.assert_close(attention(q, k, v, None), causal, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Tile skipping.
+# ---------------------------------------------------------------------------------------
+def _mask_from_strategy():
+    @st.composite
+    def build(draw):
+        B = draw(st.integers(1, 2))
+        T = draw(st.integers(1, 160))
+        rows = []
+        for _ in range(B):
+            kind = draw(st.sampled_from(["valid", "memento", "runs", "arbitrary"]))
+            if kind == "arbitrary":  # includes invalid values (<= j, negative)
+                vals = draw(st.lists(st.integers(-5, T + 5), min_size=T, max_size=T))
+                rows.append(torch.tensor(vals, dtype=torch.int64))
+            elif kind == "runs":  # piecewise-constant, like evicted blocks: whole tiles share one value
+                vals, j = [], 0
+                while j < T:
+                    n = draw(st.integers(1, 40))
+                    vals += [draw(st.one_of(st.integers(j + n, j + n + T), st.just(NEVER)))] * n
+                    j += n
+                rows.append(torch.tensor(vals[:T], dtype=torch.int64))
+            elif kind == "memento":
+                nb = draw(st.integers(0, 5))
+                blocks = [(draw(st.integers(1, 70)), draw(st.integers(1, 6))) for _ in range(nb)]
+                Tm, info = memento_sequence(draw(st.integers(0, 10)), blocks, draw(st.integers(0, 10)))
+                mf = memento_mask_from(Tm, info, draw(st.integers(-1, 2)), draw(st.booleans()))
+                mf = torch.cat([mf, torch.full((max(T - Tm, 0),), NEVER, dtype=torch.int64)])[:T]
+                rows.append(mf)
+            else:
+                offs = draw(st.lists(st.one_of(st.integers(1, T + 1), st.just(NEVER)), min_size=T, max_size=T))
+                rows.append(torch.tensor([j + o if o != NEVER else NEVER for j, o in enumerate(offs)]).clamp(max=NEVER))
+        bm = draw(st.sampled_from([16, 32, 64]))
+        bn = draw(st.sampled_from([16, 32, 64]))
+        return torch.stack(rows), T, bm, bn
+    return build()
+
+
+@settings(max_examples=300, deadline=None)
+@given(_mask_from_strategy())
+def test_tile_predicate_is_conservative(case):
+    mask_from, T, bm, bn = case
+    sched = tile_schedule(mask_from, T, bm, bn)
+    vis = _dense_vis(mask_from, T)
+    B, nq, nk = sched.shape
+    assert (nq, nk) == (math.ceil(T / bm), math.ceil(T / bn))
+    for b in range(B):
+        for qi in range(nq):
+            for ki in range(nk):
+                tile = vis[b, qi * bm:(qi + 1) * bm, ki * bn:(ki + 1) * bn]
+                c = int(sched[b, qi, ki])
+                if c == SKIP:
+                    assert not tile.any(), f"skipped tile ({b},{qi},{ki}) holds a visible pair"
+                if c == FULL:
+                    assert tile.all(), f"full tile ({b},{qi},{ki}) holds an invisible pair"
+                    # The kernels do not bound-check columns in full tiles: none may be padding.
+                    assert (ki + 1) * bn <= T
+        # The dK/dV kernel visits, per key tile, the query tiles from the causal start up to
+        # min(T, max mask_from): that range must be exactly the non-skipped tiles.
+        kmax, _ = key_tile_bounds(mask_from, T, bn)
+        for ki in range(nk):
+            q_begin = (ki * bn // bm) * bm
+            visited = {q0 // bm for q0 in range(q_begin, min(T, int(kmax[b, ki])), bm)}
+            assert visited == {qi for qi in range(nq) if sched[b, qi, ki] != SKIP}
+
+
+def test_memento_layout_skips_tiles():
+    # OpenMementos-like proportions at toy scale: most evicted tiles are skipped.
+    T, info = memento_sequence(prompt=20, blocks=[(115, 19)] * 8, answer=30)
+    mf = memento_mask_from(T, info, 0, False)[None]
+    stats = tile_stats(mf, T, 16, 16)
+    assert stats["skipped_fraction"] > 0.5
+    assert stats["full"] > 0 and stats["partial"] > 0
+    causal = tile_stats(torch.full((1, T), NEVER), T, 16, 16)
+    assert causal["skipped"] == 0 and causal["causal_tiles"] == stats["causal_tiles"]
+
+
+def test_skipped_tiles_are_never_loaded():
+    # Poison V of one key tile with NaN. A query tile whose (query, key) tile is skipped must
+    # stay finite (K/V of that tile never touched); any tile that is loaded, even if every
+    # pair in it is masked, would spread the NaN through P @ V (0 * NaN = NaN).
+    T, info = memento_sequence(prompt=4, blocks=[(40, 6), (40, 6)], answer=20)
+    mf = memento_mask_from(T, info, 0, False)[None]
+    bm = bn = 16
+    sched = tile_schedule(mf, T, bm, bn)
+    ki = (info[0]["s"] + 1) // bn + 1  # a key tile well inside block 0's content
+    assert (sched[0, :, ki] == SKIP).any() and (sched[0, :, ki] != SKIP).any()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, T, 16, generator=g) for _ in range(3))
+    v[:, :, ki * bn:(ki + 1) * bn] = float("nan")
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    out = memento_flash_attention(q, k, v, mf.to(DEVICE), block_m=bm, block_n=bn)
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    for qi in range(sched.shape[1]):
+        rows = slice(qi * bm, (qi + 1) * bm)
+        skipped = bool(sched[0, qi, ki] == SKIP) or ki * bn > min((qi + 1) * bm, T) - 1
+        assert bool(torch.isfinite(out[0, 0, rows]).all()) == skipped, qi
+        assert bool(torch.isfinite(dq[0, 0, rows]).all()) == skipped, qi
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input.
+# ---------------------------------------------------------------------------------------
+def _qkv(B=1, Hq=2, Hkv=1, T=8, D=16, dtype=torch.float32):
+    return (torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE), torch.randn(B, Hkv, T, D, dtype=dtype, device=DEVICE),
+            torch.randn(B, Hkv, T, D, dtype=dtype, device=DEVICE))
+
+
+def _mf(B=1, T=8):
+    return torch.full((B, T), NEVER, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("make,pattern", [
+    (lambda: (*_qkv(D=48), _mf()), "head dim 48 unsupported; use 16, 32, 64, 128 or 256"),
+    (lambda: (*_qkv(Hq=3, Hkv=2), _mf()), "multiple of key/value heads"),
+    (lambda: (_qkv()[0][0], *_qkv()[1:], _mf()), "must be 4-D"),
+    (lambda: (_qkv()[0], _qkv(T=9)[1], _qkv(T=9)[2], _mf()), r"k/v must be \[B=1, Hkv, T=8, D=16\]"),
+    (lambda: (_qkv()[0], _qkv()[1], _qkv(Hkv=2)[2], _mf()), "must have the same shape"),
+    (lambda: (*_qkv(), _mf(T=9)), r"mask_from must be \[B, T\] = \[1, 8\]"),
+    (lambda: (*_qkv(), _mf().float()), "mask_from must be an integer tensor"),
+    (lambda: (*_qkv(dtype=torch.float64), _mf()), "dtype torch.float64 unsupported"),
+    (lambda: (_qkv()[0].half(), *_qkv()[1:], _mf()), "must share one dtype"),
+    (lambda: (*_qkv(), [0] * 8), "mask_from must be a torch.Tensor"),
+])
+def test_bad_input_raises_value_error(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        memento_flash_attention(*make())
+
+
+def test_bad_block_size_raises_value_error():
+    with pytest.raises(ValueError, match="block_m=24 must be a power of 2 >= 16"):
+        memento_flash_attention(*_qkv(), _mf(), block_m=24)
+    with pytest.raises(ValueError, match="block_n=8 must be a power of 2 >= 16"):
+        memento_flash_attention(*_qkv(), _mf(), block_n=8)
