@@ -60,7 +60,7 @@ def parse_args(argv=None):
     ap.add_argument("--mask-delimiters", action="store_true")
     ap.add_argument("--keep-last-block-for-answer", action="store_true")
     ap.add_argument("--eval-every", type=int, default=100, help="steps between evals (toy task; 0 = only at the end)")
-    ap.add_argument("--eval-samples", type=int, default=200)
+    ap.add_argument("--eval-samples", type=int, default=200, help="toy problems per eval (0 = no eval)")
     ap.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = only at the end)")
     ap.add_argument("--resume", action="store_true", help="continue from the training state in --out")
     # size of a model trained from scratch (the embedded default)
@@ -242,6 +242,20 @@ def evaluate_toy(model: Qwen3, tok: Tokenizer, n: int, seed: int, cfg: MementoCo
 
 # ----------------------------------------------------------------------------- training
 
+def stage_mask(ids: torch.Tensor, tokens: MementoTokens, cfg: MementoConfig) -> torch.Tensor | None:
+    """The attention mask of a stage for a batch [B, T]: None (plain causal) for stage 1
+    (keep_last_n_blocks=-1), else mask_from [B, T] (§4; stage 2)."""
+    return None if cfg.keep_last_n_blocks < 0 else build_mask_from(ids, tokens, cfg)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position: logits [B, T, V], labels [B, T] (-100 = no loss)
+    -> [B, T-1] float32, 0 where the label is ignored (§7: every response token counts)."""
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="none",
+                         ignore_index=openmementos.IGNORE)
+    return ce.view(labels.shape[0], -1)
+
+
 def train(args) -> dict:
     """Run one stage; returns the final metrics (also written to the training state)."""
     rank, world, device = setup_distributed(args.device)
@@ -277,14 +291,13 @@ def train(args) -> dict:
         loss_sum = torch.zeros((), device=device)
         for j, (ids, labels) in enumerate(micro):
             ids, labels = ids.to(device), labels.to(device)
-            mask_from = None if args.keep_last_n_blocks < 0 else build_mask_from(ids, tokens, args.memento)
+            mask_from = stage_mask(ids, tokens, args.memento)
             sync = nullcontext() if (world == 1 or j == len(micro) - 1) else ddp.no_sync()
             with sync, autocast:
                 logits = ddp(ids, mask_from=mask_from)
                 # sum over tokens / labelled tokens of the GLOBAL batch: every process and
                 # micro-step weighs each token the same; DDP averages over processes, so * world
-                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum",
-                                     ignore_index=openmementos.IGNORE)
+                ce = token_losses(logits, labels).sum()
                 (ce * world / n_labels).backward()
             loss_sum += ce.detach()
             seen += int((ids != tok.token_id("<|endoftext|>")).sum()) * world
@@ -297,7 +310,8 @@ def train(args) -> dict:
         entry = {"step": step + 1, "loss": loss, "lr": opt.param_groups[0]["lr"]}
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{seen / (time.perf_counter() - t0):,.0f}")
         last = step + 1 == total
-        if rank == 0 and args.data == "toy" and ((args.eval_every and (step + 1) % args.eval_every == 0) or last):
+        want_eval = (args.eval_every and (step + 1) % args.eval_every == 0) or last
+        if rank == 0 and args.data == "toy" and args.eval_samples > 0 and want_eval:
             ev = evaluate_toy(model, tok, args.eval_samples, args.seed, MementoConfig(0))
             entry["eval_accuracy_compaction"] = ev["accuracy"]
             tqdm.write(f"step {step + 1}: loss {loss:.4f}, accuracy with compaction {ev['accuracy']:.3f} {ev['reasons']}")

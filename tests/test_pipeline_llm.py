@@ -373,6 +373,18 @@ def test_end_to_end_on_the_raw_sample_trace(server, tmp_path):
     assert mementos == rec["block_summaries"] and all(m.startswith("v1:") for m in mementos)
     assert ans == answer
     assert rec["response"].startswith("<think>\n") and "</think>\n" in rec["response"]
+    # the SFT loader accepts the output, and both stages train a step on it
+    import train_sft
+    from data import openmementos
+    from tokenizer import Tokenizer
+
+    examples, report = openmementos.tokenize(openmementos.read_records(str(out)), Tokenizer.byte_level(), 1024)
+    assert report == {"kept": 1, "skipped": 0, "reasons": {}}
+    tiny = ["--data", str(out), "--max-steps", "1", "--max-seq-len", "1024", "--layers", "1", "--hidden", "32",
+            "--heads", "2", "--kv-heads", "1", "--no-progress"]
+    for stage, extra in (("1", []), ("2", ["--init-from", str(tmp_path / "s1")])):
+        m = train_sft.train(train_sft.parse_args(["--stage", stage, "--out", str(tmp_path / f"s{stage}"), *tiny, *extra]))
+        assert m["steps"] == 1 and m["final_loss"] > 0
     toks = re.findall("|".join(re.escape(t) for t in SPECIAL), rec["response"])
     assert toks == SPECIAL * len(blocks)
     # rerunning finds the trace done and changes nothing
