@@ -4,15 +4,17 @@ The prompt asks for N blocks of digit additions starting from a value s:
 
     sum 4 blocks from 7
 
-The response is a chain of blocks. Each block first restates the running sum it starts from,
-then adds three digits it chooses itself, one single-digit step per pair "dp" (digit d, new
-partial sum p = previous p + d, mod 10). Its memento keeps what later blocks need: the block
-index and the sum so far ("b2=7": after block 2 the sum is 7). The answer is the final sum:
+The response is a chain of blocks. Each block adds three digits it chooses itself, one step
+per triple "qdp": the sum so far q, the digit d, the new sum p = q + d mod 10. Its memento
+keeps what later blocks need: the block index and the sum so far ("b2=7": after block 2 the
+sum is 7). The answer is the final sum:
 
     <think>
-    <|block_start|>7 30 55 16<|block_end|><|summary_start|>b1=6<|summary_end|><|block_start|>6 28 97 07<|block_end|>...
+    <|block_start|>736 655 516<|block_end|><|summary_start|>b1=6<|summary_end|><|block_start|>628 897 707<|block_end|>...
     </think>
     7
+
+The first q of a block restates the previous memento's sum (the prompt's start for block 1).
 
 (one line per block above for reading; the real response has no newline between blocks:
 with the byte-level tokenizer every character is a token, and 18 tokens per block keep a
@@ -65,9 +67,9 @@ def solve(problem: Problem, rng: random.Random) -> tuple[str, list[list[int]]]:
         steps = []
         p = s
         for d in digits:
+            steps.append(f"{p}{d}{(p + d) % BASE}")
             p = (p + d) % BASE
-            steps.append(f"{d}{p}")
-        out.append(f"<|block_start|>{s} {' '.join(steps)}<|block_end|><|summary_start|>b{b}={p}<|summary_end|>")
+        out.append(f"<|block_start|>{' '.join(steps)}<|block_end|><|summary_start|>b{b}={p}<|summary_end|>")
         s = p
         all_digits.append(digits)
     out.append(f"\n</think>\n{s}")
@@ -84,7 +86,7 @@ def example(seed: int, index: int) -> dict:
 
 
 PROMPT_RE = re.compile(r"^sum (\d+) blocks from (\d)$")
-BLOCK_RE = re.compile(r"<\|block_start\|>(\d) ((?:\d\d ?)+)<\|block_end\|><\|summary_start\|>b(\d+)=(\d)<\|summary_end\|>")
+BLOCK_RE = re.compile(r"<\|block_start\|>((?:\d\d\d ?)+)<\|block_end\|><\|summary_start\|>b(\d+)=(\d)<\|summary_end\|>")
 
 
 def parse_prompt(prompt: str) -> Problem | None:
@@ -119,17 +121,17 @@ def check_trace(problem: Problem, text: str) -> dict:
         if not m:
             return {"correct": False, "reason": f"malformed block after {n} blocks", "blocks": n}
         n += 1
-        prev, steps, idx, memo = int(m.group(1)), m.group(2).split(), int(m.group(3)), int(m.group(4))
-        if prev != s:
-            return {"correct": False, "reason": f"block {n} starts from {prev}, memento said {s}", "blocks": n}
+        steps, idx, memo = m.group(1).split(), int(m.group(2)), int(m.group(3))
+        if int(steps[0][0]) != s:
+            return {"correct": False, "reason": f"block {n} starts from {steps[0][0]}, memento said {s}", "blocks": n}
         if len(steps) != DIGITS_PER_BLOCK:
             return {"correct": False, "reason": f"block {n} has {len(steps)} steps", "blocks": n}
         p = s
         for st in steps:
-            d, q = int(st[0]), int(st[1])
-            p = (p + d) % BASE
-            if q != p:
+            q, d, r = int(st[0]), int(st[1]), int(st[2])
+            if q != p or r != (p + d) % BASE:
                 return {"correct": False, "reason": f"block {n}: wrong step {st}", "blocks": n}
+            p = r
         if idx != n or memo != p:
             return {"correct": False, "reason": f"memento {n} says b{idx}={memo}, expected b{n}={p}", "blocks": n}
         s, pos = p, m.end()
