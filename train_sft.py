@@ -45,11 +45,11 @@ def parse_args(argv=None):
     ap.add_argument("--init-from", default=None, help="checkpoint dir or hub id; default: scratch (stage 1), --out of stage 1 (stage 2)")
     ap.add_argument("--data", default="toy", help="'toy' (embedded task), a .jsonl/.parquet file, or a hub dataset id")
     ap.add_argument("--out", default=None, help="default out/stage{N}")
-    ap.add_argument("--max-steps", type=int, default=None, help="default: 300 on the toy task, else from --epochs")
+    ap.add_argument("--max-steps", type=int, default=None, help="default: 400 (stage 1) / 150 (stage 2) on the toy task, else from --epochs")
     ap.add_argument("--epochs", type=float, default=5.0, help="passes over a dataset (ignored on the toy task)")
-    ap.add_argument("--batch-size", type=int, default=None, help="examples per process per micro-step (toy 64, else 1)")
+    ap.add_argument("--batch-size", type=int, default=None, help="examples per process per micro-step (toy 32, else 1)")
     ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=None, help="peak lr (toy from scratch 2e-3; else the paper's 8e-5)")
+    ap.add_argument("--lr", type=float, default=None, help="peak lr, the same for both stages (toy task 2e-3; else the paper's 8e-5)")
     ap.add_argument("--warmup-frac", type=float, default=0.05)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--max-seq-len", type=int, default=32768)
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     ap.add_argument("--keep-last-n-blocks", type=int, default=None, help="stage 2 default 0; stage 1 is always -1")
     ap.add_argument("--mask-delimiters", action="store_true")
     ap.add_argument("--keep-last-block-for-answer", action="store_true")
-    ap.add_argument("--eval-every", type=int, default=100, help="steps between evals (toy task; 0 = only at the end)")
+    ap.add_argument("--eval-every", type=int, default=200, help="steps between evals (toy task; 0 = only at the end)")
     ap.add_argument("--eval-samples", type=int, default=200, help="toy problems per eval (0 = no eval)")
     ap.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = only at the end)")
     ap.add_argument("--resume", action="store_true", help="continue from the training state in --out")
@@ -74,8 +74,11 @@ def parse_args(argv=None):
     args.out = args.out or f"out/stage{args.stage}"
     if args.init_from is None and args.stage == 2:
         args.init_from = "out/stage1"
-    args.lr = args.lr if args.lr is not None else (2e-3 if toy and args.init_from is None else 8e-5)
-    args.batch_size = args.batch_size or (64 if toy else 1)
+    # The toy defaults train a tiny model from scratch; a pretrained model wants the paper's lr.
+    args.lr = args.lr if args.lr is not None else (2e-3 if toy else 8e-5)
+    args.batch_size = args.batch_size or (32 if toy else 1)
+    if toy and args.max_steps is None:
+        args.max_steps = 400 if args.stage == 1 else 150
     if args.stage == 1:
         if args.keep_last_n_blocks not in (None, -1):
             ap.error("--stage 1 trains with full attention; --keep-last-n-blocks applies to --stage 2")
@@ -265,7 +268,7 @@ def train(args) -> dict:
     model.gradient_checkpointing = args.gradient_checkpointing
     tokens = MementoTokens.from_tokenizer(tok)
     batches = Batches(args, tok, rank, world)
-    total = args.max_steps or (300 if args.data == "toy" else batches.steps_for(args.epochs))
+    total = args.max_steps or batches.steps_for(args.epochs)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     start, log = 0, []
     if args.resume:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-NEVER = 2**31 - 1  # same sentinel as memento_attention.NEVER
+from memento_attention import NEVER  # one sentinel for the whole repository
 _INT32_MIN = -(2**31)
 
 # Tile classes returned by tile_schedule.
