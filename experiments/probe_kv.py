@@ -65,7 +65,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from generate import SampleConfig, generate  # noqa: E402
-from memento_attention import BlockTracker, MementoConfig, MementoTokens  # noqa: E402
+from kv_cache import EMPTY, KVCache  # noqa: E402
+from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from  # noqa: E402
 
 PASSCODE_BLOCK = 2  # T2
 
@@ -84,51 +85,72 @@ def memento_positions(ids: list[int], tokens: MementoTokens) -> list[int]:
     return [b.z - 1 for b in tr.completed]
 
 
+def restart_mask_from(ids: torch.Tensor, tokens: MementoTokens) -> torch.Tensor:
+    """mask_from [B, T] (int64) whose one causal forward reproduces restart mode (§6.2.1).
+
+    Restart mode evicts a block WITH its delimiters once its memento completes and recomputes
+    the memento's tokens (<|summary_start|> .. last text token) without it; every later token
+    then sees the recomputed K/V. As a visibility rule: the keys of block b (<|block_start|> ..
+    <|block_end|>) are visible to queries up to its <|block_end|> and hidden from the next
+    position on, so the memento tokens, <|summary_end|> and everything after never see it,
+    while the block's own tokens were computed with it (as when they were decoded).
+    tests/test_experiments.py checks this against generate(..., restart=True).
+    """
+    _, trackers = build_mask_from(ids, tokens, MementoConfig(0), return_trackers=True)
+    mf = torch.full(ids.shape, NEVER, dtype=torch.int64)
+    for r, tr in enumerate(trackers):
+        for b in tr.completed:
+            mf[r, b.s:b.e + 1] = b.e + 1
+    return mf
+
+
 @torch.no_grad()
 def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart: bool,
-               batch: int = 500) -> np.ndarray:
+               batch: int = 250) -> np.ndarray:
     """K/V features of every memento of teacher-forced traces (§6.2.1 probing protocol).
+
+    Each batch is one prefill of the whole sequences (prompt + response) into a fresh
+    KVCache with the memento mask (normal mode: build_mask_from, keep_last_n_blocks=0) or
+    the restart-mode mask (`restart_mask_from`). The K/V a prefill writes for a token equal
+    the ones token-by-token decoding with compaction leaves in the cache (tested against
+    generate(forced=..., restart=...) in tests/test_experiments.py); the prefill is used
+    because generate's per-row eviction costs O(batch) per evicted block.
 
     Args:
         model: model.Qwen3 (eval). tok: its tokenizer. prompts: user messages (ChatML is
             applied). responses: response texts, all with the same number of mementos.
-        restart: False = normal memento attention with compaction; True = restart mode.
-        batch: sequences teacher-forced together.
+        restart: False = normal memento attention; True = restart mode.
+        batch: sequences per forward (right-padded; padding is visible to no query).
     Returns:
         float32 array [N, M, L, 2 * Hkv * D]: sequence, memento (M1 first), layer, then
-        K (heads x head_dim, flattened) followed by V, at the memento's feature token.
+        K (heads x head_dim, flattened, after q/k-norm and RoPE) followed by V, at the
+        memento's feature token (`memento_positions`).
     Raises:
-        ValueError if a trace has a different memento count than the first, or a feature
-        token is missing from the cache (it never should be: mementos are never evicted).
+        ValueError if a trace has a different memento count than the first.
     """
     T = MementoTokens.from_tokenizer(tok)
-    out = []
-    n_mem = None
+    out, n_mem = [], None
     for i in range(0, len(prompts), batch):
-        p_ids = [tok.encode(tok.chat_prompt(p)) for p in prompts[i:i + batch]]
-        f_ids = [tok.encode(r) for r in responses[i:i + batch]]
-        _, cache = generate(model, tok, p_ids, MementoConfig(0), compaction=True, restart=restart, forced=f_ids,
-                            max_new_tokens=max(map(len, f_ids)) + 1, replay_chunk=4096)
-        for r in range(len(p_ids)):
-            pos = memento_positions(p_ids[r] + f_ids[r], T)
+        seqs = [tok.encode(tok.chat_prompt(p)) + tok.encode(r) for p, r in zip(prompts[i:i + batch], responses[i:i + batch])]
+        B, S = len(seqs), max(map(len, seqs))
+        ids = torch.zeros(B, S, dtype=torch.int64)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = torch.tensor(s)
+        mf = restart_mask_from(ids, T) if restart else build_mask_from(ids, T, MementoConfig(0))
+        for r, s in enumerate(seqs):
+            mf[r, len(s):] = EMPTY
+        cache = KVCache(model.config, B, torch.float32, "cpu", capacity=S)
+        model(ids, torch.arange(S).expand(B, S), mf, cache)
+        for r, s in enumerate(seqs):
+            pos = torch.tensor(memento_positions(s, T))
             n_mem = n_mem if n_mem is not None else len(pos)
             if len(pos) != n_mem:
                 raise ValueError(f"trace {i + r} has {len(pos)} mementos, expected {n_mem}")
-            feats = []
-            for layer in cache.layers:
-                n = int(layer.length[r])
-                slots = []
-                for p in pos:
-                    hit = (layer.pos[r, :n] == p).nonzero()
-                    if len(hit) != 1:
-                        raise ValueError(f"memento token at position {p} not in the cache")
-                    slots.append(int(hit[0]))
-                s = torch.tensor(slots)
-                k = layer.k[r][:, s].transpose(0, 1).reshape(len(s), -1)
-                v = layer.v[r][:, s].transpose(0, 1).reshape(len(s), -1)
-                feats.append(torch.cat([k, v], -1))
-            out.append(torch.stack(feats, 1).float().numpy())  # [M, L, F]
-    return np.stack(out)
+            # slot == position: nothing is evicted from a prefill cache
+            feats = [torch.cat([l.k[r][:, pos].transpose(0, 1).flatten(1), l.v[r][:, pos].transpose(0, 1).flatten(1)], -1)
+                     for l in cache.layers]
+            out.append(torch.stack(feats, 1).numpy())  # [M, L, F]
+    return np.stack(out).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- probes
@@ -265,17 +287,19 @@ def task_metrics(model, tok, n: int, seed: int) -> dict:
     rng = random.Random(f"task:{seed}")
     samples = [digits.sample(rng) for _ in range(n)]
     prompts = [tok.encode(tok.chat_prompt(p.prompt)) for p, _, _ in samples]
-    seqs, _ = generate(model, tok, prompts, MementoConfig(0), max_new_tokens=400, sampling=SampleConfig(), seed=seed)
-    ok = sum(digits.check_trace(p, tok.decode(s.tokens))["correct"] for (p, _, _), s in zip(samples, seqs))
-    forced = [tok.encode(r) for _, r, _ in samples]
-    seqs, _ = generate(model, tok, prompts, MementoConfig(0), forced=forced, max_new_tokens=max(map(len, forced)) + 1,
-                       replay_chunk=4096, keep_logits=True)
+    ok = 0
+    for i in range(0, n, 50):  # small batches: generate's eviction costs O(batch) per block
+        seqs, _ = generate(model, tok, prompts[i:i + 50], MementoConfig(0), max_new_tokens=400,
+                           sampling=SampleConfig(), seed=seed + i)
+        ok += sum(digits.check_trace(p, tok.decode(s.tokens))["correct"] for (p, _, _), s in zip(samples[i:i + 50], seqs))
     T = MementoTokens.from_tokenizer(tok)
     hit = tot = 0
-    for s in seqs:
-        full = s.prompt + s.tokens
-        for p in memento_positions(full, T):
-            hit += int(s.logits[p - 1].argmax()) == full[p]
+    for (p, r, _) in samples:  # one prefill per trace under the stage-2 mask (= compaction)
+        full = tok.encode(tok.chat_prompt(p.prompt)) + tok.encode(r)
+        ids = torch.tensor([full])
+        logits = model(ids, mask_from=build_mask_from(ids, T, MementoConfig(0)))[0]
+        for q in memento_positions(full, T):
+            hit += int(logits[q - 1].argmax()) == full[q]
             tot += 1
     return {"task_accuracy": ok / n, "task_n": n, "memento_sum_accuracy": hit / max(1, tot)}
 
