@@ -288,10 +288,10 @@ def task_metrics(model, tok, n: int, seed: int) -> dict:
     samples = [digits.sample(rng) for _ in range(n)]
     prompts = [tok.encode(tok.chat_prompt(p.prompt)) for p, _, _ in samples]
     ok = 0
-    for i in range(0, n, 50):  # small batches: generate's eviction costs O(batch) per block
-        seqs, _ = generate(model, tok, prompts[i:i + 50], MementoConfig(0), max_new_tokens=400,
+    for i in range(0, n, 100):  # generate's eviction costs O(batch) per block; 100 is a middle ground
+        seqs, _ = generate(model, tok, prompts[i:i + 100], MementoConfig(0), max_new_tokens=400,
                            sampling=SampleConfig(), seed=seed + i)
-        ok += sum(digits.check_trace(p, tok.decode(s.tokens))["correct"] for (p, _, _), s in zip(samples[i:i + 50], seqs))
+        ok += sum(digits.check_trace(p, tok.decode(s.tokens))["correct"] for (p, _, _), s in zip(samples[i:i + 100], seqs))
     T = MementoTokens.from_tokenizer(tok)
     hit = tot = 0
     for (p, r, _) in samples:  # one prefill per trace under the stage-2 mask (= compaction)
@@ -312,13 +312,13 @@ def parse_args(argv=None):
     ap.add_argument("--reuse", action="store_true", help="reuse the checkpoints in --work-dir if present")
     ap.add_argument("--train-examples", type=int, default=4000)
     ap.add_argument("--train-batch", type=int, default=32)
-    ap.add_argument("--stage1-steps", type=int, default=150)
-    ap.add_argument("--stage2-steps", type=int, default=250)
+    ap.add_argument("--stage1-steps", type=int, default=120)
+    ap.add_argument("--stage2-steps", type=int, default=200)
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
-    ap.add_argument("--snapshot-every", type=int, default=50)
-    ap.add_argument("--n", type=int, default=4000, help="probe sequences (fresh random passcodes)")
+    ap.add_argument("--snapshot-every", type=int, default=100)
+    ap.add_argument("--n", type=int, default=3000, help="probe sequences (fresh random passcodes)")
     ap.add_argument("--max-k", type=int, default=7, help="largest distance k for M(2+k)")
-    ap.add_argument("--task-n", type=int, default=200, help="problems per checkpoint for task accuracy")
+    ap.add_argument("--task-n", type=int, default=100, help="problems per checkpoint for task accuracy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "probe_kv.json"))
