@@ -40,7 +40,7 @@ JSON (--json prints it; always written to --out):
     config, machine, wall_seconds, train {stage1, stage2: steps, seconds, final_loss},
     text_only_bayes_digit_accuracy,
     probes: list of {mode: normal|restart, memento: i (Mi), k: i - 2, layer: 0..L-1|"all",
-        test_acc, val_acc, train_acc, epochs, n_train, n_val, n_test},
+        test_acc, test_ci95, val_acc, train_acc, epochs, n_train, n_val, n_test},
     checkpoints: list of {name, step, task_accuracy, task_n, memento_sum_accuracy,
         probe_M2_all, probe_M3_all}
 Plots: probe_layers.png (per layer, M1/M2/M3, normal vs restart), probe_distance.png
@@ -58,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits  # noqa: E402
-from common import RESULTS, machine_info  # noqa: E402
+from common import RESULTS, machine_info, wilson  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -195,8 +195,9 @@ def train_probe(X: np.ndarray, Y: np.ndarray, split, *, epochs: int = 60, patien
         X: [N, F] float features. Y: [N, 5] int digits. split: (train, val, test) indices
             from label_unique_split.
     Returns:
-        {test_acc, val_acc, train_acc (per-digit accuracy, averaged over digits, of the
-        best-validation epoch), epochs (trained), n_train, n_val, n_test}.
+        {test_acc, test_ci95 ([low, high], Wilson over the n_test x 5 digit predictions),
+        val_acc, train_acc (per-digit accuracy, averaged over digits, of the best-validation
+        epoch), epochs (trained), n_train, n_val, n_test}.
     """
     tr, va, te = split
     mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6  # standardize with train statistics only
@@ -235,8 +236,12 @@ def train_probe(X: np.ndarray, Y: np.ndarray, split, *, epochs: int = 60, patien
                 break
     probe.load_state_dict(best_state)
     probe.eval()
-    return {"test_acc": evaluate(te)[1], "val_acc": evaluate(va)[1], "train_acc": evaluate(tr)[1], "epochs": ep,
-            "n_train": len(tr), "n_val": len(va), "n_test": len(te)}
+    test_acc = evaluate(te)[1]
+    # Wilson interval over the n_test x 5 digit predictions, treating them as independent
+    # (they are not quite: the 5 digits of one sequence share features), so a rough guide.
+    lo, hi = wilson(round(test_acc * len(te) * Y.shape[1]), len(te) * Y.shape[1])
+    return {"test_acc": test_acc, "test_ci95": [lo, hi], "val_acc": evaluate(va)[1], "train_acc": evaluate(tr)[1],
+            "epochs": ep, "n_train": len(tr), "n_val": len(va), "n_test": len(te)}
 
 
 # ----------------------------------------------------------------------------- toy model
