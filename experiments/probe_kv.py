@@ -1,0 +1,457 @@
+"""Probing the implicit channel: is a passcode in block T2 readable from memento K/V?
+(paper §6.2.1 probing experiment; METHOD.md §10.)
+
+    python experiments/probe_kv.py [--json] [--n 4000] [--work-dir /tmp/memento_probe]
+
+1. Data: experiments/digits.py traces, 10 blocks of 5 random digits with running-sum
+   mementos "b{i}={sum}", in the OpenMementos schema (a .jsonl under --work-dir).
+2. Toy model: a 4-layer Qwen3, hidden 128, 4 query heads, 2 KV heads (head dim 32), byte-level
+   tokenizer, trained from scratch with train_sft.py: stage 1 (full causal attention) then
+   stage 2 (memento attention, keep_last_n_blocks=0), with stage-2 snapshots every
+   --snapshot-every steps (copied by wrapping train_sft.save_checkpoint; train_sft.py itself
+   is unchanged). Checkpoints stay under --work-dir (outside the repository); --reuse skips
+   training when they are already there.
+3. Features: each probe sequence is teacher-forced through generate.generate(forced=...) with
+   compaction on (normal mode) and again with restart=True (restart mode). After the trace the
+   cache holds exactly the non-evicted tokens: prompt, delimiters and mementos. The feature of
+   memento Mi at layer l is K and V (all KV heads, flattened; 2 x 2 x 32 = 128 numbers) of the
+   memento's LAST TEXT TOKEN, the one right before <|summary_end|> (the running-sum digit).
+   Why this token: in normal mode it is the last memento token that attends to its block
+   directly (the block is evicted before <|summary_end|> is fed), so it is where the direct
+   and the implicit information meet; and in layer 0 its K/V are a function of the token and
+   its position only, i.e. a text-only reference built into every table.
+4. Probes: an MLP in -> 512 -> 256 -> 128 -> 5 x 10 logits (the paper's 512-256 with a 128
+   bottleneck), Adam, early stopping on a validation split, per layer and on all layers
+   concatenated. Splits are label-unique: the passcodes (5-digit combinations) are divided
+   70/15/15 into train / validation (early stopping) / test (reported), so no combination is
+   in two splits. Reported accuracy = test accuracy averaged over the 5 digits; chance 10%.
+   Probed mementos: M1 (before T2: causal control), M2 (saw T2: direct), M3 (never saw T2),
+   and M(2+k) for k = 1..7 (distance).
+5. Text channel: the memento text states the running sum, so M2/M3 text reveals the passcode's
+   digit sum mod 10. `digits.text_only_digit_accuracy` enumerates all passcodes: the
+   Bayes-optimal per-digit accuracy from that sum is exactly 10%. Restart mode keeps the text
+   and removes the K/V channel, so its probe accuracy is the measured text-only level.
+6. Leakage across checkpoints: for the stage-1 model and each stage-2 snapshot, probe accuracy
+   at M2 and M3 (all layers, normal mode) next to task accuracy (sampled generation, checked
+   by digits.check_trace) and teacher-forced memento accuracy (argmax of the memento's sum
+   digit, compaction on).
+
+JSON (--json prints it; always written to --out):
+    config, machine, wall_seconds, train {stage1, stage2: steps, seconds, final_loss},
+    text_only_bayes_digit_accuracy,
+    probes: list of {mode: normal|restart, memento: i (Mi), k: i - 2, layer: 0..L-1|"all",
+        test_acc, test_ci95, val_acc, train_acc, epochs, n_train, n_val, n_test},
+    checkpoints: list of {name, step, task_accuracy, task_n, memento_sum_accuracy,
+        probe_M2_all, probe_M3_all}
+Plots: probe_layers.png (per layer, M1/M2/M3, normal vs restart), probe_distance.png
+(per k, normal vs restart), probe_checkpoints.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import digits  # noqa: E402
+from common import RESULTS, machine_info, wilson  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from generate import SampleConfig, generate  # noqa: E402
+from kv_cache import EMPTY, KVCache  # noqa: E402
+from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from  # noqa: E402
+
+PASSCODE_BLOCK = 2  # T2
+
+
+# ----------------------------------------------------------------------------- features
+
+def memento_positions(ids: list[int], tokens: MementoTokens) -> list[int]:
+    """Logical position of the feature token of each completed memento, in block order:
+    the token right before <|summary_end|> (see the module docstring for why).
+
+    ids: the whole sequence (prompt + response). Returns a list of ints (one per memento).
+    """
+    tr = BlockTracker(tokens, MementoConfig(0))
+    for t in ids:
+        tr.step(t)
+    return [b.z - 1 for b in tr.completed]
+
+
+def restart_mask_from(ids: torch.Tensor, tokens: MementoTokens) -> torch.Tensor:
+    """mask_from [B, T] (int64) whose one causal forward reproduces restart mode (§6.2.1).
+
+    Restart mode evicts a block WITH its delimiters once its memento completes and recomputes
+    the memento's tokens (<|summary_start|> .. last text token) without it; every later token
+    then sees the recomputed K/V. As a visibility rule: the keys of block b (<|block_start|> ..
+    <|block_end|>) are visible to queries up to its <|block_end|> and hidden from the next
+    position on, so the memento tokens, <|summary_end|> and everything after never see it,
+    while the block's own tokens were computed with it (as when they were decoded).
+    tests/test_experiments.py checks this against generate(..., restart=True).
+    """
+    _, trackers = build_mask_from(ids, tokens, MementoConfig(0), return_trackers=True)
+    mf = torch.full(ids.shape, NEVER, dtype=torch.int64)
+    for r, tr in enumerate(trackers):
+        for b in tr.completed:
+            mf[r, b.s:b.e + 1] = b.e + 1
+    return mf
+
+
+@torch.no_grad()
+def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart: bool,
+               batch: int = 250) -> np.ndarray:
+    """K/V features of every memento of teacher-forced traces (§6.2.1 probing protocol).
+
+    Each batch is one prefill of the whole sequences (prompt + response) into a fresh
+    KVCache with the memento mask (normal mode: build_mask_from, keep_last_n_blocks=0) or
+    the restart-mode mask (`restart_mask_from`). The K/V a prefill writes for a token equal
+    the ones token-by-token decoding with compaction leaves in the cache (tested against
+    generate(forced=..., restart=...) in tests/test_experiments.py); the prefill is used
+    because generate's per-row eviction costs O(batch) per evicted block.
+
+    Args:
+        model: model.Qwen3 (eval). tok: its tokenizer. prompts: user messages (ChatML is
+            applied). responses: response texts, all with the same number of mementos.
+        restart: False = normal memento attention; True = restart mode.
+        batch: sequences per forward (right-padded; padding is visible to no query).
+    Returns:
+        float32 array [N, M, L, 2 * Hkv * D]: sequence, memento (M1 first), layer, then
+        K (heads x head_dim, flattened, after q/k-norm and RoPE) followed by V, at the
+        memento's feature token (`memento_positions`).
+    Raises:
+        ValueError if a trace has a different memento count than the first.
+    """
+    T = MementoTokens.from_tokenizer(tok)
+    out, n_mem = [], None
+    for i in range(0, len(prompts), batch):
+        seqs = [tok.encode(tok.chat_prompt(p)) + tok.encode(r) for p, r in zip(prompts[i:i + batch], responses[i:i + batch])]
+        B, S = len(seqs), max(map(len, seqs))
+        ids = torch.zeros(B, S, dtype=torch.int64)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = torch.tensor(s)
+        mf = restart_mask_from(ids, T) if restart else build_mask_from(ids, T, MementoConfig(0))
+        for r, s in enumerate(seqs):
+            mf[r, len(s):] = EMPTY
+        cache = KVCache(model.config, B, torch.float32, "cpu", capacity=S)
+        model(ids, torch.arange(S).expand(B, S), mf, cache)
+        for r, s in enumerate(seqs):
+            pos = torch.tensor(memento_positions(s, T))
+            n_mem = n_mem if n_mem is not None else len(pos)
+            if len(pos) != n_mem:
+                raise ValueError(f"trace {i + r} has {len(pos)} mementos, expected {n_mem}")
+            # slot == position: nothing is evicted from a prefill cache
+            feats = [torch.cat([l.k[r][:, pos].transpose(0, 1).flatten(1), l.v[r][:, pos].transpose(0, 1).flatten(1)], -1)
+                     for l in cache.layers]
+            out.append(torch.stack(feats, 1).numpy())  # [M, L, F]
+    return np.stack(out).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- probes
+
+def label_unique_split(labels: np.ndarray, fractions=(0.7, 0.15, 0.15), seed: int = 0):
+    """Split indices so that no label combination (row of labels) is in two splits.
+
+    Args:
+        labels: [N, K] int array (the passcodes). fractions: of the distinct combinations.
+    Returns:
+        (train, val, test) int64 index arrays, disjoint, covering 0..N-1.
+    """
+    keys = [tuple(r) for r in labels.tolist()]
+    uniq = sorted(set(keys))
+    random.Random(seed).shuffle(uniq)
+    n1 = int(round(fractions[0] * len(uniq)))
+    n2 = n1 + int(round(fractions[1] * len(uniq)))
+    where = {k: (0 if j < n1 else 1 if j < n2 else 2) for j, k in enumerate(uniq)}
+    split = np.array([where[k] for k in keys])
+    return tuple(np.nonzero(split == s)[0] for s in range(3))
+
+
+class Probe(nn.Module):
+    """MLP probe: in -> 512 -> 256 -> 128 -> n_digits x 10 logits (paper: 512-256 with a
+    128 bottleneck). forward: [B, in] float32 -> [B, n_digits, 10]."""
+
+    def __init__(self, d_in: int, n_digits: int = digits.DIGITS_PER_BLOCK):
+        super().__init__()
+        self.n = n_digits
+        self.net = nn.Sequential(nn.Linear(d_in, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                                 nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, n_digits * 10))
+
+    def forward(self, x):
+        return self.net(x).view(-1, self.n, 10)
+
+
+def train_probe(X: np.ndarray, Y: np.ndarray, split, *, epochs: int = 60, patience: int = 6,
+                lr: float = 1e-3, batch: int = 128, seed: int = 0) -> dict:
+    """Train one probe with early stopping on validation loss; score on the test split.
+
+    Args:
+        X: [N, F] float features. Y: [N, 5] int digits. split: (train, val, test) indices
+            from label_unique_split.
+    Returns:
+        {test_acc, test_ci95 ([low, high], Wilson over the n_test x 5 digit predictions),
+        val_acc, train_acc (per-digit accuracy, averaged over digits, of the best-validation
+        epoch), epochs (trained), n_train, n_val, n_test}.
+    """
+    tr, va, te = split
+    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6  # standardize with train statistics only
+    Xt = torch.tensor((X - mu) / sd, dtype=torch.float32)
+    Yt = torch.tensor(Y, dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    probe = Probe(X.shape[1], Y.shape[1])
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=1e-4)
+    lossf = nn.CrossEntropyLoss()
+
+    def evaluate(idx):
+        with torch.no_grad():
+            lo = probe(Xt[idx])
+            return lossf(lo.flatten(0, 1), Yt[idx].flatten()).item(), (lo.argmax(-1) == Yt[idx]).float().mean().item()
+
+    best, best_state, bad, ep = float("inf"), None, 0, 0
+    tr_t = torch.tensor(tr)
+    for ep in range(1, epochs + 1):
+        probe.train()
+        idx = tr_t[torch.randperm(len(tr), generator=g)]
+        for j in range(0, len(tr), batch):
+            b = idx[j:j + batch]
+            loss = lossf(probe(Xt[b]).flatten(0, 1), Yt[b].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        probe.eval()
+        vl, _ = evaluate(va)
+        if vl < best - 1e-4:
+            best, bad = vl, 0
+            best_state = {k: v.clone() for k, v in probe.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    probe.load_state_dict(best_state)
+    probe.eval()
+    test_acc = evaluate(te)[1]
+    # Wilson interval over the n_test x 5 digit predictions, treating them as independent
+    # (they are not quite: the 5 digits of one sequence share features), so a rough guide.
+    lo, hi = wilson(round(test_acc * len(te) * Y.shape[1]), len(te) * Y.shape[1])
+    return {"test_acc": test_acc, "test_ci95": [lo, hi], "val_acc": evaluate(va)[1], "train_acc": evaluate(tr)[1],
+            "epochs": ep, "n_train": len(tr), "n_val": len(va), "n_test": len(te)}
+
+
+# ----------------------------------------------------------------------------- toy model
+
+def train_toy(args, work: Path) -> dict:
+    """Train the 4-layer toy model with train_sft.py (stage 1, then stage 2 with snapshots).
+
+    Writes work/data.jsonl, work/stage1, work/stage2 and work/snapshots/step{N}.
+    Returns {"stage1": {...}, "stage2": {...}, "snapshots": [(step, dir), ...]}.
+    """
+    import train_sft
+
+    data = digits.write_jsonl(work / "data.jsonl", args.train_examples, args.seed)
+    snaps = work / "snapshots"
+    shutil.rmtree(snaps, ignore_errors=True)
+    snaps.mkdir(parents=True)
+    common = ["--data", str(data), "--batch-size", str(args.train_batch), "--no-progress", "--seed", str(args.seed),
+              "--eval-samples", "0"]
+    size = ["--layers", "4", "--hidden", "128", "--heads", "4", "--kv-heads", "2"]
+    t0 = time.perf_counter()
+    m1 = train_sft.train(train_sft.parse_args(["--stage", "1", "--out", str(work / "stage1"), "--max-steps",
+                                               str(args.stage1_steps), "--lr", "2e-3", *size, *common]))
+    orig = train_sft.save_checkpoint
+
+    def save_and_snapshot(out, model, tok, opt, step, targs, log):
+        # train_sft keeps one checkpoint dir; the leakage-vs-training analysis needs several.
+        orig(out, model, tok, opt, step, targs, log)
+        shutil.copytree(out, snaps / f"step{step}", ignore=shutil.ignore_patterns("training_state*"))
+
+    train_sft.save_checkpoint = save_and_snapshot
+    try:
+        m2 = train_sft.train(train_sft.parse_args(["--stage", "2", "--init-from", str(work / "stage1"),
+                                                   "--out", str(work / "stage2"), "--max-steps", str(args.stage2_steps),
+                                                   "--lr", str(args.stage2_lr), "--save-every", str(args.snapshot_every),
+                                                   *common]))
+    finally:
+        train_sft.save_checkpoint = orig
+    strip = lambda m: {k: m[k] for k in ("steps", "seconds", "final_loss")}  # noqa: E731
+    (work / "train_meta.json").write_text(json.dumps({"stage1": strip(m1), "stage2": strip(m2)}))
+    return {"stage1": strip(m1), "stage2": strip(m2), "total_seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def task_metrics(model, tok, n: int, seed: int) -> dict:
+    """Task accuracy (sampled generation, paper sampling, compaction on, digits.check_trace)
+    and teacher-forced memento accuracy (argmax of each memento's sum digit; compaction on)
+    on n fresh problems. Returns {task_accuracy, task_n, memento_sum_accuracy}."""
+    rng = random.Random(f"task:{seed}")
+    samples = [digits.sample(rng) for _ in range(n)]
+    prompts = [tok.encode(tok.chat_prompt(p.prompt)) for p, _, _ in samples]
+    ok = 0
+    for i in range(0, n, 100):  # generate's eviction costs O(batch) per block; 100 is a middle ground
+        seqs, _ = generate(model, tok, prompts[i:i + 100], MementoConfig(0), max_new_tokens=400,
+                           sampling=SampleConfig(), seed=seed + i)
+        ok += sum(digits.check_trace(p, tok.decode(s.tokens))["correct"] for (p, _, _), s in zip(samples[i:i + 100], seqs))
+    T = MementoTokens.from_tokenizer(tok)
+    hit = tot = 0
+    for (p, r, _) in samples:  # one prefill per trace under the stage-2 mask (= compaction)
+        full = tok.encode(tok.chat_prompt(p.prompt)) + tok.encode(r)
+        ids = torch.tensor([full])
+        logits = model(ids, mask_from=build_mask_from(ids, T, MementoConfig(0)))[0]
+        for q in memento_positions(full, T):
+            hit += int(logits[q - 1].argmax()) == full[q]
+            tot += 1
+    return {"task_accuracy": ok / n, "task_n": n, "memento_sum_accuracy": hit / max(1, tot)}
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-dir", default="/tmp/memento_probe", help="data and checkpoints (outside the repo)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the checkpoints in --work-dir if present")
+    ap.add_argument("--train-examples", type=int, default=4000)
+    ap.add_argument("--train-batch", type=int, default=32)
+    ap.add_argument("--stage1-steps", type=int, default=120)
+    ap.add_argument("--stage2-steps", type=int, default=200)
+    ap.add_argument("--stage2-lr", type=float, default=1e-3)
+    ap.add_argument("--snapshot-every", type=int, default=100)
+    ap.add_argument("--n", type=int, default=3000, help="probe sequences (fresh random passcodes)")
+    ap.add_argument("--max-k", type=int, default=7, help="largest distance k for M(2+k)")
+    ap.add_argument("--task-n", type=int, default=100, help="problems per checkpoint for task accuracy")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "probe_kv.json"))
+    ap.add_argument("--plots", default=str(RESULTS), help="directory for the PNGs ('' = none)")
+    ap.add_argument("--json", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Run the whole protocol; returns the JSON dict (also written to --out)."""
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.reuse and (work / "stage2" / "config.json").is_file() and (work / "train_meta.json").is_file():
+        train_info = {**json.loads((work / "train_meta.json").read_text()), "reused": True}
+    else:
+        train_info = train_toy(args, work)
+    log = lambda *a: print(f"[{time.perf_counter() - t0:6.0f} s]", *a, file=sys.stderr, flush=True)  # noqa: E731
+    log("trained", train_info)
+    from common import load_checkpoint
+
+    rng = random.Random(f"probe:{args.seed}")
+    samples = [digits.sample(rng) for _ in range(args.n)]
+    prompts = [p.prompt for p, _, _ in samples]
+    responses = [r for _, r, _ in samples]
+    Y = np.array([d[PASSCODE_BLOCK - 1] for _, _, d in samples])
+    split = label_unique_split(Y, seed=args.seed)
+    M = [1, 2] + [2 + k for k in range(1, args.max_k + 1)]
+
+    model, tok = load_checkpoint(str(work / "stage2"), "stage2", "probe_kv.py")
+    L = model.config.num_hidden_layers
+    probes = []
+    for mode in ("normal", "restart"):
+        F = memento_kv(model, tok, prompts, responses, restart=mode == "restart")
+        log(f"features {mode}: {F.shape}")
+        for m in M:
+            layers = list(range(L)) + ["all"] if m <= 3 else [L - 1, "all"]
+            for l in layers:
+                X = F[:, m - 1].reshape(len(F), -1) if l == "all" else F[:, m - 1, l]
+                r = train_probe(X, Y, split, seed=args.seed)
+                probes.append({"mode": mode, "memento": m, "k": m - 2, "layer": l, **r})
+                log(f"{mode} M{m} layer {l}: test {r['test_acc']:.3f} (val {r['val_acc']:.3f}, {r['epochs']} ep)")
+
+    checkpoints = []
+    snaps = sorted((work / "snapshots").glob("step*"), key=lambda p: int(p.name[4:]))
+    for name, path, step in [("stage1", work / "stage1", 0)] + [(s.name, s, int(s.name[4:])) for s in snaps]:
+        cm, ctok = load_checkpoint(str(path), name, "probe_kv.py")
+        F = memento_kv(cm, ctok, prompts, responses, restart=False)
+        row = {"name": name, "step": step, **task_metrics(cm, ctok, args.task_n, args.seed)}
+        for m in (2, 3):
+            row[f"probe_M{m}_all"] = train_probe(F[:, m - 1].reshape(len(F), -1), Y, split, seed=args.seed)["test_acc"]
+        checkpoints.append(row)
+        log("checkpoint", row)
+
+    out = {"experiment": "probe_kv", "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
+           "model": {"layers": L, "hidden": model.config.hidden_size, "heads": model.config.num_attention_heads,
+                     "kv_heads": model.config.num_key_value_heads, "head_dim": model.config.head_dim,
+                     "feature_token": "last memento text token (before <|summary_end|>)",
+                     "features_per_layer": int(2 * model.config.num_key_value_heads * model.config.head_dim)},
+           "train": train_info, "text_only_bayes_digit_accuracy": digits.text_only_digit_accuracy(),
+           "chance": 0.1, "split_sizes": [len(s) for s in split], "probes": probes, "checkpoints": checkpoints,
+           "machine": machine_info(), "wall_seconds": time.perf_counter() - t0}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    if args.plots:
+        plot(out, Path(args.plots))
+    if args.json:
+        print(json.dumps(out, indent=1))
+    return out
+
+
+def plot(res: dict, outdir: Path) -> None:
+    """probe_layers.png, probe_distance.png, probe_checkpoints.png from a result dict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    P = res["probes"]
+    L = res["model"]["layers"]
+    get = lambda mode, m, l: next((p["test_acc"] for p in P if p["mode"] == mode and p["memento"] == m and p["layer"] == l), None)  # noqa: E731
+    xs = list(range(L)) + ["all"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for m, c in ((1, "tab:gray"), (2, "tab:blue"), (3, "tab:orange")):
+        for mode, ls in (("normal", "-"), ("restart", "--")):
+            ax.plot(range(len(xs)), [get(mode, m, l) for l in xs], ls, marker="o", color=c, label=f"M{m} {mode}")
+    ax.axhline(res["chance"], color="k", lw=0.8, ls=":", label="chance")
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_xlabel("layer (K and V of the memento's last text token)")
+    ax.set_ylabel("passcode digit accuracy (test)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(outdir / "probe_layers.png", dpi=110)
+    plt.close(fig)
+
+    ks = sorted({p["k"] for p in P if p["k"] >= 0})
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for mode, ls in (("normal", "-"), ("restart", "--")):
+        for l, c in (("all", "tab:blue"), (L - 1, "tab:green")):
+            ax.plot(ks, [get(mode, k + 2, l) for k in ks], ls, marker="o", color=c, label=f"{mode}, layer {l}")
+    ax.axhline(res["chance"], color="k", lw=0.8, ls=":", label="chance")
+    ax.set_xlabel("k (probe on memento M(2+k); k=0 saw the passcode block)")
+    ax.set_ylabel("passcode digit accuracy (test)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(outdir / "probe_distance.png", dpi=110)
+    plt.close(fig)
+
+    C = res["checkpoints"]
+    if C:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        x = range(len(C))
+        for key, lab in (("probe_M2_all", "probe M2 (all layers)"), ("probe_M3_all", "probe M3 (all layers)"),
+                         ("task_accuracy", "task accuracy"), ("memento_sum_accuracy", "memento sum accuracy (forced)")):
+            ax.plot(x, [c[key] for c in C], marker="o", label=lab)
+        ax.axhline(res["chance"], color="k", lw=0.8, ls=":", label="chance")
+        ax.set_xticks(list(x), [c["name"] for c in C], fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("checkpoint (stage1 = end of stage 1; stepN = stage-2 step N)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(outdir / "probe_checkpoints.png", dpi=110)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

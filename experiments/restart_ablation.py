@@ -1,0 +1,170 @@
+"""Restart-mode ablation on the embedded toy task (paper §6.2.1; METHOD.md §5, §10).
+
+    python experiments/restart_ablation.py [--stage1 out/stage1] [--stage2 out/stage2] [--n 500] [--json]
+
+Generates traces for the same n prompts (data/toy_task.sample_problem, seeded) with the same
+sampling seeds in every mode, checks each with data/toy_task.check_trace, and reports
+accuracy with a Wilson 95% interval. Rows (model x mode):
+
+    stage2 / memento   compaction on, keep_last_n_blocks=0 (the method)
+    stage2 / restart   generate(..., restart=True): each memento's K/V recomputed without
+                       its block once the block is evicted (the implicit channel removed)
+    stage1 / memento   the stage-1 model (trained with full attention) under compaction
+    stage1 / restart   the same with restart mode
+    stage1 / full      the stage-1 model with no compaction (reference row)
+
+Paired comparison: for each model, memento vs restart on the same prompts and seeds, the
+discordant counts and an exact McNemar p-value.
+
+JSON (stdout with --json; always written to --out):
+    rows: list of {model, checkpoint, mode, n, correct, accuracy, ci95_low, ci95_high,
+        failure_reasons (histogram of check_trace reasons with numbers replaced by '#';
+        'ok' counts the correct ones), mean_tokens, seconds}
+    paired: {model: {memento_only, restart_only, both, neither, mcnemar_p}}
+    config: the arguments (n, seed, temperature, top_p, top_k, batch, max_new_tokens, ...)
+    machine: cpu_model, cpu_count, torch, torch_threads, python, platform, cuda
+    wall_seconds: the whole run, model loading included
+Checkpoints missing: exits with one line saying how to make them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, load_checkpoint, machine_info, mcnemar_exact, wilson  # noqa: E402
+
+import torch  # noqa: E402
+
+from data import toy_task  # noqa: E402
+from generate import SampleConfig, generate  # noqa: E402
+from memento_attention import MementoConfig  # noqa: E402
+
+MODES = {"memento": dict(compaction=True, restart=False),
+         "restart": dict(compaction=True, restart=True),
+         "full": dict(compaction=False, restart=False)}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage1", default="out/stage1", help="stage-1 checkpoint dir")
+    ap.add_argument("--stage2", default="out/stage2", help="stage-2 checkpoint dir")
+    ap.add_argument("--n", type=int, default=500, help="prompts (the same for every row)")
+    ap.add_argument("--batch", type=int, default=250, help="prompts generated together")
+    ap.add_argument("--seed", type=int, default=0, help="prompt seed and base sampling seed")
+    ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=320)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "restart_ablation.json"), help="JSON output file ('' = none)")
+    ap.add_argument("--plot", default=str(RESULTS / "restart_ablation.png"), help="PNG output ('' = none)")
+    ap.add_argument("--json", action="store_true", help="print the JSON on stdout")
+    return ap.parse_args(argv)
+
+
+def reason_key(reason: str) -> str:
+    """check_trace's reason with every number (and quoted answer) replaced by '#', so that
+    reasons of the same kind fall into one histogram bin."""
+    return re.sub(r"\d+", "#", re.sub(r"'[^']*'", "'#'", reason))
+
+
+def run_mode(model, tok, problems, mode: str, args) -> tuple[dict, list[bool]]:
+    """Generate and check every problem in one mode.
+
+    Batch i (prompts [i*batch, (i+1)*batch)) always samples with seed args.seed + i, so every
+    mode and model sees the same prompts with the same generator seeds (the draws differ as
+    soon as the logits differ, which is the point of the comparison).
+    Returns (row dict without model/checkpoint, per-problem correctness list).
+    """
+    sc = SampleConfig(args.temperature, args.top_p, args.top_k)
+    cfg = MementoConfig(keep_last_n_blocks=0)
+    t0 = time.perf_counter()
+    ok, reasons, ntok = [], {}, 0
+    for bi, i in enumerate(range(0, len(problems), args.batch)):
+        chunk = problems[i:i + args.batch]
+        prompts = [tok.encode(tok.chat_prompt(p.prompt)) for p in chunk]
+        seqs, _ = generate(model, tok, prompts, cfg, max_new_tokens=args.max_new_tokens, sampling=sc,
+                           seed=args.seed + bi, **MODES[mode])
+        for p, s in zip(chunk, seqs):
+            v = toy_task.check_trace(p, tok.decode(s.tokens))
+            ok.append(bool(v["correct"]))
+            k = "ok" if v["correct"] else reason_key(v["reason"])
+            reasons[k] = reasons.get(k, 0) + 1
+            ntok += len(s.tokens)
+    n, c = len(ok), sum(ok)
+    lo, hi = wilson(c, n)
+    row = {"mode": mode, "n": n, "correct": c, "accuracy": c / n if n else 0.0, "ci95_low": lo, "ci95_high": hi,
+           "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+           "mean_tokens": ntok / max(1, n), "seconds": time.perf_counter() - t0}
+    return row, ok
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Bar chart of accuracy per (model, mode) with the Wilson 95% interval as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['mode']}" for r in rows]
+    acc = [r["accuracy"] for r in rows]
+    err = [[a - r["ci95_low"] for a, r in zip(acc, rows)], [r["ci95_high"] - a for a, r in zip(acc, rows)]]
+    colors = {"memento": "tab:blue", "restart": "tab:red", "full": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(range(len(rows)), acc, yerr=err, capsize=4, color=[colors[r["mode"]] for r in rows])
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"trace accuracy (n={rows[0]['n']}, 95% Wilson)")
+    ax.set_title("Toy task: memento attention vs restart mode")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    """Run the ablation; returns the JSON dict (also written to --out, printed with --json)."""
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    # Load both before generating anything, so a missing checkpoint fails in a second.
+    models = {"stage2": load_checkpoint(args.stage2, "--stage2", "restart_ablation.py"),
+              "stage1": load_checkpoint(args.stage1, "--stage1", "restart_ablation.py")}
+    rng = random.Random(f"restart_ablation:{args.seed}")
+    problems = [toy_task.sample_problem(rng) for _ in range(args.n)]
+    rows, paired = [], {}
+    plan = [("stage2", "memento"), ("stage2", "restart"), ("stage1", "memento"), ("stage1", "restart"), ("stage1", "full")]
+    correct = {}
+    for name, mode in plan:
+        model, tok = models[name]
+        row, ok = run_mode(model, tok, problems, mode, args)
+        correct[name, mode] = ok
+        rows.append({"model": name, "checkpoint": str(args.stage1 if name == "stage1" else args.stage2), **row})
+        print(f"{name:7s} {mode:8s} {row['correct']}/{row['n']} = {row['accuracy']:.3f} "
+              f"[{row['ci95_low']:.3f}, {row['ci95_high']:.3f}] ({row['seconds']:.0f} s)", file=sys.stderr)
+    for name in ("stage2", "stage1"):
+        a, b = correct[name, "memento"], correct[name, "restart"]
+        mo = sum(x and not y for x, y in zip(a, b))
+        ro = sum(y and not x for x, y in zip(a, b))
+        paired[name] = {"memento_only": mo, "restart_only": ro, "both": sum(x and y for x, y in zip(a, b)),
+                        "neither": sum(not x and not y for x, y in zip(a, b)), "mcnemar_p": mcnemar_exact(mo, ro)}
+    out = {"experiment": "restart_ablation", "rows": rows, "paired": paired,
+           "config": {k: v for k, v in vars(args).items() if k not in ("json", "out", "plot")},
+           "machine": machine_info(), "wall_seconds": time.perf_counter() - t0}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

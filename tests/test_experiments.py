@@ -1,0 +1,155 @@
+"""Tests of experiments/ (issue 6): the probing pipeline's causal structure (§6.2.1), its
+label-unique split, the text-only bound, the probe itself, and the restart-ablation output."""
+import json
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, tiny_model
+
+sys.path.insert(0, str(REPO / "experiments"))
+import digits  # noqa: E402
+import probe_kv  # noqa: E402
+import restart_ablation  # noqa: E402
+from generate import generate  # noqa: E402
+from memento_attention import MementoConfig, MementoTokens  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+TOK = Tokenizer.byte_level()
+
+
+def pair_with_same_m2_text(seed=0):
+    """Two traces that differ only in T2's digits, with the same T2 digit sum, so every
+    memento's text (and every token outside T2) is identical."""
+    rng = random.Random(seed)
+    prob, _, d = digits.sample(rng)
+    a = [list(x) for x in d]
+    b = [list(x) for x in d]
+    a[1] = [1, 2, 3, 4, 5]
+    b[1] = [9, 0, 6, 0, 0]  # sum 15 as well
+    ra, rb = digits.render(prob, a), digits.render(prob, b)
+    ids_a, ids_b = TOK.encode(ra), TOK.encode(rb)
+    diff = [i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y]
+    assert len(ids_a) == len(ids_b) and diff, "construction: same length, some token differs"
+    return prob.prompt, ra, rb, (min(diff), max(diff))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_causal_control_direct_and_restart(seed):
+    torch.manual_seed(0)
+    model = tiny_model(layers=3, seed=seed)
+    prompt, ra, rb, (lo, hi) = pair_with_same_m2_text(seed)
+    T = MementoTokens.from_tokenizer(TOK)
+    full = TOK.encode(TOK.chat_prompt(prompt)) + TOK.encode(ra)
+    pos = probe_kv.memento_positions(full, T)
+    n_prompt = len(TOK.encode(TOK.chat_prompt(prompt)))
+    # the differing tokens lie strictly between M1 and M2 (inside block T2)
+    assert pos[0] < n_prompt + lo and n_prompt + hi < pos[1]
+    Fn = probe_kv.memento_kv(model, TOK, [prompt, prompt], [ra, rb], restart=False)
+    Fr = probe_kv.memento_kv(model, TOK, [prompt, prompt], [ra, rb], restart=True)
+    assert Fn.shape == (2, digits.BLOCKS, 3, 2 * 2 * 8)
+    # causal control: M1 came before T2, bitwise unchanged in both modes
+    assert np.array_equal(Fn[0, 0], Fn[1, 0]) and np.array_equal(Fr[0, 0], Fr[1, 0])
+    # direct: M2 saw T2 -> its deeper-layer K/V change (layer 0 is the token embedding only)
+    assert np.array_equal(Fn[0, 1, 0], Fn[1, 1, 0])
+    assert not np.array_equal(Fn[0, 1, 1:], Fn[1, 1, 1:])
+    # implicit channel in normal mode: M3 never saw T2 but its K/V still change
+    assert not np.array_equal(Fn[0, 2, 1:], Fn[1, 2, 1:])
+    # restart mode: same text, block gone -> M2 and every later memento bitwise independent of T2
+    assert np.array_equal(Fr[0, 1:], Fr[1, 1:])
+
+
+def test_prefill_features_equal_generate_cache():
+    """memento_kv's one-prefill shortcut equals what generate() (token by token, compacting
+    cache, and restart=True recomputation) leaves in its cache."""
+    model = tiny_model(layers=2, seed=3)
+    rng = random.Random(3)
+    samples = [digits.sample(rng) for _ in range(2)]
+    prompts = [p.prompt for p, _, _ in samples]
+    resp = [r for _, r, _ in samples]
+    T = MementoTokens.from_tokenizer(TOK)
+    for restart in (False, True):
+        F = probe_kv.memento_kv(model, TOK, prompts, resp, restart=restart)
+        p_ids = [TOK.encode(TOK.chat_prompt(p)) for p in prompts]
+        f_ids = [TOK.encode(r) for r in resp]
+        _, cache = generate(model, TOK, p_ids, MementoConfig(0), restart=restart, forced=f_ids,
+                            max_new_tokens=1000, replay_chunk=4096)
+        for r in range(2):
+            for m, p in enumerate(probe_kv.memento_positions(p_ids[r] + f_ids[r], T)):
+                for li, layer in enumerate(cache.layers):
+                    n = int(layer.length[r])
+                    slot = int((layer.pos[r, :n] == p).nonzero()[0])
+                    ref = torch.cat([layer.k[r, :, slot].flatten(), layer.v[r, :, slot].flatten()])
+                    np.testing.assert_allclose(F[r, m, li], ref.numpy(), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_label_unique_split(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=(400, 2))  # only 9 combinations: many repeats
+    tr, va, te = probe_kv.label_unique_split(labels, seed=seed)
+    assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(400))
+    keys = [{tuple(labels[i]) for i in s} for s in (tr, va, te)]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+    assert len(tr) and len(va) and len(te)
+
+
+def test_text_only_bound():
+    assert digits.text_only_digit_accuracy() == pytest.approx(0.1)
+    assert digits.text_only_digit_accuracy(per_block=1) == pytest.approx(1.0)  # the sum IS the digit
+
+
+def test_digits_checker():
+    prob, resp, d = digits.sample(random.Random(7))
+    assert digits.check_trace(prob, resp)["correct"]
+    assert digits.parse_prompt(prob.prompt) == prob
+    s = sum(map(sum, d[:1]), prob.start) % 10
+    bad = resp.replace(f"b1={s}", f"b1={(s + 1) % 10}", 1)
+    assert not digits.check_trace(prob, bad)["correct"]
+
+
+def test_probe_learns_informative_and_not_random_features():
+    rng = np.random.default_rng(0)
+    Y = rng.integers(0, 10, size=(1500, 5))
+    onehot = np.eye(10)[Y].reshape(1500, -1) + 0.1 * rng.standard_normal((1500, 50))
+    split = probe_kv.label_unique_split(Y)
+    assert probe_kv.train_probe(onehot, Y, split, epochs=30)["test_acc"] > 0.9
+    noise = rng.standard_normal((1500, 50))
+    assert probe_kv.train_probe(noise, Y, split, epochs=30)["test_acc"] < 0.16
+
+
+def test_restart_ablation_json(tmp_path):
+    model = tiny_model(layers=1, seed=1)
+    d = tmp_path / "ckpt"
+    model.save_pretrained(d)
+    TOK.save(d)
+    out = tmp_path / "r.json"
+    res = restart_ablation.main(["--stage1", str(d), "--stage2", str(d), "--n", "4", "--batch", "2",
+                                 "--max-new-tokens", "24", "--out", str(out), "--plot", str(tmp_path / "r.png")])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert (tmp_path / "r.png").stat().st_size > 0
+    assert [(r["model"], r["mode"]) for r in res["rows"]] == [
+        ("stage2", "memento"), ("stage2", "restart"), ("stage1", "memento"), ("stage1", "restart"), ("stage1", "full")]
+    for r in res["rows"]:
+        for k in ("n", "correct", "accuracy", "ci95_low", "ci95_high", "failure_reasons", "mean_tokens", "seconds"):
+            assert k in r
+        assert r["n"] == 4 and sum(r["failure_reasons"].values()) == 4
+        assert 0 <= r["ci95_low"] <= r["accuracy"] <= r["ci95_high"] <= 1
+    assert set(res["paired"]) == {"stage1", "stage2"} and "cpu_model" in res["machine"] and res["wall_seconds"] > 0
+
+
+def test_restart_ablation_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        restart_ablation.main(["--stage2", str(tmp_path / "nope"), "--stage1", str(tmp_path / "nope")])
+    assert "python train_sft.py --stage 1" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wilson_interval():
+    from common import wilson
+
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
