@@ -92,3 +92,17 @@ def machine_info() -> dict:
     return {"cpu_model": model_name, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+
+
+def pyplot(script: str):
+    """matplotlib.pyplot with the Agg backend, or None (after one line on stderr) when
+    matplotlib is not installed: plots are optional, the JSON results are not."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"{script}: matplotlib is not installed, skipping the plots (pip install matplotlib)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -58,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits  # noqa: E402
-from common import RESULTS, machine_info, wilson  # noqa: E402
+from common import RESULTS, pyplot, machine_info, wilson  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -316,9 +316,9 @@ def parse_args(argv=None):
     ap.add_argument("--work-dir", default="/tmp/memento_probe", help="data and checkpoints (outside the repo)")
     ap.add_argument("--reuse", action="store_true", help="reuse the checkpoints in --work-dir if present")
     ap.add_argument("--train-examples", type=int, default=4000)
-    ap.add_argument("--train-batch", type=int, default=32)
-    ap.add_argument("--stage1-steps", type=int, default=120)
-    ap.add_argument("--stage2-steps", type=int, default=200)
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--stage1-steps", type=int, default=400)
+    ap.add_argument("--stage2-steps", type=int, default=300)
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
     ap.add_argument("--snapshot-every", type=int, default=100)
     ap.add_argument("--n", type=int, default=3000, help="probe sequences (fresh random passcodes)")
@@ -358,8 +358,10 @@ def main(argv=None) -> dict:
     model, tok = load_checkpoint(str(work / "stage2"), "stage2", "probe_kv.py")
     L = model.config.num_hidden_layers
     probes = []
+    final_normal = None
     for mode in ("normal", "restart"):
         F = memento_kv(model, tok, prompts, responses, restart=mode == "restart")
+        final_normal = F if mode == "normal" else final_normal
         log(f"features {mode}: {F.shape}")
         for m in M:
             layers = list(range(L)) + ["all"] if m <= 3 else [L - 1, "all"]
@@ -373,7 +375,9 @@ def main(argv=None) -> dict:
     snaps = sorted((work / "snapshots").glob("step*"), key=lambda p: int(p.name[4:]))
     for name, path, step in [("stage1", work / "stage1", 0)] + [(s.name, s, int(s.name[4:])) for s in snaps]:
         cm, ctok = load_checkpoint(str(path), name, "probe_kv.py")
-        F = memento_kv(cm, ctok, prompts, responses, restart=False)
+        # the last snapshot holds the final stage-2 weights: its features are already computed
+        last = step == train_info["stage2"]["steps"]
+        F = final_normal if last else memento_kv(cm, ctok, prompts, responses, restart=False)
         row = {"name": name, "step": step, **task_metrics(cm, ctok, args.task_n, args.seed)}
         for m in (2, 3):
             row[f"probe_M{m}_all"] = train_probe(F[:, m - 1].reshape(len(F), -1), Y, split, seed=args.seed)["test_acc"]
@@ -400,10 +404,9 @@ def main(argv=None) -> dict:
 
 def plot(res: dict, outdir: Path) -> None:
     """probe_layers.png, probe_distance.png, probe_checkpoints.png from a result dict."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("probe_kv.py")
+    if plt is None:
+        return
 
     outdir.mkdir(parents=True, exist_ok=True)
     P = res["probes"]

@@ -3,7 +3,7 @@
     python experiments/report.py [--results experiments/results]
 
 Reads restart_ablation.json and probe_kv.json (either may be missing) and prints the tables
-of experiments/README.md on stdout.
+of the README section "The dual information stream" on stdout.
 """
 from __future__ import annotations
 

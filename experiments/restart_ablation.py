@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, load_checkpoint, machine_info, mcnemar_exact, wilson  # noqa: E402
+from common import RESULTS, pyplot, load_checkpoint, machine_info, mcnemar_exact, wilson  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -107,10 +107,9 @@ def run_mode(model, tok, problems, mode: str, args) -> tuple[dict, list[bool]]:
 
 def plot(rows: list[dict], path: str) -> None:
     """Bar chart of accuracy per (model, mode) with the Wilson 95% interval as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("restart_ablation.py")
+    if plt is None:
+        return
 
     labels = [f"{r['model']}\n{r['mode']}" for r in rows]
     acc = [r["accuracy"] for r in rows]
