@@ -14,12 +14,16 @@
 3. Features: each probe sequence is teacher-forced through generate.generate(forced=...) with
    compaction on (normal mode) and again with restart=True (restart mode). After the trace the
    cache holds exactly the non-evicted tokens: prompt, delimiters and mementos. The feature of
-   memento Mi at layer l is K and V (all KV heads, flattened; 2 x 2 x 32 = 128 numbers) of the
-   memento's LAST TEXT TOKEN, the one right before <|summary_end|> (the running-sum digit).
-   Why this token: in normal mode it is the last memento token that attends to its block
-   directly (the block is evicted before <|summary_end|> is fed), so it is where the direct
-   and the implicit information meet; and in layer 0 its K/V are a function of the token and
-   its position only, i.e. a text-only reference built into every table.
+   memento Mi at layer l is K and V (all KV heads, flattened; 2 x 2 x 32 = 128 numbers per
+   token) at the memento's token positions, concatenated: with --features memento (default)
+   its last 6 tokens up to and including <|summary_end|>, which for M1..M9 ("b{i}={sum}") is
+   every token from <|summary_start|> to <|summary_end|> (METHOD.md §10: "K and V at memento
+   positions"); with --features last-text only the token right before <|summary_end|> (the
+   running-sum digit). In normal mode <|summary_start|> .. the last text token attend to
+   their block directly and <|summary_end|> no longer does (the block is masked from it on),
+   so the memento's features hold both the direct and the implicit route; in layer 0 every
+   token's K/V are a function of the token and its position only, i.e. a text-only
+   reference built into every table.
 4. Probes: an MLP in -> 512 -> 256 -> 128 -> 5 x 10 logits (the paper's 512-256 with a 128
    bottleneck), Adam, early stopping on a validation split, per layer and on all layers
    concatenated. Splits are label-unique: the passcodes (5-digit combinations) are divided
@@ -73,6 +77,25 @@ PASSCODE_BLOCK = 2  # T2
 
 # ----------------------------------------------------------------------------- features
 
+FEATURE_TOKENS = {"memento": 6, "last-text": 1}
+
+
+def feature_positions(ids: list[int], tokens: MementoTokens, features: str = "memento") -> list[list[int]]:
+    """Positions whose K/V form each completed memento's probe feature, in block order.
+
+    features: "memento" = the memento's last 6 tokens ending at <|summary_end|> (the whole
+    memento for "b{i}={sum}", i < 10); "last-text" = the token before <|summary_end|>.
+    Returns one list of ints per memento. Raises KeyError for another `features` value.
+    """
+    if features == "last-text":
+        return [[p] for p in memento_positions(ids, tokens)]
+    n = FEATURE_TOKENS[features]
+    tr = BlockTracker(tokens, MementoConfig(0))
+    for t in ids:
+        tr.step(t)
+    return [list(range(b.z - n + 1, b.z + 1)) for b in tr.completed]
+
+
 def memento_positions(ids: list[int], tokens: MementoTokens) -> list[int]:
     """Logical position of the feature token of each completed memento, in block order:
     the token right before <|summary_end|> (see the module docstring for why).
@@ -106,7 +129,7 @@ def restart_mask_from(ids: torch.Tensor, tokens: MementoTokens) -> torch.Tensor:
 
 @torch.no_grad()
 def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart: bool,
-               batch: int = 250) -> np.ndarray:
+               batch: int = 250, features: str = "memento") -> np.ndarray:
     """K/V features of every memento of teacher-forced traces (§6.2.1 probing protocol).
 
     Each batch is one prefill of the whole sequences (prompt + response) into a fresh
@@ -121,10 +144,11 @@ def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart:
             applied). responses: response texts, all with the same number of mementos.
         restart: False = normal memento attention; True = restart mode.
         batch: sequences per forward (right-padded; padding is visible to no query).
+        features: which memento tokens, see `feature_positions`.
     Returns:
-        float32 array [N, M, L, 2 * Hkv * D]: sequence, memento (M1 first), layer, then
-        K (heads x head_dim, flattened, after q/k-norm and RoPE) followed by V, at the
-        memento's feature token (`memento_positions`).
+        float32 array [N, M, L, 2 * n * Hkv * D]: sequence, memento (M1 first), layer, then
+        K of the n feature tokens (token, head, head_dim; after q/k-norm and RoPE) followed
+        by their V.
     Raises:
         ValueError if a trace has a different memento count than the first.
     """
@@ -142,12 +166,12 @@ def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart:
         cache = KVCache(model.config, B, torch.float32, "cpu", capacity=S)
         model(ids, torch.arange(S).expand(B, S), mf, cache)
         for r, s in enumerate(seqs):
-            pos = torch.tensor(memento_positions(s, T))
+            pos = torch.tensor(feature_positions(s, T, features))  # [M, n]
             n_mem = n_mem if n_mem is not None else len(pos)
             if len(pos) != n_mem:
                 raise ValueError(f"trace {i + r} has {len(pos)} mementos, expected {n_mem}")
-            # slot == position: nothing is evicted from a prefill cache
-            feats = [torch.cat([l.k[r][:, pos].transpose(0, 1).flatten(1), l.v[r][:, pos].transpose(0, 1).flatten(1)], -1)
+            # slot == position: nothing is evicted from a prefill cache; [Hkv, M, n, D] -> [M, n*Hkv*D]
+            feats = [torch.cat([l.k[r][:, pos].permute(1, 2, 0, 3).flatten(1), l.v[r][:, pos].permute(1, 2, 0, 3).flatten(1)], -1)
                      for l in cache.layers]
             out.append(torch.stack(feats, 1).numpy())  # [M, L, F]
     return np.stack(out).astype(np.float32)
@@ -322,6 +346,8 @@ def parse_args(argv=None):
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
     ap.add_argument("--snapshot-every", type=int, default=100)
     ap.add_argument("--n", type=int, default=3000, help="probe sequences (fresh random passcodes)")
+    ap.add_argument("--features", choices=sorted(FEATURE_TOKENS), default="memento",
+                    help="memento tokens whose K/V are probed (see the module docstring)")
     ap.add_argument("--max-k", type=int, default=7, help="largest distance k for M(2+k)")
     ap.add_argument("--task-n", type=int, default=100, help="problems per checkpoint for task accuracy")
     ap.add_argument("--seed", type=int, default=0)
@@ -360,7 +386,7 @@ def main(argv=None) -> dict:
     probes = []
     final_normal = None
     for mode in ("normal", "restart"):
-        F = memento_kv(model, tok, prompts, responses, restart=mode == "restart")
+        F = memento_kv(model, tok, prompts, responses, restart=mode == "restart", features=args.features)
         final_normal = F if mode == "normal" else final_normal
         log(f"features {mode}: {F.shape}")
         for m in M:
@@ -377,7 +403,7 @@ def main(argv=None) -> dict:
         cm, ctok = load_checkpoint(str(path), name, "probe_kv.py")
         # the last snapshot holds the final stage-2 weights: its features are already computed
         last = step == train_info["stage2"]["steps"]
-        F = final_normal if last else memento_kv(cm, ctok, prompts, responses, restart=False)
+        F = final_normal if last else memento_kv(cm, ctok, prompts, responses, restart=False, features=args.features)
         row = {"name": name, "step": step, **task_metrics(cm, ctok, args.task_n, args.seed)}
         for m in (2, 3):
             row[f"probe_M{m}_all"] = train_probe(F[:, m - 1].reshape(len(F), -1), Y, split, seed=args.seed)["test_acc"]
@@ -387,8 +413,9 @@ def main(argv=None) -> dict:
     out = {"experiment": "probe_kv", "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
            "model": {"layers": L, "hidden": model.config.hidden_size, "heads": model.config.num_attention_heads,
                      "kv_heads": model.config.num_key_value_heads, "head_dim": model.config.head_dim,
-                     "feature_token": "last memento text token (before <|summary_end|>)",
-                     "features_per_layer": int(2 * model.config.num_key_value_heads * model.config.head_dim)},
+                     "features": args.features,
+                     "features_per_layer": int(2 * FEATURE_TOKENS[args.features] * model.config.num_key_value_heads
+                                               * model.config.head_dim)},
            "train": train_info, "text_only_bayes_digit_accuracy": digits.text_only_digit_accuracy(),
            "chance": 0.1, "split_sizes": [len(s) for s in split], "probes": probes, "checkpoints": checkpoints,
            "machine": machine_info(), "wall_seconds": time.perf_counter() - t0}
@@ -419,7 +446,7 @@ def plot(res: dict, outdir: Path) -> None:
             ax.plot(range(len(xs)), [get(mode, m, l) for l in xs], ls, marker="o", color=c, label=f"M{m} {mode}")
     ax.axhline(res["chance"], color="k", lw=0.8, ls=":", label="chance")
     ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-    ax.set_xlabel("layer (K and V of the memento's last text token)")
+    ax.set_xlabel(f"layer (K and V of the memento tokens: --features {res['model']['features']})")
     ax.set_ylabel("passcode digit accuracy (test)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -50,7 +50,7 @@ def test_causal_control_direct_and_restart(seed):
     assert pos[0] < n_prompt + lo and n_prompt + hi < pos[1]
     Fn = probe_kv.memento_kv(model, TOK, [prompt, prompt], [ra, rb], restart=False)
     Fr = probe_kv.memento_kv(model, TOK, [prompt, prompt], [ra, rb], restart=True)
-    assert Fn.shape == (2, digits.BLOCKS, 3, 2 * 2 * 8)
+    assert Fn.shape == (2, digits.BLOCKS, 3, 2 * 6 * 2 * 8)  # 6 memento tokens x K,V x 2 KV heads x head_dim 8
     # causal control: M1 came before T2, bitwise unchanged in both modes
     assert np.array_equal(Fn[0, 0], Fn[1, 0]) and np.array_equal(Fr[0, 0], Fr[1, 0])
     # direct: M2 saw T2 -> its deeper-layer K/V change (layer 0 is the token embedding only)
@@ -72,18 +72,31 @@ def test_prefill_features_equal_generate_cache():
     resp = [r for _, r, _ in samples]
     T = MementoTokens.from_tokenizer(TOK)
     for restart in (False, True):
-        F = probe_kv.memento_kv(model, TOK, prompts, resp, restart=restart)
-        p_ids = [TOK.encode(TOK.chat_prompt(p)) for p in prompts]
-        f_ids = [TOK.encode(r) for r in resp]
-        _, cache = generate(model, TOK, p_ids, MementoConfig(0), restart=restart, forced=f_ids,
-                            max_new_tokens=1000, replay_chunk=4096)
-        for r in range(2):
-            for m, p in enumerate(probe_kv.memento_positions(p_ids[r] + f_ids[r], T)):
-                for li, layer in enumerate(cache.layers):
-                    n = int(layer.length[r])
-                    slot = int((layer.pos[r, :n] == p).nonzero()[0])
-                    ref = torch.cat([layer.k[r, :, slot].flatten(), layer.v[r, :, slot].flatten()])
-                    np.testing.assert_allclose(F[r, m, li], ref.numpy(), atol=2e-5, rtol=1e-5)
+        for features in ("memento", "last-text"):
+            F = probe_kv.memento_kv(model, TOK, prompts, resp, restart=restart, features=features)
+            p_ids = [TOK.encode(TOK.chat_prompt(p)) for p in prompts]
+            f_ids = [TOK.encode(r) for r in resp]
+            _, cache = generate(model, TOK, p_ids, MementoConfig(0), restart=restart, forced=f_ids,
+                                max_new_tokens=1000, replay_chunk=4096)
+            for r in range(2):
+                for m, pos in enumerate(probe_kv.feature_positions(p_ids[r] + f_ids[r], T, features)):
+                    for li, layer in enumerate(cache.layers):
+                        n = int(layer.length[r])
+                        slots = [int((layer.pos[r, :n] == p).nonzero()[0]) for p in pos]
+                        ref = torch.cat([layer.k[r][:, slots].transpose(0, 1).flatten(), layer.v[r][:, slots].transpose(0, 1).flatten()])
+                        np.testing.assert_allclose(F[r, m, li], ref.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_feature_positions_are_the_memento():
+    prob, resp, _ = digits.sample(random.Random(5))
+    ids = TOK.encode(TOK.chat_prompt(prob.prompt)) + TOK.encode(resp)
+    T = MementoTokens.from_tokenizer(TOK)
+    pos = probe_kv.feature_positions(ids, T, "memento")
+    assert len(pos) == digits.BLOCKS
+    for i, p in enumerate(pos[:9], 1):  # M1..M9: exactly <|summary_start|>b{i}={sum}<|summary_end|>
+        assert ids[p[0]] == T.summary_start and ids[p[-1]] == T.summary_end
+        assert TOK.decode(ids[p[1]:p[-1]]).startswith(f"b{i}=")
+    assert [q[0] for q in probe_kv.feature_positions(ids, T, "last-text")] == [p[-2] for p in pos]
 
 
 @pytest.mark.parametrize("seed", range(4))
