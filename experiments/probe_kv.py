@@ -344,7 +344,7 @@ def parse_args(argv=None):
     ap.add_argument("--stage1-steps", type=int, default=400)
     ap.add_argument("--stage2-steps", type=int, default=300)
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
-    ap.add_argument("--snapshot-every", type=int, default=100)
+    ap.add_argument("--snapshot-every", type=int, default=150)
     ap.add_argument("--n", type=int, default=3000, help="probe sequences (fresh random passcodes)")
     ap.add_argument("--features", choices=sorted(FEATURE_TOKENS), default="memento",
                     help="memento tokens whose K/V are probed (see the module docstring)")
