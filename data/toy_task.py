@@ -95,7 +95,7 @@ def parse_prompt(prompt: str) -> Problem | None:
     return Problem(int(m.group(1)), int(m.group(2))) if m else None
 
 
-def check_trace(problem: Problem, text: str) -> dict:
+def check_trace(problem: Problem, text: str, per_block: int = DIGITS_PER_BLOCK) -> dict:
     """Verify a generated response against the task's rules, from the text alone.
 
     Correct iff: it opens with <think>, holds exactly problem.blocks well-formed blocks; each
@@ -104,8 +104,9 @@ def check_trace(problem: Problem, text: str) -> dict:
     partial sum; and the answer after </think> equals the last sum.
 
     Args:
-        problem: the Problem the prompt stated. text: the decoded response (special tokens
-            as text; a trailing <|im_end|> is ignored).
+        problem: the Problem the prompt stated (anything with .blocks and .start).
+        text: the decoded response (special tokens as text; a trailing <|im_end|> is ignored).
+        per_block: steps per block (experiments/digits.py reuses this checker with 5).
     Returns:
         {"correct": bool, "reason": str, "blocks": int}; reason names the first error.
     """
@@ -124,7 +125,7 @@ def check_trace(problem: Problem, text: str) -> dict:
         steps, idx, memo = m.group(1).split(), int(m.group(2)), int(m.group(3))
         if int(steps[0][0]) != s:
             return {"correct": False, "reason": f"block {n} starts from {steps[0][0]}, memento said {s}", "blocks": n}
-        if len(steps) != DIGITS_PER_BLOCK:
+        if len(steps) != per_block:
             return {"correct": False, "reason": f"block {n} has {len(steps)} steps", "blocks": n}
         p = s
         for st in steps:

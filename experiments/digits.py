@@ -24,6 +24,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import common  # noqa: F401  (puts the repository root on sys.path)
+from data import toy_task
+
 BASE = 10
 DIGITS_PER_BLOCK = 5
 BLOCKS = 10
@@ -84,7 +87,6 @@ def write_jsonl(path: str | Path, n: int, seed: int) -> Path:
 
 
 PROMPT_RE = re.compile(r"^sum (\d+) blocks of (\d+) from (\d)$")
-BLOCK_RE = re.compile(r"<\|block_start\|>((?:\d\d\d ?)+)<\|block_end\|><\|summary_start\|>b(\d+)=(\d)<\|summary_end\|>")
 
 
 def parse_prompt(prompt: str) -> Problem | None:
@@ -94,42 +96,9 @@ def parse_prompt(prompt: str) -> Problem | None:
 
 
 def check_trace(problem: Problem, text: str) -> dict:
-    """Check a generated response from its text (the rules of data/toy_task.check_trace
-    with this task's block size).
-
-    Returns {"correct": bool, "reason": str, "blocks": int}; reason names the first error.
-    """
-    text = text.replace("<|im_end|>", "").replace("<|endoftext|>", "")
-    if not text.startswith("<think>\n"):
-        return {"correct": False, "reason": "does not open with <think>", "blocks": 0}
-    body, sep, answer = text[len("<think>\n"):].partition("\n</think>\n")
-    if not sep:
-        return {"correct": False, "reason": "no </think>", "blocks": 0}
-    pos, s, n = 0, problem.start, 0
-    while pos < len(body):
-        m = BLOCK_RE.match(body, pos)
-        if not m:
-            return {"correct": False, "reason": "malformed block", "blocks": n}
-        n += 1
-        steps, idx, memo = m.group(1).split(), int(m.group(2)), int(m.group(3))
-        if len(steps) != problem.per_block:
-            return {"correct": False, "reason": "wrong step count", "blocks": n}
-        if int(steps[0][0]) != s:
-            return {"correct": False, "reason": "block does not restart from memento", "blocks": n}
-        p = s
-        for st in steps:
-            q, d, r = int(st[0]), int(st[1]), int(st[2])
-            if q != p or r != (p + d) % BASE:
-                return {"correct": False, "reason": "wrong step", "blocks": n}
-            p = r
-        if idx != n or memo != p:
-            return {"correct": False, "reason": "wrong memento", "blocks": n}
-        s, pos = p, m.end()
-    if n != problem.blocks:
-        return {"correct": False, "reason": "wrong block count", "blocks": n}
-    if answer.strip() != str(s):
-        return {"correct": False, "reason": "wrong answer", "blocks": n}
-    return {"correct": True, "reason": "ok", "blocks": n}
+    """Check a generated response from its text: data/toy_task.check_trace with this task's
+    block size. Returns {"correct": bool, "reason": str, "blocks": int}."""
+    return toy_task.check_trace(problem, text, per_block=problem.per_block)
 
 
 def text_only_digit_accuracy(per_block: int = DIGITS_PER_BLOCK) -> float:
