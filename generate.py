@@ -126,7 +126,7 @@ def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compac
             for b in trackers[r].step(t):
                 if compaction:
                     lo, hi = b.span(cfg.mask_delimiters)
-                    mask_from[r, lo:hi + 1] = i
+                    mask_from[r, lo:hi + 1].clamp_(max=i)  # earliest start wins (nested blocks)
     positions = torch.arange(Tp).expand(B, Tp)
     logits = model(ids.to(device), positions.to(device), mask_from.to(device), cache)
     for r, p in enumerate(prompts):  # the §6 count: keys j <= i with mask_from[j] > i

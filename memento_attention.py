@@ -210,9 +210,10 @@ class BlockTracker:
 
     Malformed streams follow the official engine: a stray token (<|block_end|> with no open
     block, <|summary_start|> with no closed block waiting, <|summary_end|> outside a summary)
-    is ignored, and a block is only ever masked after its memento completed. Each ignored
-    token and, via `problems()`, each block left open or unsummarized is recorded as a
-    problem string, so training-data validation can reject the example.
+    is ignored, nested blocks are tracked on a stack (the inner one closes first), and a
+    block is only ever masked after its memento completed. Each ignored token, each nested
+    <|block_start|> and, via `problems()`, each block left open or unsummarized is recorded
+    as a problem string, so training-data validation can reject the example (METHOD.md §3).
     """
 
     tokens: MementoTokens
@@ -242,6 +243,10 @@ class BlockTracker:
             self._match_header(t)
             return []
         if t == T.block_start:
+            if self.open_blocks:
+                # The engine keeps a stack and masks nested blocks like any other; METHOD.md §3
+                # still calls the stream malformed, so validation rejects it.
+                self.stray.append(f"nested <|block_start|> at {p} inside the block opened at {self.open_blocks[-1].s}")
             self.open_blocks.append(Block(p))
             if self.cfg.keep_last_block_for_answer and self.unmasked:
                 return self._mask(self.unmasked)
@@ -333,7 +338,9 @@ def build_mask_from(input_ids: torch.Tensor, tokens: MementoTokens, cfg: Memento
             tr.pos = start + p
             for b in tr.step(int(ids[r, start + p])):
                 lo, hi = b.span(cfg.mask_delimiters)
-                mask_from[r, lo:hi + 1] = tr.pos - 1
+                # The earliest start wins: an inner (nested) block already hidden stays hidden,
+                # as its K/V are already gone from a decoder's cache.
+                mask_from[r, lo:hi + 1].clamp_(max=tr.pos - 1)
         tr.pos = T
         trackers.append(tr)
     mask_from = mask_from.to(input_ids.device)

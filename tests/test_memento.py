@@ -25,10 +25,17 @@ CONFIGS = [MementoConfig(-1), MementoConfig(0), MementoConfig(1), MementoConfig(
            MementoConfig(0, keep_last_block_for_answer=True)]
 
 
-def _sequence(seed, n_blocks=3, end_mid_block=False, special_prompt=False):
+NESTED = ("<think>\n<|block_start|>outer a<|block_start|>inner b<|block_end|><|summary_start|>m in"
+          "<|summary_end|>outer c<|block_end|><|summary_start|>m out<|summary_end|>\n")
+
+
+def _sequence(seed, n_blocks=3, end_mid_block=False, special_prompt=False, nested=False):
     rng = random.Random(seed)
     problem = "sum <|block_start|>1 2<|block_end|><|summary_start|>x<|summary_end|> please" if special_prompt else "sum 1 2"
-    return TOK.encode(TOK.chat_prompt(problem)), TOK.encode(memento_text(rng, n_blocks, end_mid_block))
+    text = memento_text(rng, n_blocks, end_mid_block)
+    if nested:  # malformed (METHOD.md §3) but decodable: a completed block inside another
+        text = NESTED + text.removeprefix("<think>\n")
+    return TOK.encode(TOK.chat_prompt(problem)), TOK.encode(text)
 
 
 def _full_forward_logits(model, ids, cfg):
@@ -38,10 +45,11 @@ def _full_forward_logits(model, ids, cfg):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
-@pytest.mark.parametrize("variant", ["plain", "mid_block", "special_prompt", "chunked_replay"])
+@pytest.mark.parametrize("variant", ["plain", "mid_block", "special_prompt", "chunked_replay", "nested"])
 def test_cache_decoding_equals_full_forward(cfg, variant):
     model = tiny_model()
-    prompt, resp = _sequence(7, n_blocks=4, end_mid_block=variant == "mid_block", special_prompt=variant == "special_prompt")
+    prompt, resp = _sequence(7, n_blocks=4, end_mid_block=variant == "mid_block", special_prompt=variant == "special_prompt",
+                             nested=variant == "nested")
     ref = _full_forward_logits(model, prompt + resp, cfg)
     chunk = 7 if variant == "chunked_replay" else 1  # 1 = true token-by-token decoding
     seqs, cache = generate(model, TOK, [prompt], cfg, forced=[resp], max_new_tokens=len(resp), keep_logits=True,
@@ -159,7 +167,7 @@ def _incremental_mask_from(ids, cfg):
         for b in tr.step(t):
             lo, hi = b.span(cfg.mask_delimiters)
             for j in range(lo, hi + 1):
-                mf[j] = p
+                mf[j] = min(mf[j], p)  # as in a cache: once evicted, a key never comes back
     return mf, tr
 
 
@@ -198,6 +206,24 @@ def test_malformed_streams_reported():
     _, tr = _incremental_mask_from(ids, MementoConfig(0))
     assert any("outside a memento" in p for p in tr.problems())
     assert any("never summarized" in p for p in tr.problems())
+
+
+def test_nested_blocks_are_masked_but_reported():
+    # Inner block fully summarized inside the outer one, then the outer one summarized: every
+    # block completes, so only the nesting itself makes the stream malformed (METHOD.md §3).
+    S, E, SS, SE = IDS.block_start, IDS.block_end, IDS.summary_start, IDS.summary_end
+    resp = [S, 97, S, 98, E, SS, 99, SE, 100, E, SS, 101, SE]
+    ids = list(IDS.assistant_header) + resp
+    mf, (tr,) = build_mask_from(torch.tensor([ids]), IDS, MementoConfig(0), return_trackers=True)
+    h = len(IDS.assistant_header)
+    assert len(tr.completed) == 2
+    assert any("nested <|block_start|>" in p for p in tr.problems())
+    assert int(mf[0, h + 3]) == h + 7      # inner content hidden from its own <|summary_end|>
+    assert int(mf[0, h + 1]) == h + 12     # outer content hidden from the outer memento's end
+    from data.openmementos import validate
+    assert any("nested" in p for p in validate(resp, IDS))
+    flat = [S, 97, E, SS, 99, SE, S, 98, E, SS, 101, SE]
+    assert validate(flat, IDS) == ["no </think>"]
 
 
 # ------------------------------------------------------------------ the real sample traces
