@@ -51,12 +51,14 @@ def _check(q, k, v, mask_from):
 
 
 def attention_reference(q, k, v, mask_from=None, *, q_pos=None, k_pos=None):
-    """Dense PyTorch memento attention: the oracle every faster path is tested against.
+    """Dense PyTorch memento attention (§4): the oracle every faster path is tested against.
 
     Computes softmax(q k^T / sqrt(D) + mask) v in fp32 with the visibility of
-    `visible_mask`, and returns the result in q's dtype. Shapes as in `attention`.
-    A query that can see no key at all (impossible for sequences built by this repo,
-    since every token sees itself) gets a zero output instead of NaN.
+    `visible_mask`, and returns the result in q's dtype (fp32/bf16/fp16 in, same out).
+    Shapes as in `attention`; memory is O(Tq·Tk) per head, so this is for tests and
+    short sequences. A query that can see no key at all (impossible for sequences built
+    by this repo, since every token sees itself) gets a zero output instead of NaN.
+    Raises nothing itself; `attention` validates shapes before calling it.
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -93,11 +95,16 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
             (torch's fused scaled_dot_product_attention with the same rule as a dense boolean
             mask: what the paper trained with, and the fast CPU path), or "triton" (the
             block-masked flash kernel of kernels/, CUDA or TRITON_INTERPRET=1). None reads
-            $MEMENTO_ATTN_BACKEND, else picks triton on CUDA and sdpa elsewhere.
+            $MEMENTO_ATTN_BACKEND, else picks triton on CUDA and sdpa elsewhere: on a CPU,
+            SDPA with the dense mask is exact for the same rule and several times faster
+            than "torch", which stays the oracle. With q_pos/k_pos or Tq != Tk (decoding
+            against a cache), "triton" runs the dense reference: one query over the keys
+            left in the cache needs no tiles to skip.
     Returns:
         [B, Hq, Tq, D] in q's dtype.
     Raises:
-        ValueError on inconsistent shapes or an unknown backend.
+        ValueError on inconsistent shapes, an unknown backend, or (triton) a CPU tensor
+        without the Triton interpreter.
     """
     _check(q, k, v, mask_from)
     backend = backend or os.environ.get("MEMENTO_ATTN_BACKEND") or ("triton" if q.is_cuda else "sdpa")
@@ -122,7 +129,9 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
 
         if mask_from is None:
             mask_from = torch.full(q.shape[:1] + q.shape[2:3], NEVER, device=q.device, dtype=torch.int32)
-        return memento_flash_attention(q, k, v, mask_from.to(torch.int32))
+        # Any integer dtype: the kernel clamps to int32 itself, so NEVER-like int64 values
+        # above 2**31 - 1 stay "never" instead of wrapping negative.
+        return memento_flash_attention(q, k, v, mask_from)
     raise ValueError(f"attention: unknown backend {backend!r}; use 'torch', 'sdpa' or 'triton' (or set MEMENTO_ATTN_BACKEND)")
 
 

@@ -194,6 +194,15 @@ def _check_small(mf, B, Hq, Hkv, D, dtype, seed=0, device="cpu"):
 
 
 def bench_cuda(args, device="cuda"):
+    """Time every method at each T of args.seq_lens on `device` (§4 kernel vs SDPA/Flex).
+
+    Returns a list of records: first a reference check ("check_vs_reference", max abs error
+    per output at T=2048) and the measured bf16/fp16 matmul peak ("matmul_peak", TFLOP/s),
+    then per (method, T): visible_pairs, tiles_skipped (fraction), fwd_ms, fwd_tflops,
+    fwd_peak_gib, fwd_bwd_ms, fwd_bwd_tflops, fwd_bwd_peak_gib (TFLOP/s counted on visible
+    pairs only). A method or pass that fails (e.g. out of memory for the dense mask) records
+    its error string instead, and the others still run.
+    """
     dtype = _DTYPES[args.dtype]
     B, Hq, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
     group = Hq // Hkv
@@ -309,6 +318,8 @@ def check_cpu(args):
 
 
 def main(argv=None):
+    """Command line: CUDA timings table (or --json records); on a CPU one small interpreted
+    correctness run whose timings mean nothing."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-lens", default="4096,8192,16384,32768", help="comma-separated T values")
     ap.add_argument("--batch", type=int, default=1)

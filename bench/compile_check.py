@@ -65,6 +65,8 @@ def _resource_usage(cubin: bytes):
 
 
 def main():
+    """Compile every kernel config for --arch with Triton's bundled ptxas (no GPU needed) and
+    print registers and spills per kernel."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 or 90")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")

@@ -30,6 +30,7 @@ before triton is imported), which is slow and meant for tests.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -42,6 +43,9 @@ _INT32_MIN = -(2**31)
 SKIP, FULL, PARTIAL = 0, 1, 2
 
 _SUPPORTED_D = (16, 32, 64, 128, 256)
+# @triton.jit picks the interpreter when the kernels are defined, so what counts is the
+# environment at import time, not at call time.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -519,6 +523,9 @@ def _validate(q, k, v, mask_from):
     devs = {t.device for t in (q, k, v, mask_from)}
     if len(devs) != 1:
         raise ValueError(f"{name}: q, k, v, mask_from must be on one device, got {sorted(map(str, devs))}")
+    if not q.is_cuda and not _INTERPRET:
+        raise ValueError(f"{name}: {q.device} tensors need the Triton interpreter (set TRITON_INTERPRET=1 before "
+                         "importing triton), or use backend='torch' or 'sdpa' off CUDA")
 
 
 def _last_dim_contiguous(t):
@@ -631,8 +638,8 @@ def memento_flash_attention(q, k, v, mask_from, sm_scale=None, *, block_m=None, 
     Raises:
         ValueError: non-tensor inputs, wrong ranks or shapes (k/v must be [B, Hkv, T, D],
             mask_from [B, T]), Hq not a multiple of Hkv, head dim not in 16/32/64/128/256,
-            unsupported or mixed dtypes, non-integer mask_from, mixed devices, empty input, or
-            a bad block size.
+            unsupported or mixed dtypes, non-integer mask_from, mixed devices, empty input,
+            a bad block size, or CPU tensors without TRITON_INTERPRET=1 at import.
 
     A query that sees no key at all (only possible when mask_from[b, i] <= i, which the
     memento builders never produce) gets a zero output row and zero gradients instead of

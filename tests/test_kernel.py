@@ -272,8 +272,25 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(a.cpu(), r, atol=1e-4, rtol=1e-4)
 
 
+def _count_kernel_calls(monkeypatch):
+    # memento_attention.attention imports the kernel at call time, so patching the module
+    # attribute catches every call; a silent fallback to the reference would count 0.
+    from kernels import memento_flash
+
+    calls = []
+    real = memento_flash.memento_flash_attention
+
+    def counting(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(memento_flash, "memento_flash_attention", counting)
+    return calls
+
+
 def test_attention_dispatch_to_triton(monkeypatch):
     # memento_attention.attention(backend="triton") and $MEMENTO_ATTN_BACKEND reach the kernel.
+    calls = _count_kernel_calls(monkeypatch)
     T, mf = _memento_case(0, False)
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, h, T, 32, generator=g).to(DEVICE) for h in (4, 2, 2))
@@ -283,6 +300,57 @@ def test_attention_dispatch_to_triton(monkeypatch):
     torch.testing.assert_close(attention(q, k, v, mf.long().to(DEVICE)), ref, atol=1e-4, rtol=1e-4)
     causal = attention(q, k, v, None, backend="torch")
     torch.testing.assert_close(attention(q, k, v, None), causal, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 3
+
+
+def test_int64_mask_from_beyond_int32_stays_never():
+    # Through attention(backend="triton"), an int64 "never" larger than int32 must not wrap
+    # to a small number (which would hide those keys from every query).
+    T, mf = _memento_case(0, False)
+    big = mf.clone()
+    big[big == NEVER] = 2**40
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, h, T, 16, generator=g).to(DEVICE) for h in (2, 1, 1))
+    ref = attention(q, k, v, mf.to(DEVICE), backend="torch")
+    torch.testing.assert_close(attention(q, k, v, big.to(DEVICE), backend="triton"), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_tensors_without_interpreter_get_one_clear_error(monkeypatch):
+    from kernels import memento_flash
+
+    monkeypatch.setattr(memento_flash, "_INTERPRET", False)
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        memento_flash_attention(q, q, q, torch.full((1, 8), NEVER, dtype=torch.int32))
+
+
+# The tile shapes _config picks on CUDA, per head dim, dtype and architecture, run under the
+# interpreter here (warps and stages mean nothing to it); natively they are the defaults.
+_CUDA_TILE_CASES = [(64, torch.float32, 9), (128, torch.float32, 9), (64, torch.bfloat16, 9),
+                    (128, torch.bfloat16, 8), (128, torch.bfloat16, 9)]
+
+
+@pytest.mark.parametrize("D,dtype,sm", _CUDA_TILE_CASES, ids=lambda x: str(x).removeprefix("torch."))
+def test_head_dims_64_and_128_with_the_cuda_default_tiles(monkeypatch, D, dtype, sm):
+    from kernels import memento_flash
+
+    real, used = memento_flash._config, []
+
+    def cuda_config(D_, dtype_, is_cuda, block_m, block_n, sm_major=9):
+        used.append(real(D_, dtype_, True, block_m, block_n, sm))
+        return used[-1]
+
+    monkeypatch.setattr(memento_flash, "_config", cuda_config)
+    # A prompt longer than a key tile and blocks longer than a 128-token tile: the big
+    # default tiles still meet skip, full and partial cases; T is not a multiple of any tile.
+    T, info = memento_sequence(prompt=70, blocks=[(150, 10), (140, 8), (20, 3)], answer=6)
+    mf = memento_mask_from(T, info, 0)[None]
+    assert T % 64 != 0
+    bm, bn = real(D, dtype, True, None, None, sm)["fwd"][:2]
+    sched = tile_schedule(mf, T, bm, bn)
+    assert (sched == SKIP).any() and (sched == FULL).any()
+    _run_case(B=1, Hq=2, Hkv=1, T=T, D=D, dtype=dtype, mask_from=mf, block_m=None, block_n=None, seed=D)
+    assert used and used[0] == real(D, dtype, True, None, None, sm)
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,12 +507,14 @@ def test_stage2_training_step_triton_equals_torch(monkeypatch):
     mask_from = train_sft.stage_mask(ids, MementoTokens.from_tokenizer(tok), MementoConfig(0))
     assert (mask_from < NEVER).any()
     results = {}
+    calls = _count_kernel_calls(monkeypatch)
     for backend in ("torch", "triton"):
         monkeypatch.setenv("MEMENTO_ATTN_BACKEND", backend)
         model = tiny_model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=16).to(DEVICE).train()
         loss = train_sft.token_losses(model(ids.to(DEVICE), mask_from=mask_from.to(DEVICE)), labels.to(DEVICE)).sum()
         loss.backward()
         results[backend] = (loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    assert len(calls) == 2  # one kernel call per layer in the triton pass, none in the torch pass
     (lt, gt), (lk, gk) = results["torch"], results["triton"]
     assert abs(lt - lk) <= 1e-4 * abs(lt)
     for n in gt:
