@@ -2,8 +2,8 @@
 
     python experiments/report.py [--results experiments/results]
 
-Reads restart_ablation.json and probe_kv.json (either may be missing) and prints the tables
-of the README section "The dual information stream" on stdout.
+Reads restart_ablation.json, restart_ablation_seed*.json and probe_kv.json (any may be
+missing) and prints the tables of the README section "The dual information stream" on stdout.
 """
 from __future__ import annotations
 
@@ -34,6 +34,18 @@ def ablation_table(res: dict) -> str:
     out.append("|---|---|---|---|---|---|")
     for m, p in res["paired"].items():
         out.append(f"| {m} | {p['memento_only']} | {p['restart_only']} | {p['both']} | {p['neither']} | {p['mcnemar_p']:.3g} |")
+    return "\n".join(out)
+
+
+def seed_table(results: list[tuple[str, dict]]) -> str:
+    """One line per training seed: accuracy % of each (model, mode) row, and the McNemar p of
+    stage 2 memento vs restart. `results` is [(label, restart_ablation JSON)]."""
+    cols = [("stage2", "memento"), ("stage2", "restart"), ("stage1", "memento"), ("stage1", "restart"), ("stage1", "full")]
+    out = ["| training seed | " + " | ".join(f"{m} {mode}" for m, mode in cols) + " | stage 2 McNemar p |",
+           "|---|" + "---|" * (len(cols) + 1)]
+    for label, res in results:
+        acc = {(r["model"], r["mode"]): r["accuracy"] for r in res["rows"]}
+        out.append(f"| {label} | " + " | ".join(pct(acc.get(c)) for c in cols) + f" | {res['paired']['stage2']['mcnemar_p']:.2g} |")
     return "\n".join(out)
 
 
@@ -76,6 +88,12 @@ def main(argv=None):
             print(fn(res) + "\n")
         else:
             print(f"({name} not found)\n")
+    seeds = sorted(d.glob("restart_ablation_seed*.json"), key=lambda f: int(f.stem.removeprefix("restart_ablation_seed")))
+    if seeds and (d / "restart_ablation.json").is_file():
+        results = [("42 (default)", json.loads((d / "restart_ablation.json").read_text()))]
+        results += [(f.stem.removeprefix("restart_ablation_seed"), json.loads(f.read_text())) for f in seeds]
+        print("### restart_ablation across training seeds (accuracy %)\n")
+        print(seed_table(results) + "\n")
 
 
 if __name__ == "__main__":

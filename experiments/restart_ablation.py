@@ -1,6 +1,7 @@
 """Restart-mode ablation on the embedded toy task (paper §6.2.1; METHOD.md §5, §10).
 
     python experiments/restart_ablation.py [--stage1 out/stage1] [--stage2 out/stage2] [--n 500] [--json]
+    python experiments/restart_ablation.py --train-seed 1     # train both stages with seed 1 first
 
 Generates traces for the same n prompts (data/toy_task.sample_problem, seeded) with the same
 sampling seeds in every mode, checks each with data/toy_task.check_trace, and reports
@@ -21,10 +22,18 @@ JSON (stdout with --json; always written to --out):
         failure_reasons (histogram of check_trace reasons with numbers replaced by '#';
         'ok' counts the correct ones), mean_tokens, seconds}
     paired: {model: {memento_only, restart_only, both, neither, mcnemar_p}}
-    config: the arguments (n, seed, temperature, top_p, top_k, batch, max_new_tokens, ...)
+    config: the arguments (n, seed, temperature, top_p, top_k, batch, max_new_tokens,
+        train_seed, ...)
+    train_seconds: {stage1, stage2} wall time of the training with --train-seed, else null
     machine: cpu_model, cpu_count, torch, torch_threads, python, platform, cuda
     wall_seconds: the whole run, model loading included
 Checkpoints missing: exits with one line saying how to make them.
+
+--train-seed S first trains stage 1 and stage 2 exactly as the quickstart does (train_sft.py
+defaults) but with --seed S, into --work-dir/seedS (outside the repository), then runs the
+ablation on those checkpoints; the output defaults to restart_ablation_seedS.json (no plot). That
+is how the README's seed-to-seed comparison was made: a single training run of this toy
+model does not tell how much it comes to rely on the implicit channel.
 """
 from __future__ import annotations
 
@@ -65,7 +74,33 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "restart_ablation.json"), help="JSON output file ('' = none)")
     ap.add_argument("--plot", default=str(RESULTS / "restart_ablation.png"), help="PNG output ('' = none)")
     ap.add_argument("--json", action="store_true", help="print the JSON on stdout")
-    return ap.parse_args(argv)
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="train both stages (quickstart defaults) with this seed first, then ablate them")
+    ap.add_argument("--work-dir", default="/tmp/memento_seeds", help="checkpoints of --train-seed (outside the repo)")
+    args = ap.parse_args(argv)
+    if args.train_seed is not None:
+        base = Path(args.work_dir) / f"seed{args.train_seed}"
+        args.stage1, args.stage2 = str(base / "stage1"), str(base / "stage2")
+        default_out = str(RESULTS / "restart_ablation.json")
+        if args.out == default_out:
+            args.out = str(RESULTS / f"restart_ablation_seed{args.train_seed}.json")
+        if args.plot == str(RESULTS / "restart_ablation.png"):
+            args.plot = ""  # the README compares seeds in a table (experiments/report.py)
+    return args
+
+
+def train_both_stages(args) -> dict:
+    """Stage 1 then stage 2 with train_sft.py's toy defaults and --seed args.train_seed
+    (evals off: they do not change the weights). Returns {stage: seconds}."""
+    import train_sft
+
+    seconds = {}
+    for stage, extra in ((1, []), (2, ["--init-from", args.stage1])):
+        t0 = time.perf_counter()
+        train_sft.main(["--stage", str(stage), "--seed", str(args.train_seed), "--out", getattr(args, f"stage{stage}"),
+                        "--eval-samples", "0", "--no-progress", *extra])
+        seconds[f"stage{stage}"] = time.perf_counter() - t0
+    return seconds
 
 
 def reason_key(reason: str) -> str:
@@ -113,7 +148,8 @@ def plot(rows: list[dict], path: str) -> None:
 
     labels = [f"{r['model']}\n{r['mode']}" for r in rows]
     acc = [r["accuracy"] for r in rows]
-    err = [[a - r["ci95_low"] for a, r in zip(acc, rows)], [r["ci95_high"] - a for a, r in zip(acc, rows)]]
+    # max(0, .): at 0/n or n/n the interval's end equals the estimate up to rounding
+    err = [[max(0.0, a - r["ci95_low"]) for a, r in zip(acc, rows)], [max(0.0, r["ci95_high"] - a) for a, r in zip(acc, rows)]]
     colors = {"memento": "tab:blue", "restart": "tab:red", "full": "tab:gray"}
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(range(len(rows)), acc, yerr=err, capsize=4, color=[colors[r["mode"]] for r in rows])
@@ -131,6 +167,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
+    train_seconds = train_both_stages(args) if args.train_seed is not None else None
     # Load both before generating anything, so a missing checkpoint fails in a second.
     models = {"stage2": load_checkpoint(args.stage2, "--stage2", "restart_ablation.py"),
               "stage1": load_checkpoint(args.stage1, "--stage1", "restart_ablation.py")}
@@ -154,6 +191,7 @@ def main(argv=None) -> dict:
                         "neither": sum(not x and not y for x, y in zip(a, b)), "mcnemar_p": mcnemar_exact(mo, ro)}
     out = {"experiment": "restart_ablation", "rows": rows, "paired": paired,
            "config": {k: v for k, v in vars(args).items() if k not in ("json", "out", "plot")},
+           "train_seconds": train_seconds,
            "machine": machine_info(), "wall_seconds": time.perf_counter() - t0}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
