@@ -152,6 +152,19 @@ def test_restart_ablation_json(tmp_path):
         assert r["n"] == 4 and sum(r["failure_reasons"].values()) == 4
         assert 0 <= r["ci95_low"] <= r["accuracy"] <= r["ci95_high"] <= 1
     assert set(res["paired"]) == {"stage1", "stage2"} and "cpu_model" in res["machine"] and res["wall_seconds"] > 0
+    assert res["train_seconds"] is None and res["config"]["train_seed"] is None
+
+
+def test_restart_ablation_plot_at_n_of_n(tmp_path):
+    # All correct: the Wilson upper end equals the estimate up to rounding (it crashed once).
+    from common import wilson
+
+    rows = []
+    for mode, c in (("memento", 500), ("restart", 0), ("full", 500)):
+        lo, hi = wilson(c, 500)
+        rows.append({"model": "stage2", "mode": mode, "n": 500, "accuracy": c / 500, "ci95_low": lo, "ci95_high": hi})
+    restart_ablation.plot(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_restart_ablation_missing_checkpoint(tmp_path, capsys):
