@@ -4,10 +4,8 @@ test_pipeline_llm.py."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,8 +17,7 @@ from data.pipeline.segment import objective, score_grid, segment, segment_one_ca
 from data.pipeline.split import protected_spans, split_sentences
 from data.pipeline.tokens import approx_tokens
 
-SHARED = Path(os.environ.get("MEMENTO_SHARED_DATA",
-                             Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from conftest import SHARED_DATA as SHARED  # noqa: E402  (one definition of the path)
 
 
 def raw_trace() -> dict:

@@ -24,7 +24,7 @@ from data.pipeline.score import score_boundaries, score_two_pass, windows
 from data.pipeline.seed import think_parts
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MEMENTO_SHARED_DATA", REPO.parent / "shared" / "data"))
+from conftest import SHARED_DATA as SHARED  # noqa: E402  (one definition of the path)
 SPECIAL = ["<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>"]
 
 
