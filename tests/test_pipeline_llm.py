@@ -4,7 +4,6 @@ from fixed rules keyed by the request content."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
