@@ -74,6 +74,17 @@ def _check(scores, token_lengths, min_tokens, lam, min_blocks) -> list[int]:
     return lengths
 
 
+def _prefix_and_kmax(lengths: list[int], min_tokens: int) -> tuple[list[int], int]:
+    """Prefix sums P (P[i] = tokens of sentences 0..i-1) and the largest block count any
+    valid partition can have (each block >= min_tokens tokens, at most one per sentence).
+    Both segmenters return the single block when it is below 2 or min_blocks."""
+    P = [0]
+    for x in lengths:
+        P.append(P[-1] + x)
+    kmax = len(lengths) if min_tokens == 0 else min(len(lengths), P[-1] // min_tokens)
+    return P, kmax
+
+
 def _cv(k: int, ss: float, total: int) -> float:
     # pstdev/mean with mean = total/k, written so that the radicand is an exact integer.
     if total == 0:
@@ -131,16 +142,11 @@ def segment(scores, token_lengths, min_tokens: int = 200, lam: float = 0.5,
     lengths = _check(scores, token_lengths, min_tokens, lam, min_blocks)
     w, unit = score_grid(scores)
     n = len(lengths)
-    P = [0]
-    for x in lengths:
-        P.append(P[-1] + x)
-    T = P[n]
     whole = [[0, n - 1]]
-    if n == 1 or T < min_tokens:
+    P, kmax = _prefix_and_kmax(lengths, min_tokens)
+    if kmax < max(2, min_blocks):
         return whole
-    kmax = n if min_tokens == 0 else min(n, T // min_tokens)
-    if kmax < min_blocks:
-        return whole
+    T = P[n]
 
     Pa = np.asarray(P, dtype=np.float64)
     # cut weight at prefix j (a block ends after sentence j-1); only 1..n-1 can be cuts.
@@ -236,16 +242,11 @@ def segment_one_candidate(scores, token_lengths, min_tokens: int = 200, lam: flo
     lengths = _check(scores, token_lengths, min_tokens, lam, min_blocks)
     score_grid(scores)  # same validation as segment
     n = len(lengths)
-    P = [0]
-    for x in lengths:
-        P.append(P[-1] + x)
-    T = P[n]
     whole = [[0, n - 1]]
-    if n == 1 or T < min_tokens:
+    P, kmax = _prefix_and_kmax(lengths, min_tokens)
+    if kmax < max(2, min_blocks):
         return whole
-    kmax = n if min_tokens == 0 else min(n, T // min_tokens)
-    if kmax < min_blocks:
-        return whole
+    T = P[n]
     # cand[k][i] = (prefix objective, S, SS, j) for the kept partition of prefix i.
     cand = [dict() for _ in range(kmax + 1)]
     for i in range(1, n + 1):
