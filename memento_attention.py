@@ -48,6 +48,9 @@ def _check(q, k, v, mask_from):
         raise ValueError(f"attention: fewer keys ({k.shape[2]}) than queries ({Tq})")
     if mask_from is not None and tuple(mask_from.shape) != (B, k.shape[2]):
         raise ValueError(f"attention: mask_from must be [B, Tk] = [{B}, {k.shape[2]}], got {tuple(mask_from.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v must share one dtype outside autocast, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                         "run under torch.autocast or cast them")
 
 
 def attention_reference(q, k, v, mask_from=None, *, q_pos=None, k_pos=None):
@@ -79,13 +82,18 @@ def attention_reference(q, k, v, mask_from=None, *, q_pos=None, k_pos=None):
     return (p.view(B, Hkv, rep * Tq, Tk) @ v.float()).view(B, Hq, Tq, D).to(q.dtype)
 
 
+# Below this many queries the triton backend runs the dense reference: decoding is one query
+# per row over the keys left in the cache, O(Tk) memory, with no tiles worth skipping.
+KERNEL_MIN_QUERIES = 16
+
+
 def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
     """Causal attention under the memento visibility rule (§4); the model's only attention.
 
     Args:
         q: [B, Hq, Tq, D] float (fp32/bf16/fp16), queries.
-        k, v: [B, Hkv, Tk, D], same dtype, keys and values; Hq must be a multiple of Hkv
-            (grouped-query attention, no K/V copies needed by callers). Tk >= Tq.
+        k, v: [B, Hkv, Tk, D], keys and values; Hq must be a multiple of Hkv (grouped-query
+            attention, no K/V copies needed by callers). Tk >= Tq.
         mask_from: [B, Tk] int or None. Key j is visible to query i iff
             k_pos[j] <= q_pos[i] < mask_from[j]. None means plain causal attention.
         q_pos, k_pos: optional [B, Tq] / [B, Tk] int logical positions. By default keys sit
@@ -93,46 +101,59 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
             against a cache whose entries are all visible).
         backend: "torch" (the dense reference below, the oracle of every test), "sdpa"
             (torch's fused scaled_dot_product_attention with the same rule as a dense boolean
-            mask: what the paper trained with, and the fast CPU path), or "triton" (the
-            block-masked flash kernel of kernels/, CUDA or TRITON_INTERPRET=1). None reads
-            $MEMENTO_ATTN_BACKEND, else picks triton on CUDA and sdpa elsewhere: on a CPU,
-            SDPA with the dense mask is exact for the same rule and several times faster
-            than "torch", which stays the oracle. With q_pos/k_pos or Tq != Tk (decoding
-            against a cache), "triton" runs the dense reference: one query over the keys
-            left in the cache needs no tiles to skip.
+            [B, 1, Tq, Tk] mask: what the paper trained with, and the fast CPU path), or
+            "triton" (the block-masked flash kernel of kernels/, CUDA or TRITON_INTERPRET=1).
+            None reads $MEMENTO_ATTN_BACKEND, else picks triton on CUDA and sdpa elsewhere.
+            "triton" never builds a Tq x Tk tensor for Tq >= KERNEL_MIN_QUERIES: whole
+            sequences (training) run the differentiable kernel, queries against a KV cache
+            (prefill chunks, replay, restart mode) its forward with positions; fewer queries
+            (decoding) run the dense reference, whose memory is O(Tq * Tk) with Tq < 16.
+    Mixed precision: under torch.autocast for q's device type, q, k and v are cast to the
+    autocast dtype and attention runs in it (as autocast does for SDPA): the output is in
+    that dtype. Outside autocast q, k and v must share one dtype (a bf16 model gives bf16).
     Returns:
-        [B, Hq, Tq, D] in q's dtype.
+        [B, Hq, Tq, D] in q's dtype (the autocast dtype under autocast).
     Raises:
-        ValueError on inconsistent shapes, an unknown backend, or (triton) a CPU tensor
-        without the Triton interpreter.
+        ValueError on inconsistent shapes, mixed dtypes outside autocast, an unknown backend,
+        or (triton) a CPU tensor without the Triton interpreter, or positions with a gradient.
     """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        with torch.autocast(device_type, enabled=False):
+            return _attention(q, k, v, mask_from, q_pos, k_pos, backend)
+    return _attention(q, k, v, mask_from, q_pos, k_pos, backend)
+
+
+def _attention(q, k, v, mask_from, q_pos, k_pos, backend):
     _check(q, k, v, mask_from)
     backend = backend or os.environ.get("MEMENTO_ATTN_BACKEND") or ("triton" if q.is_cuda else "sdpa")
-    if backend == "torch":
-        return attention_reference(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
-    if backend == "sdpa":
-        B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
-        if k_pos is None:
-            k_pos = torch.arange(Tk, device=q.device).expand(B, Tk)
-        if q_pos is None:
-            q_pos = torch.arange(Tk - Tq, Tk, device=q.device).expand(B, Tq)
-        if mask_from is None:
-            mask_from = torch.full((B, Tk), NEVER, device=q.device, dtype=torch.int64)
-        vis = visible_mask(q_pos.long(), k_pos.long(), mask_from.long())[:, None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=True)
-    if backend == "triton":
-        if q_pos is not None or k_pos is not None or q.shape[2] != k.shape[2]:
-            # The kernel covers square self-attention (training, prefill); decoding against
-            # a compacted cache is one query over visible keys, where the dense path is exact.
-            return attention_reference(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
+    if backend not in ("torch", "sdpa", "triton"):
+        raise ValueError(f"attention: unknown backend {backend!r}; use 'torch', 'sdpa' or 'triton' (or set MEMENTO_ATTN_BACKEND)")
+    B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
+    if backend == "triton" and q_pos is None and k_pos is None and Tq == Tk:
         from kernels.memento_flash import memento_flash_attention
 
         if mask_from is None:
-            mask_from = torch.full(q.shape[:1] + q.shape[2:3], NEVER, device=q.device, dtype=torch.int32)
+            mask_from = torch.full((B, Tk), NEVER, device=q.device, dtype=torch.int32)
         # Any integer dtype: the kernel clamps to int32 itself, so NEVER-like int64 values
         # above 2**31 - 1 stay "never" instead of wrapping negative.
         return memento_flash_attention(q, k, v, mask_from)
-    raise ValueError(f"attention: unknown backend {backend!r}; use 'torch', 'sdpa' or 'triton' (or set MEMENTO_ATTN_BACKEND)")
+    if backend == "torch" or (backend == "triton" and Tq < KERNEL_MIN_QUERIES):
+        return attention_reference(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
+    if k_pos is None:
+        k_pos = torch.arange(Tk, device=q.device).expand(B, Tk)
+    if q_pos is None:
+        q_pos = torch.arange(Tk - Tq, Tk, device=q.device).expand(B, Tq)
+    if mask_from is None:
+        mask_from = torch.full((B, Tk), NEVER, device=q.device, dtype=torch.int64)
+    if backend == "triton":
+        from kernels.memento_flash import memento_flash_attention
+
+        return memento_flash_attention(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
+    vis = visible_mask(q_pos.long(), k_pos.long(), mask_from.long())[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=True)
 
 
 # ============================================================================ block tracking (§3)

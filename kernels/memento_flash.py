@@ -1,4 +1,4 @@
-"""Block-masked flash attention for MEMENTO training (paper §4, METHOD.md §4).
+"""Block-masked flash attention for MEMENTO training and prefill (paper §4, §6.1).
 
 Stage-2 training attends under the memento visibility rule
 
@@ -18,9 +18,15 @@ the share of skipped causal tiles grows with length: about 46% at 4K tokens and 
 (128 x 64 tiles; bench/bench_attention.py reports it), so the work tracks the visible pairs
 rather than the causal triangle.
 
+Inference uses the same forward kernel with explicit logical positions: a chunk of queries
+(a prompt being prefilled, a replayed chunk, a memento recomputed in restart mode) against
+the keys left in a compacted KV cache, where the rule reads pos[j] <= pos[i] < mask_from[j]
+and tiles are classified from per-tile position bounds instead of indices (§6.1).
+
 Public API:
-    memento_flash_attention(q, k, v, mask_from, sm_scale=None) -> out   (autograd-aware)
+    memento_flash_attention(q, k, v, mask_from, sm_scale=None, q_pos=, k_pos=) -> out
     key_tile_bounds(mask_from, T, block_n) -> (kmax, kmin)                (tile summary)
+    key_position_bounds(k_pos, T, block_n) -> (kpmin, kpmax)              (cache keys)
     tile_schedule(mask_from, T, block_m, block_n) -> [B, nQ, nK] int8    (SKIP/FULL/PARTIAL)
     tile_stats(mask_from, T, block_m, block_n) -> dict                   (skipped fraction)
 
@@ -54,24 +60,26 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Python `tile_schedule` (through `.fn`, the undecorated function), so the property tests on
 # tile_schedule test the very expressions the kernels branch on.
 #
-# A query tile covers rows [q_start, q_last] (q_last clamped to T-1: padding rows do not
-# count); a key tile covers columns [k_start, k_start + BLOCK_N) and k_max / k_min are the
-# max / min of mask_from over its real columns.
+# In logical positions: a query tile holds positions [q_min, q_max] (padding rows do not
+# count); a key tile holds positions [kp_min, kp_max] (kp_max counts padding columns as
+# beyond every query, so a tile with padding is never "full") and mf_max / mf_min are the
+# max / min of mask_from over its real columns. Training and a fresh prefill have
+# positions 0..T-1, so q_min = q_start, q_max = q_last, kp_min = k_start and
+# kp_max = k_start + BLOCK_N - 1, computed rather than loaded.
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _tile_skipped(q_start, q_last, k_start, k_max):
-    # Query i sees key j only if i < mask_from[j] <= k_max; the smallest query of the tile
-    # is q_start, so q_start >= k_max hides every key from every query. The second clause
-    # is causality: the tile's first key comes after its last query.
-    return (q_start >= k_max) | (k_start > q_last)
+def _tile_skipped(q_min, q_max, kp_min, mf_max):
+    # Query i sees key j only if i < mask_from[j] <= mf_max; the smallest query of the tile
+    # is q_min, so q_min >= mf_max hides every key from every query. The second clause is
+    # causality: the tile's first key comes after its last query.
+    return (q_min >= mf_max) | (kp_min > q_max)
 
 
 @triton.jit
-def _tile_full(q_start, q_last, k_start, k_min, BLOCK_N):
-    # Causal for every pair iff the last key column (padding included, so no column can be
-    # out of range either) is at most the first query; never masked for every pair iff the
-    # last query still comes before the earliest mask_from of the tile.
-    return (k_start + BLOCK_N - 1 <= q_start) & (q_last < k_min)
+def _tile_full(q_min, q_max, kp_max, mf_min):
+    # Causal for every pair iff the last key is at most the first query; never masked for
+    # every pair iff the last query still comes before the earliest mask_from of the tile.
+    return (kp_max <= q_min) & (q_max < mf_min)
 
 
 @triton.jit
@@ -97,16 +105,20 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, MF, KMAX, KMIN, O, LSE,
+    Q, K, V, MF, KMAX, KMIN, O, LSE, QPOS, KPOS, KPMIN, KPMAX,
     s_qb, s_qh, s_qt,
     s_kb, s_kh, s_kt,
     s_vb, s_vh, s_vt,
     s_ob, s_oh, s_ot,
-    s_mb, s_xb,
-    T, H, GROUP, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    s_mb, s_xb, s_pqb, s_pkb,
+    TQ, TK, H, GROUP, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # HAS_POS: queries and keys carry explicit logical positions (QPOS [B, TQ], KPOS [B, TK],
+    # per-key-tile position bounds KPMIN/KPMAX): a chunk of queries against a compacted KV
+    # cache, where keys are cache slots (gaps where blocks were evicted, EMPTY slots with
+    # mask_from = -1). Without it queries and keys are the same TQ = TK tokens at 0..T-1.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -115,13 +127,22 @@ def _fwd_kernel(
     hk = h // GROUP
 
     q_start = pid_m * BLOCK_M
-    q_last = tl.minimum(q_start + BLOCK_M, T) - 1
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
-    row_ok = offs_m < T
+    row_ok = offs_m < TQ
 
     b64 = b.to(tl.int64)
+    if HAS_POS:
+        qp = tl.load(QPOS + b64 * s_pqb + offs_m, mask=row_ok, other=0)
+        q_min = tl.min(tl.where(row_ok, qp, 2147483647), 0)
+        q_max = tl.max(tl.where(row_ok, qp, -1), 0)
+        k_end = TK  # keys are slots, not positions: any tile may hold visible keys
+    else:
+        qp = offs_m
+        q_min = q_start
+        q_max = tl.minimum(q_start + BLOCK_M, TQ) - 1
+        k_end = q_max + 1  # causality bounds the key loop at the last query
     q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh
@@ -145,21 +166,31 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
 
-    # Causality already bounds the key loop at q_last; the memento rule is tested per tile,
-    # because evicted blocks sit anywhere in the prefix (max(mask_from) is not monotone).
-    for k_start in range(0, q_last + 1, BLOCK_N):
+    # The memento rule is tested per tile, because evicted blocks sit anywhere in the prefix
+    # (max(mask_from) is not monotone).
+    for k_start in range(0, k_end, BLOCK_N):
         kt = k_start // BLOCK_N
         k_max = tl.load(KMAX + tile_base + kt)
         k_min = tl.load(KMIN + tile_base + kt)
-        if not _tile_skipped(q_start, q_last, k_start, k_max):
+        if HAS_POS:
+            kp_min = tl.load(KPMIN + tile_base + kt)
+            kp_max = tl.load(KPMAX + tile_base + kt)
+        else:
+            kp_min = k_start
+            kp_max = k_start + BLOCK_N - 1
+        if not _tile_skipped(q_min, q_max, kp_min, k_max):
             offs_n = k_start + offs_n0
-            col_ok = offs_n < T
+            col_ok = offs_n < TK
             kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
-            if not _tile_full(q_start, q_last, k_start, k_min, BLOCK_N):
+            if not _tile_full(q_min, q_max, kp_max, k_min):
                 mf = tl.load(mf_base + offs_n, mask=col_ok, other=0)
-                vis = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < mf[None, :]) & col_ok[None, :]
+                if HAS_POS:
+                    kp = tl.load(KPOS + b64 * s_pkb + offs_n, mask=col_ok, other=0)
+                else:
+                    kp = offs_n
+                vis = (kp[None, :] <= qp[:, None]) & (qp[:, None] < mf[None, :]) & col_ok[None, :]
                 s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -175,7 +206,7 @@ def _fwd_kernel(
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(O + b64 * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,7 +305,7 @@ def _bwd_dkdv_kernel(
             # dK and dV's row layout.
             sT = _mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, IEEE) * qk_scale
             pT = tl.math.exp2(sT - lse[None, :])
-            if not _tile_full(q_start, q_last, k_start, k_min, BLOCK_N):
+            if not _tile_full(q_start, q_last, k_start + BLOCK_N - 1, k_min):
                 vis = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < mf[:, None]) & col_ok[:, None]
                 pT = tl.where(vis, pT, 0.0)
             dv = _mma(pT.to(do.dtype), do, dv, UPCAST, IEEE)
@@ -341,7 +372,7 @@ def _bwd_dq_kernel(
             vT = tl.load(v_base + offs_n[None, :] * s_vt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
             s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
             p = tl.math.exp2(s - lse[:, None])
-            if not _tile_full(q_start, q_last, k_start, k_min, BLOCK_N):
+            if not _tile_full(q_start, q_last, k_start + BLOCK_N - 1, k_min):
                 mf = tl.load(mf_base + offs_n, mask=col_ok, other=0)
                 vis = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < mf[None, :]) & col_ok[None, :]
                 p = tl.where(vis, p, 0.0)
@@ -357,6 +388,21 @@ def _bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------
 # Host side.
 # ---------------------------------------------------------------------------------------
+def _tile_reduce(x: torch.Tensor, T: int, block_n: int, pad_max: int, pad_min: int):
+    # Per tile of block_n columns: (max, min) of x [B, >=T] over columns < T, padding columns
+    # standing in as pad_max / pad_min; int32, clamped to the int32 range.
+    B = x.shape[0]
+    nk = triton.cdiv(T, block_n)
+    xs = x[:, :T].to(torch.int64)
+    padded_max = torch.full((B, nk * block_n), pad_max, dtype=torch.int64, device=xs.device)
+    padded_min = torch.full((B, nk * block_n), pad_min, dtype=torch.int64, device=xs.device)
+    padded_max[:, :T] = xs
+    padded_min[:, :T] = xs
+    hi = padded_max.view(B, nk, block_n).amax(-1).clamp(_INT32_MIN, NEVER).to(torch.int32)
+    lo = padded_min.view(B, nk, block_n).amin(-1).clamp(_INT32_MIN, NEVER).to(torch.int32)
+    return hi.contiguous(), lo.contiguous()
+
+
 def key_tile_bounds(mask_from: torch.Tensor, T: int, block_n: int):
     """Per-key-tile max and min of mask_from: the two numbers the tile predicate reads (§4).
 
@@ -375,16 +421,27 @@ def key_tile_bounds(mask_from: torch.Tensor, T: int, block_n: int):
         raise ValueError(f"key_tile_bounds: mask_from must be [B, >=T] with T >= 1, got {tuple(mask_from.shape)} and T={T}")
     if not isinstance(block_n, int) or block_n < 1:
         raise ValueError(f"key_tile_bounds: block_n must be a positive int, got {block_n!r}")
-    B = mask_from.shape[0]
-    nk = triton.cdiv(T, block_n)
-    mf = mask_from[:, :T].to(torch.int64)
-    padded_max = torch.full((B, nk * block_n), _INT32_MIN, dtype=torch.int64, device=mf.device)
-    padded_min = torch.full((B, nk * block_n), NEVER, dtype=torch.int64, device=mf.device)
-    padded_max[:, :T] = mf
-    padded_min[:, :T] = mf
-    kmax = padded_max.view(B, nk, block_n).amax(-1).clamp(_INT32_MIN, NEVER).to(torch.int32)
-    kmin = padded_min.view(B, nk, block_n).amin(-1).clamp(_INT32_MIN, NEVER).to(torch.int32)
-    return kmax.contiguous(), kmin.contiguous()
+    return _tile_reduce(mask_from, T, block_n, pad_max=_INT32_MIN, pad_min=NEVER)
+
+
+def key_position_bounds(k_pos: torch.Tensor, T: int, block_n: int):
+    """Per-key-tile (min, max) logical position, for keys that are KV-cache slots (§6.1).
+
+    Args:
+        k_pos: [B, T] integer tensor, logical position of each key slot.
+        T: number of keys; block_n: key tile size in tokens.
+    Returns:
+        (kpmin, kpmax), each [B, ceil(T / block_n)] int32: the smallest position of the tile's
+        real keys, and the largest, or NEVER when the tile has padding columns past T (so the
+        predicate never calls such a tile "full", which would skip the column bound check).
+    Raises:
+        ValueError: as key_tile_bounds.
+    """
+    if k_pos.dim() != 2 or k_pos.shape[1] < T or T < 1 or not isinstance(block_n, int) or block_n < 1:
+        raise ValueError(f"key_position_bounds: k_pos must be [B, >=T] with T >= 1 and block_n a positive int, "
+                         f"got {tuple(k_pos.shape)}, T={T}, block_n={block_n!r}")
+    kpmax, kpmin = _tile_reduce(k_pos, T, block_n, pad_max=NEVER, pad_min=NEVER)
+    return kpmin, kpmax
 
 
 def tile_schedule(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> torch.Tensor:
@@ -416,7 +473,7 @@ def tile_schedule(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -
     q_last = (torch.clamp(q_start + block_m, max=T) - 1)
     k_start = (torch.arange(nk, device=dev) * block_n)[None, None, :]
     skipped = _tile_skipped.fn(q_start, q_last, k_start, kmax[:, None, :])
-    full = _tile_full.fn(q_start, q_last, k_start, kmin[:, None, :], block_n) & ~skipped
+    full = _tile_full.fn(q_start, q_last, k_start + block_n - 1, kmin[:, None, :]) & ~skipped
     out = torch.full(skipped.shape, PARTIAL, dtype=torch.int8, device=dev)
     out[skipped] = SKIP
     out[full] = FULL
@@ -493,22 +550,28 @@ def _sm_major(t: torch.Tensor) -> int:
     return torch.cuda.get_device_capability(t.device)[0] if t.is_cuda else 0
 
 
-def _validate(q, k, v, mask_from):
+def _validate(q, k, v, mask_from, q_pos, k_pos):
     name = "memento_flash_attention"
     for t_name, t in (("q", q), ("k", k), ("v", v), ("mask_from", mask_from)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: {t_name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{name}: q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, Hq, T, D = q.shape
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
     if k.shape != v.shape:
         raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
-        raise ValueError(f"{name}: k/v must be [B={B}, Hkv, T={T}, D={D}] (square self-attention), got {tuple(k.shape)}")
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError(f"{name}: pass both q_pos and k_pos, or neither")
+    if q_pos is None and (k.shape[0] != B or Tk != Tq or k.shape[3] != D):
+        raise ValueError(f"{name}: k/v must be [B={B}, Hkv, T={Tq}, D={D}] (square self-attention; "
+                         f"pass q_pos and k_pos for queries against other keys), got {tuple(k.shape)}")
+    if q_pos is not None and (k.shape[0] != B or k.shape[3] != D or Tk < 1):
+        raise ValueError(f"{name}: k/v must be [B={B}, Hkv, Tk>=1, D={D}], got {tuple(k.shape)}")
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"{name}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if T == 0 or B == 0 or Hq == 0:
+    if Tq == 0 or B == 0 or Hq == 0:
         raise ValueError(f"{name}: empty input {tuple(q.shape)}")
     if D not in _SUPPORTED_D:
         raise ValueError(f"{name}: head dim {D} unsupported; use 16, 32, 64, 128 or 256")
@@ -516,13 +579,20 @@ def _validate(q, k, v, mask_from):
         raise ValueError(f"{name}: dtype {q.dtype} unsupported; use float32, bfloat16 or float16")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{name}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if tuple(mask_from.shape) != (B, T):
-        raise ValueError(f"{name}: mask_from must be [B, T] = [{B}, {T}], got {tuple(mask_from.shape)}")
-    if mask_from.dtype.is_floating_point or mask_from.dtype.is_complex or mask_from.dtype == torch.bool:
-        raise ValueError(f"{name}: mask_from must be an integer tensor (int32 preferred), got {mask_from.dtype}")
-    devs = {t.device for t in (q, k, v, mask_from)}
+    ints = (("mask_from", mask_from, Tk), ("q_pos", q_pos, Tq), ("k_pos", k_pos, Tk))
+    for t_name, t, n in ints:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {t_name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (B, n):
+            raise ValueError(f"{name}: {t_name} must be [B, {'Tq' if t_name == 'q_pos' else 'Tk'}] = [{B}, {n}], "
+                             f"got {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name}: {t_name} must be an integer tensor (int32 preferred), got {t.dtype}")
+    devs = {t.device for t in (q, k, v, mask_from, q_pos, k_pos) if t is not None}
     if len(devs) != 1:
-        raise ValueError(f"{name}: q, k, v, mask_from must be on one device, got {sorted(map(str, devs))}")
+        raise ValueError(f"{name}: q, k, v, mask_from (and positions) must be on one device, got {sorted(map(str, devs))}")
     if not q.is_cuda and not _INTERPRET:
         raise ValueError(f"{name}: {q.device} tensors need the Triton interpreter (set TRITON_INTERPRET=1 before "
                          "importing triton), or use backend='torch' or 'sdpa' off CUDA")
@@ -532,35 +602,50 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _int32(t):
+    # Any integer dtype in; values clamped so that NEVER-like int64 stays "never", not wrapped.
+    if t.dtype != torch.int32:
+        t = t.to(torch.int64).clamp(_INT32_MIN, NEVER).to(torch.int32)
+    return t.contiguous()
+
+
+def _forward(q, k, v, mask_from, sm_scale, cfg, q_pos=None, k_pos=None):
+    """Launch the forward kernel: (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] fp32, base 2)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    fbm, fbn, warps, stages = cfg["fwd"]
+    kmax, kmin = key_tile_bounds(mask_from, Tk, fbn)
+    if q_pos is None:
+        q_pos = k_pos = kpmin = kpmax = mask_from  # not read: HAS_POS is off
+    else:
+        kpmin, kpmax = key_position_bounds(k_pos, Tk, fbn)
+    o = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    _fwd_kernel[(triton.cdiv(Tq, fbm), B * Hq)](
+        q, k, v, mask_from, kmax, kmin, o, lse, q_pos, k_pos, kpmin, kpmax,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        mask_from.stride(0), kmax.stride(0), q_pos.stride(0), k_pos.stride(0),
+        Tq, Tk, Hq, Hq // Hkv, sm_scale * 1.4426950408889634,  # log2(e): the kernels work in base 2
+        HEAD_D=D, BLOCK_M=fbm, BLOCK_N=fbn, HAS_POS=q_pos is not mask_from,
+        UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda, IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
 class _MementoFlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_from, sm_scale, block_m, block_n):
-        B, Hq, T, D = q.shape
-        Hkv = k.shape[1]
+        D = q.shape[-1]
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _sm_major(q))
-        fbm, fbn, warps, stages = cfg["fwd"]
-        upcast = q.dtype == torch.bfloat16 and not q.is_cuda
-        ieee = q.dtype == torch.float32
-        qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernels work in base 2
-
-        kmax, kmin = key_tile_bounds(mask_from, T, fbn)
-        o = torch.empty_like(q)
-        lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(T, fbm), B * Hq)
-        _fwd_kernel[grid](
-            q, k, v, mask_from, kmax, kmin, o, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            mask_from.stride(0), kmax.stride(0),
-            T, Hq, Hq // Hkv, qk_scale,
-            HEAD_D=D, BLOCK_M=fbm, BLOCK_N=fbn, UPCAST=upcast, IEEE=ieee,
-            num_warps=warps, num_stages=stages,
-        )
+        o, lse = _forward(q, k, v, mask_from, sm_scale, cfg)
         ctx.save_for_backward(q, k, v, o, lse, mask_from)
-        ctx.cfg = (sm_scale, qk_scale, cfg, upcast, ieee)
+        ctx.cfg = (sm_scale, sm_scale * 1.4426950408889634, cfg, q.dtype == torch.bfloat16 and not q.is_cuda,
+                   q.dtype == torch.float32)
         return o
 
     @staticmethod
@@ -616,41 +701,56 @@ class _MementoFlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def memento_flash_attention(q, k, v, mask_from, sm_scale=None, *, block_m=None, block_n=None):
-    """Causal self-attention under the memento visibility rule, as fused Triton kernels (§4).
+def memento_flash_attention(q, k, v, mask_from, sm_scale=None, *, q_pos=None, k_pos=None, block_m=None, block_n=None):
+    """Causal attention under the memento visibility rule, as fused Triton kernels (§4, §6.1).
 
-    Key j is visible to query i iff j <= i < mask_from[b, j]. Tiles in which no pair is
-    visible are skipped without loading K/V (see tile_schedule); forward and backward
-    (dQ, dK, dV) are Triton kernels with fp32 accumulation; differentiable in q, k, v.
+    Key j is visible to query i iff pos[j] <= pos[i] < mask_from[b, j]. Tiles in which no
+    pair is visible are skipped without loading K/V (see tile_schedule); fp32 accumulation.
+
+    Two forms:
+    - Self-attention (training, §4): q, k, v are the same T tokens at positions 0..T-1;
+      differentiable in q, k, v (forward, dQ, dK, dV kernels).
+    - Against a KV cache (prefill and chunked prefill, §6.1): with q_pos and k_pos, Tq queries
+      at logical positions q_pos attend Tk key slots at positions k_pos (slots may have gaps
+      where blocks were evicted, and empty slots with mask_from = -1). Forward only, for
+      inference: memory is O(Tq + Tk) beyond the inputs, never O(Tq * Tk).
 
     Args:
-        q: [B, Hq, T, D] float32, bfloat16 or float16 (CUDA, or CPU under TRITON_INTERPRET=1).
-        k, v: [B, Hkv, T, D], same dtype and device; Hq must be a multiple of Hkv (GQA:
-            query head h reads key/value head h // (Hq // Hkv), no copies are made).
-        mask_from: [B, T] integer tensor (int32 preferred; others are converted, values
+        q: [B, Hq, Tq, D] float32, bfloat16 or float16 (CUDA, or CPU under TRITON_INTERPRET=1).
+        k, v: [B, Hkv, Tk, D], same dtype and device (Tk == Tq without positions); Hq must be
+            a multiple of Hkv (GQA: query head h reads key/value head h // (Hq // Hkv), no
+            copies are made).
+        mask_from: [B, Tk] integer tensor (int32 preferred; others are converted, values
             clamped to int32), first query position from which each key is masked;
-            NEVER = 2**31 - 1 for never. Valid inputs have mask_from[b, j] > j.
+            NEVER = 2**31 - 1 for never. Valid inputs have mask_from[b, j] > pos[j].
         sm_scale: softmax scale applied to q.k; default 1 / sqrt(D).
+        q_pos, k_pos: optional [B, Tq] / [B, Tk] integer logical positions (both or neither).
         block_m, block_n: optional tile sizes in tokens (powers of 2, >= 16) for the query
             and key axes of every kernel; default depends on D and device.
     Returns:
-        [B, Hq, T, D] attention output in q's dtype.
+        [B, Hq, Tq, D] attention output in q's dtype.
     Raises:
-        ValueError: non-tensor inputs, wrong ranks or shapes (k/v must be [B, Hkv, T, D],
-            mask_from [B, T]), Hq not a multiple of Hkv, head dim not in 16/32/64/128/256,
-            unsupported or mixed dtypes, non-integer mask_from, mixed devices, empty input,
-            a bad block size, or CPU tensors without TRITON_INTERPRET=1 at import.
+        ValueError: non-tensor inputs, wrong ranks or shapes (k/v must be [B, Hkv, T, D]
+            without positions, mask_from [B, Tk], positions [B, Tq] / [B, Tk]), only one of
+            q_pos / k_pos, Hq not a multiple of Hkv, head dim not in 16/32/64/128/256,
+            unsupported or mixed dtypes, non-integer mask_from or positions, mixed devices,
+            empty input, a bad block size, CPU tensors without TRITON_INTERPRET=1 at import,
+            or positions while a gradient is required (that form is inference-only).
 
     A query that sees no key at all (only possible when mask_from[b, i] <= i, which the
     memento builders never produce) gets a zero output row and zero gradients instead of
     NaN, matching memento_attention.attention_reference; no error is raised for it.
     """
-    _validate(q, k, v, mask_from)
+    _validate(q, k, v, mask_from, q_pos, k_pos)
     D = q.shape[-1]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
-    _config(D, q.dtype, q.is_cuda, block_m, block_n)  # validate block sizes up front
-    if mask_from.dtype != torch.int32:
-        mask_from = mask_from.to(torch.int64).clamp(_INT32_MIN, NEVER).to(torch.int32)
-    mask_from = mask_from.contiguous()
-    return _MementoFlashAttention.apply(q, k, v, mask_from, float(sm_scale), block_m, block_n)
+    cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _sm_major(q))  # validates block sizes
+    mask_from = _int32(mask_from)
+    if q_pos is None:
+        return _MementoFlashAttention.apply(q, k, v, mask_from, float(sm_scale), block_m, block_n)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("memento_flash_attention: with q_pos/k_pos (queries against a KV cache) the kernel is "
+                         "forward-only; run it under torch.no_grad(), or train on whole sequences without positions")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return _forward(q, k, v, mask_from, float(sm_scale), cfg, _int32(q_pos), _int32(k_pos))[0]

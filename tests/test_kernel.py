@@ -470,7 +470,7 @@ def _mf(B=1, T=8):
     (lambda: (_qkv()[0][0], *_qkv()[1:], _mf()), "must be 4-D"),
     (lambda: (_qkv()[0], _qkv(T=9)[1], _qkv(T=9)[2], _mf()), r"k/v must be \[B=1, Hkv, T=8, D=16\]"),
     (lambda: (_qkv()[0], _qkv()[1], _qkv(Hkv=2)[2], _mf()), "must have the same shape"),
-    (lambda: (*_qkv(), _mf(T=9)), r"mask_from must be \[B, T\] = \[1, 8\]"),
+    (lambda: (*_qkv(), _mf(T=9)), r"mask_from must be \[B, Tk\] = \[1, 8\]"),
     (lambda: (*_qkv(), _mf().float()), "mask_from must be an integer tensor"),
     (lambda: (*_qkv(dtype=torch.float64), _mf()), "dtype torch.float64 unsupported"),
     (lambda: (_qkv()[0].half(), *_qkv()[1:], _mf()), "must share one dtype"),
@@ -519,3 +519,81 @@ def test_stage2_training_step_triton_equals_torch(monkeypatch):
     assert abs(lt - lk) <= 1e-4 * abs(lt)
     for n in gt:
         assert (gt[n] - gk[n]).abs().max().item() <= 1e-4 * (1 + gt[n].abs().max().item()), n
+
+
+# ---------------------------------------------------------------------------------------
+# Queries against a compacted KV cache: explicit logical positions (prefill chunks, §6.1).
+# ---------------------------------------------------------------------------------------
+def _cache_layout(g, B, Tk, Tq, evicted_frac=0.4):
+    """Key slots as a compacting cache holds them: increasing logical positions with gaps
+    (evicted blocks), some slots EMPTY (mask_from = -1, as kv_cache pads rows), mask_from of
+    surviving keys either NEVER or a later position; queries continue after the last key,
+    the first few of them overlapping the newest keys (a chunk appended to the cache)."""
+    k_pos, mf, q_pos = [], [], []
+    for _ in range(B):
+        gaps = torch.randint(1, 4, (Tk,), generator=g) * (torch.rand(Tk, generator=g) < evicted_frac)
+        pos = torch.cumsum(1 + gaps, 0) - 1
+        m = torch.full((Tk,), NEVER, dtype=torch.int64)
+        later = torch.rand(Tk, generator=g) < 0.3
+        m[later] = pos[later] + 1 + torch.randint(0, 3 * Tq, (int(later.sum()),), generator=g)
+        empty = torch.rand(Tk, generator=g) < 0.1
+        empty[-Tq:] = False  # the chunk's own keys are real (they may be masked later on)
+        m[empty] = -1  # EMPTY slots
+        k_pos.append(pos)
+        mf.append(m)
+        # the chunk's own keys are the last Tq slots: queries sit at their positions
+        q_pos.append(pos[-Tq:] if Tq <= Tk else torch.arange(Tq))
+    return torch.stack(q_pos), torch.stack(k_pos), torch.stack(mf)
+
+
+@pytest.mark.parametrize("Tq,Tk,Hq,Hkv,D,dtype", [
+    (16, 16, 2, 1, 16, torch.float32),      # a first prefill chunk: the cache holds only it
+    (20, 77, 4, 2, 16, torch.float32),      # a chunk against a longer cache, tiles with padding
+    (45, 130, 4, 1, 32, torch.float32),
+    (33, 64, 2, 2, 64, torch.bfloat16),
+])
+def test_queries_against_cache_positions_match_reference(Tq, Tk, Hq, Hkv, D, dtype):
+    g = torch.Generator().manual_seed(Tq * 7 + Tk)
+    B = 2
+    q_pos, k_pos, mf = _cache_layout(g, B, Tk, Tq)
+    q = torch.randn(B, Hq, Tq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
+    ref = attention_reference(q.float(), k.float(), v.float(), mf, q_pos=q_pos, k_pos=k_pos)
+    vis = visible_mask(q_pos, k_pos, mf)
+    assert vis.any(-1).all()  # every query sees a key (its own)
+    causal = k_pos[:, None, :] <= q_pos[:, :, None]
+    assert (causal & ~vis).any()  # the memento rule hides keys that causality would show
+    with torch.no_grad():
+        out = memento_flash_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), mf.to(DEVICE), q_pos=q_pos.to(DEVICE),
+                                      k_pos=k_pos.to(DEVICE), block_m=16, block_n=16)
+    assert out.dtype == dtype and out.shape == (B, Hq, Tq, D)
+    atol = TOL[dtype]["out"][0]
+    torch.testing.assert_close(out.float().cpu(), ref, atol=atol, rtol=atol)
+
+
+def test_cache_positions_skip_evicted_tiles_and_never_load_them():
+    # A key tile whose every key is masked for every query of the chunk is skipped: NaN in
+    # its V must not reach the output (it would through P @ V if the tile were loaded).
+    Tk, Tq = 64, 16
+    k_pos = torch.arange(Tk)[None] * 2  # gaps everywhere: positions 0, 2, ..., 126
+    mf = torch.full((1, Tk), NEVER)
+    mf[0, 16:32] = 100  # hidden from position 100 on
+    q_pos = torch.arange(130, 130 + Tq)[None]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 2, Tq, 16, generator=g), torch.randn(1, 1, Tk, 16, generator=g), torch.randn(1, 1, Tk, 16, generator=g)
+    ref = attention_reference(q, k, v, mf, q_pos=q_pos, k_pos=k_pos)
+    v[:, :, 16:32] = float("nan")
+    with torch.no_grad():
+        out = memento_flash_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), mf.to(DEVICE), q_pos=q_pos.to(DEVICE),
+                                      k_pos=k_pos.to(DEVICE), block_m=16, block_n=16)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_positions_are_forward_only():
+    q, k, v = (t.requires_grad_() for t in _qkv(T=16))
+    pos = torch.arange(16, device=DEVICE)[None]
+    with pytest.raises(ValueError, match="forward-only"):
+        memento_flash_attention(q, k, v, _mf(T=16), q_pos=pos, k_pos=pos)
+    with pytest.raises(ValueError, match="pass both q_pos and k_pos"):
+        memento_flash_attention(*_qkv(T=16), _mf(T=16), q_pos=pos)
