@@ -38,20 +38,41 @@ class SampleConfig:
 
 
 def sample(logits: torch.Tensor, sc: SampleConfig, gen: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row from logits [B, V] (float) -> [B] int64: temperature, then
-    top-k, then top-p (nucleus) filtering."""
+    """Draw one token per row (§5 sampling): temperature, then top-k, then top-p (nucleus).
+
+    Args:
+        logits: [B, V] float logits on any device.
+        sc: temperature (<= 0: greedy argmax, no randomness drawn), top_k (0: all tokens),
+            top_p (1.0: no nucleus cut).
+        gen: a CPU torch.Generator, or None for torch's global CPU generator.
+    Returns:
+        [B] int64 token ids on logits' device.
+
+    Seed semantics, the same on every device: each call draws exactly one uniform number
+    u ~ U[0, 1) per row from `gen` on the CPU; the token is the first candidate, in
+    descending probability, at which the cumulative filtered probability exceeds u times
+    their total (inverse-CDF sampling, done on logits' device). The same seed and logits
+    therefore give the same tokens on CPU and CUDA (up to float rounding of the logits
+    themselves), and a CUDA run never needs a CUDA generator.
+    """
     if sc.temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / sc.temperature
-    if sc.top_k > 0:
-        kth = torch.topk(logits, min(sc.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
+    logits = logits.float() / sc.temperature
+    V = logits.shape[-1]
+    if 0 < sc.top_k < V:
+        cand, idx = torch.topk(logits, sc.top_k, dim=-1)  # sorted, largest first
+    else:
+        cand, idx = logits.sort(-1, descending=True)
+    probs = torch.softmax(cand, -1)
     if sc.top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > sc.top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        drop = probs.cumsum(-1) - probs > sc.top_p  # keep the smallest prefix reaching top_p
+        probs = probs.masked_fill(drop, 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, generator=gen).to(logits.device)
+    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    # u * total can round up to the total itself: fall back to the last kept candidate.
+    choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)
+    return idx.gather(-1, choice).squeeze(-1)
 
 
 @dataclass
@@ -70,8 +91,8 @@ class Sequence:
 def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compaction: bool = True,
              restart: bool = False, max_new_tokens: int = 1024, max_block_tokens: int | None = None,
              sampling: SampleConfig = SampleConfig(), seed: int | None = None,
-             forced: list[list[int]] | None = None, replay_chunk: int = 1, keep_logits: bool = False,
-             on_token=None):
+             forced: list[list[int]] | None = None, replay_chunk: int = 1, prefill_chunk: int = 2048,
+             keep_logits: bool = False, on_token=None):
     """Prefill B prompts, then decode them together through one compacting KVCache.
 
     Args:
@@ -88,6 +109,11 @@ def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compac
         replay_chunk: with `forced`, feed up to this many tokens per forward (chunks never
             cross a position where a mask starts, so the result is the same as 1; it only
             trades memory for speed). Sampling always decodes one token at a time.
+        prefill_chunk: prompt positions per forward (chunked prefill, as vLLM's
+            --max-num-batched-tokens bounds a step): attention memory is O(chunk x cache)
+            and logits are computed only for the last prompt token of each row, so a 40K
+            prompt never builds a 40K x 40K score matrix or 40K rows of logits. Exact for
+            any value >= 1.
         keep_logits: store each position's logits [V] (float32) in Sequence.logits
             (prompt positions included), for tests.
         on_token: callback(row, token_id, kind) per decoded token; kind is one of
@@ -108,15 +134,17 @@ def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compac
             raise ValueError(f"prompt of {len(p)} tokens does not fit max_position_embeddings={max_pos}; shorten it")
     T = MementoTokens.from_tokenizer(tok)
     stop_ids = {tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids}
-    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None  # CPU: see sample()
     B = len(prompts)
     seqs = [Sequence(p, None if forced is None else forced[i]) for i, p in enumerate(prompts)]
     trackers = [BlockTracker(T, cfg) for _ in range(B)]
     cache = KVCache(model.config, B, dtype, device)
 
-    # ---- prefill: right-padded, padding slots are EMPTY (seen by nobody) and evicted at once
-    lens = torch.tensor([len(p) for p in prompts])
-    Tp = int(lens.max())
+    # ---- prefill: right-padded, padding slots are EMPTY (seen by nobody). The prompt goes in
+    # chunks of positions; each chunk attends to the cache (itself included) under the stored
+    # mask_from, and every key whose mask has started by the next position is evicted.
+    lens = [len(p) for p in prompts]
+    Tp = max(lens)
     ids = torch.zeros(B, Tp, dtype=torch.int64)
     mask_from = torch.full((B, Tp), EMPTY, dtype=torch.int64)
     for r, p in enumerate(prompts):
@@ -127,16 +155,17 @@ def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compac
                 if compaction:
                     lo, hi = b.span(cfg.mask_delimiters)
                     mask_from[r, lo:hi + 1].clamp_(max=i)  # earliest start wins (nested blocks)
-    positions = torch.arange(Tp).expand(B, Tp)
-    logits = model(ids.to(device), positions.to(device), mask_from.to(device), cache)
-    for r, p in enumerate(prompts):  # the §6 count: keys j <= i with mask_from[j] > i
-        n = len(p)
-        vis = (torch.arange(n)[None, :] <= torch.arange(n)[:, None]) & (mask_from[r, :n][None, :] > torch.arange(n)[:, None])
-        cache.curve[r].extend(vis.sum(1).tolist())
+        cache.curve[r].extend(_visible_counts(mask_from[r, :len(p)]))
+    last = torch.empty(B, model.config.vocab_size, device=device)
+    for c0 in range(0, Tp, prefill_chunk):
+        c1 = min(Tp, c0 + prefill_chunk)
+        positions = torch.arange(c0, c1).expand(B, c1 - c0)
+        h = model.hidden_states(ids[:, c0:c1].to(device), positions.to(device), mask_from[:, c0:c1].to(device), cache)
         if keep_logits:
-            seqs[r].logits.extend(logits[r, :n].cpu())
-    cache.evict_masked(lens.to(device))
-    last = logits[torch.arange(B), lens - 1].clone()
+            for r, n in enumerate(lens):
+                seqs[r].logits.extend(model.logits(h[r, :max(0, min(n, c1) - c0)]).cpu())
+        _last_logits(model, h, last, {r: n - 1 - c0 for r, n in enumerate(lens) if c0 < n <= c1})
+        cache.evict_masked(torch.tensor([min(n, c1) for n in lens], device=device))
 
     # ---- decode. Sampling feeds one token per live row per step. Teacher forcing feeds up to
     # `replay_chunk` tokens at once, cut so that a chunk never crosses a position where a mask
@@ -195,17 +224,17 @@ def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compac
             ids[r, :len(c)] = torch.tensor(c, dtype=torch.int64)
             pos[r, :len(c)] = torch.arange(p0, p0 + len(c))
             mf[r, :len(c)] = NEVER
-        logits = model(ids.to(device), pos.to(device), mf.to(device), cache)
+        h = model.hidden_states(ids.to(device), pos.to(device), mf.to(device), cache)
         for layer in cache.layers:  # padding slots (rows with shorter or no chunks) go back
             layer.length -= torch.tensor([W - n for n in n_new], device=layer.length.device)
             layer.mask_from[torch.arange(layer.capacity, device=device) >= layer.length[:, None]] = EMPTY
         cache.record(n_new, active=[n > 0 for n in n_new])
+        _last_logits(model, h, last, {r: n - 1 for r, n in enumerate(n_new) if n})
         for r, s in enumerate(seqs):
             if n_new[r] == 0:
                 continue
             if keep_logits:
-                s.logits.extend(logits[r, :n_new[r]].cpu())
-            last[r] = logits[r, n_new[r] - 1]
+                s.logits.extend(model.logits(h[r, :n_new[r]]).cpu())
             p = len(s.prompt) + len(s.tokens)
             if forced is not None and len(s.tokens) == len(s.forced):
                 s.done, s.stop_reason = True, "end of trace"
@@ -214,6 +243,22 @@ def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compac
             elif p >= max_pos:
                 s.done, s.stop_reason = True, "max_position_embeddings"
     return seqs, cache
+
+
+def _last_logits(model, h: torch.Tensor, last: torch.Tensor, where: dict[int, int]) -> None:
+    """last[r] = logits at h[r, where[r]] for each row r in `where`, in one lm_head call."""
+    if where:
+        rows = list(where)
+        last[rows] = model.logits(h[rows, [where[r] for r in rows]])
+
+
+def _visible_counts(mask_from: torch.Tensor) -> list[int]:
+    """§A.3.1 count for a prefilled prompt of n tokens: keys j <= i with mask_from[j] > i, for
+    each i, in O(n) (mask_from [n] int; a key hidden from i on satisfies j < mask_from[j] <= i)."""
+    n = mask_from.shape[0]
+    hidden_from = mask_from[mask_from < n]
+    hidden = torch.bincount(hidden_from, minlength=n).cumsum(0)
+    return (torch.arange(1, n + 1) - hidden).tolist()
 
 
 def _mask_events(ids: list[int], T: MementoTokens, cfg: MementoConfig) -> set[int]:
@@ -232,7 +277,7 @@ def _restart_memento(model, cache: KVCache, row: int, b, seq: Sequence, device) 
     full = seq.prompt + seq.tokens
     ids = torch.tensor([full[b.e + 1:b.z]], device=device)
     pos = torch.arange(b.e + 1, b.z, device=device)[None]
-    model(ids, pos, None, sub)
+    model.hidden_states(ids, pos, None, sub)
     cache.write_row(row, sub)
 
 

@@ -198,6 +198,53 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+# ----------------------------------------------------------------------------- the loss
+
+IGNORE_INDEX = -100  # labels with this value carry no loss (F.cross_entropy's default)
+
+
+def token_cross_entropy(lm_head: nn.Linear, h: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Next-token cross-entropy of every position, without holding all logits (§4, §A.2.1).
+
+    Position t of row b predicts labels[b, t + 1]. The [B*T, hidden] states are cut into
+    chunks of `chunk_rows` rows; each chunk's logits (in fp32 for the softmax) live only
+    inside that chunk's step: with autograd on, each chunk runs under activation
+    checkpointing, so its backward recomputes the chunk's logits instead of keeping them.
+    Peak logits memory is therefore O(chunk_rows * vocab) instead of O(B * T * vocab), and
+    the losses and gradients equal those of the plain F.cross_entropy on full logits.
+
+    Args:
+        lm_head: the output projection (hidden -> vocab).
+        h: [B, T, hidden] final hidden states (any float dtype; autocast applies to lm_head).
+        labels: [B, T] int64 target ids, IGNORE_INDEX where no loss is wanted.
+        chunk_rows: rows of logits per chunk (>= 1).
+    Returns:
+        [B, T - 1] float32 per-token losses, 0 where labels[:, 1:] is IGNORE_INDEX.
+    Raises:
+        ValueError if labels is not [B, T] for h [B, T, hidden], or chunk_rows < 1.
+    """
+    B, T = h.shape[:2]
+    if tuple(labels.shape) != (B, T):
+        raise ValueError(f"token_cross_entropy: labels must be [B, T] = [{B}, {T}], got {tuple(labels.shape)}")
+    if chunk_rows < 1:
+        raise ValueError(f"token_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+    # Shift by padding the targets instead of slicing h: h.flatten stays a view, and the last
+    # position of every row (nothing to predict) gets the ignored label.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    rows = h.flatten(0, 1)
+    checkpointed = torch.is_grad_enabled() and rows.requires_grad
+    losses = []
+    for i in range(0, B * T, chunk_rows):
+        args = (lm_head, rows[i:i + chunk_rows], targets[i:i + chunk_rows])
+        losses.append(torch.utils.checkpoint.checkpoint(_chunk_cross_entropy, *args, use_reentrant=False)
+                      if checkpointed else _chunk_cross_entropy(*args))
+    return torch.cat(losses).view(B, T)[:, :-1]
+
+
+def _chunk_cross_entropy(lm_head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(rows).float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -216,6 +263,7 @@ class Qwen3(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.loss_chunk_rows = 1024  # rows of logits alive at once in forward(labels=...)
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Qwen3":
         """Random init for training from scratch: N(0, std) linears/embeddings, ones for norms."""
@@ -230,24 +278,12 @@ class Qwen3(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask_from: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """Logits for every input token.
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      mask_from: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """The decoder's output before lm_head: [B, T, hidden_size] after the final RMSNorm.
 
-        Args:
-            input_ids: [B, T] int64 token ids.
-            positions: [B, T] int64 logical positions for RoPE (and, with a cache, for the
-                visibility rule). Default 0..T-1; required with a cache.
-            mask_from: [B, T] int, the memento mask of these tokens (memento_attention.py,
-                §4): key j visible to query i iff j <= i < mask_from[j]. Without a cache it
-                is indexed by position in this sequence; None = plain causal.
-            cache: a kv_cache.KVCache; the tokens are appended to it and attend to
-                everything it holds (compaction happens outside the forward).
-        Returns:
-            [B, T, vocab_size] float32 logits.
-        Raises:
-            ValueError if input_ids is not [B, T] int or positions are missing with a cache
-            or reach max_position_embeddings.
+        Arguments and errors as in `forward`. The dtype is the residual stream's (the
+        parameters' dtype; fp32 under autocast of an fp32 model).
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"Qwen3.forward: input_ids must be a [B, T] integer tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
@@ -267,7 +303,40 @@ class Qwen3(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask_from, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, positions, mask_from, lc)
-        return self.lm_head(self.model.norm(x)).float()
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                mask_from: torch.Tensor | None = None, cache=None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every input token, or with `labels` the next-token loss of every token.
+
+        Args:
+            input_ids: [B, T] int64 token ids.
+            positions: [B, T] int64 logical positions for RoPE (and, with a cache, for the
+                visibility rule). Default 0..T-1; required with a cache.
+            mask_from: [B, T] int, the memento mask of these tokens (memento_attention.py,
+                §4): key j visible to query i iff j <= i < mask_from[j]. Without a cache it
+                is indexed by position in this sequence; None = plain causal.
+            cache: a kv_cache.KVCache; the tokens are appended to it and attend to
+                everything it holds (compaction happens outside the forward).
+            labels: [B, T] int64 or None. With labels, returns the cross-entropy of predicting
+                labels[:, t + 1] from position t, computed by `token_cross_entropy` in chunks
+                of `self.loss_chunk_rows` rows so that [B*T, vocab] logits never exist at once
+                (paper §A.2.1 trains at 32K tokens; Qwen3's vocabulary is 151,936).
+        Returns:
+            [B, T, vocab_size] float32 logits, or with labels [B, T - 1] float32 losses (0 where
+            the label is IGNORE_INDEX).
+        Raises:
+            ValueError if input_ids is not [B, T] int or positions are missing with a cache
+            or reach max_position_embeddings.
+        """
+        h = self.hidden_states(input_ids, positions, mask_from, cache)
+        if labels is None:
+            return self.logits(h)
+        return token_cross_entropy(self.lm_head, h, labels, self.loss_chunk_rows)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head on hidden states [..., hidden_size] -> [..., vocab_size] float32 logits."""
+        return self.lm_head(h).float()
 
     # ------------------------------------------------------------------------- checkpoints
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -251,14 +250,6 @@ def stage_mask(ids: torch.Tensor, tokens: MementoTokens, cfg: MementoConfig) -> 
     return None if cfg.keep_last_n_blocks < 0 else build_mask_from(ids, tokens, cfg)
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy per position: logits [B, T, V], labels [B, T] (-100 = no loss)
-    -> [B, T-1] float32, 0 where the label is ignored (§7: every response token counts)."""
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="none",
-                         ignore_index=openmementos.IGNORE)
-    return ce.view(labels.shape[0], -1)
-
-
 def train(args) -> dict:
     """Run one stage; returns the final metrics (also written to the training state)."""
     rank, world, device = setup_distributed(args.device)
@@ -297,10 +288,10 @@ def train(args) -> dict:
             mask_from = stage_mask(ids, tokens, args.memento)
             sync = nullcontext() if (world == 1 or j == len(micro) - 1) else ddp.no_sync()
             with sync, autocast:
-                logits = ddp(ids, mask_from=mask_from)
-                # sum over tokens / labelled tokens of the GLOBAL batch: every process and
+                # The loss inside the forward: chunked, so [T, vocab] logits never exist.
+                # Sum over tokens / labelled tokens of the GLOBAL batch: every process and
                 # micro-step weighs each token the same; DDP averages over processes, so * world
-                ce = token_losses(logits, labels).sum()
+                ce = ddp(ids, mask_from=mask_from, labels=labels).sum()
                 (ce * world / n_labels).backward()
             loss_sum += ce.detach()
             seen += int((ids != tok.token_id("<|endoftext|>")).sum()) * world

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from memento_attention import BlockTracker, MementoConfig, MementoTokens
-
-IGNORE = -100
+from model import IGNORE_INDEX as IGNORE
 
 
 def read_records(source: str) -> list[dict]:

@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run under the interpreter; @triton.jit reads this when the
+# kernels are defined, so it must be set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED_DATA = Path(os.environ.get("MEMENTO_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -64,6 +64,29 @@ def test_cache_decoding_equals_full_forward(cfg, variant):
         assert (causal - ref).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_chunked_prefill_of_a_continued_response_equals_full_forward(cfg):
+    """A prompt that already holds completed blocks (a response being continued) prefilled in
+    chunks: each chunk attends the cache under the stored mask_from and masked keys leave the
+    cache between chunks. Logits of every position equal one full forward with the mask, and
+    the KV curve equals the independent §A.3.1 count, for any chunk size."""
+    model = tiny_model(seed=4)
+    prompt, resp = _sequence(9, n_blocks=5)
+    cut = [i for i, t in enumerate(resp) if t == IDS.summary_end][2] + 3  # three blocks done
+    rows = [(prompt + resp[:cut], resp[cut:]), (prompt + resp[:cut - 9], resp[cut - 9:])]  # two prompt lengths
+    for chunk in (1, 5, 16, 2048):
+        seqs, cache = generate(model, TOK, [p for p, _ in rows], cfg, forced=[r for _, r in rows],
+                               max_new_tokens=len(resp), keep_logits=True, prefill_chunk=chunk)
+        for i, ((p, r), s, curve) in enumerate(zip(rows, seqs, cache.curve)):
+            ref = _full_forward_logits(model, p + r, cfg)
+            assert (torch.stack(s.logits) - ref).abs().max().item() <= 1e-4, chunk
+            assert int(cache.length[i]) == curve[-1]  # what the cache holds is what was counted
+            if cfg == MementoConfig(0):
+                assert curve == _independent_curve(p + r, cfg)
+    if cfg.keep_last_n_blocks >= 0:  # the prefill itself evicted
+        assert max(cache.curve[0][:len(rows[0][0])]) < len(rows[0][0])
+
+
 def test_batched_rows_of_different_lengths_match_single_rows():
     model = tiny_model(seed=2)
     cfg = MementoConfig(0)

@@ -36,8 +36,7 @@ def _losses(model, tok, text_ids, stage):
     cfg = MementoConfig(-1 if stage == 1 else 0)
     ids = torch.tensor([text_ids])
     with torch.no_grad():
-        logits = model(ids, mask_from=train_sft.stage_mask(ids, MementoTokens.from_tokenizer(tok), cfg))
-    return train_sft.token_losses(logits, ids)[0]
+        return model(ids, mask_from=train_sft.stage_mask(ids, MementoTokens.from_tokenizer(tok), cfg), labels=ids)[0]
 
 
 def test_stage2_hides_masked_blocks_and_stage1_does_not():
@@ -86,7 +85,10 @@ def test_prompt_tokens_carry_no_loss_and_malformed_traces_are_counted():
     assert e.labels[:n_prompt] == [-100] * n_prompt
     assert e.labels[n_prompt:] == e.input_ids[n_prompt:] and e.input_ids[-1] == tok.token_id("<|im_end|>")
     ids, labels = openmementos.collate(ex + ex[:0], pad_id=tok.token_id("<|endoftext|>"))
-    losses = train_sft.token_losses(torch.randn(1, ids.shape[1], 272), labels)
+    from conftest import tiny_model
+
+    with torch.no_grad():
+        losses = tiny_model()(ids, labels=labels)
     assert (losses[0, :n_prompt - 1] == 0).all() and (losses[0, n_prompt - 1:] > 0).all()
 
 
