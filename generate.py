@@ -396,6 +396,8 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replay-chunk", type=int, default=256, help="teacher-forced tokens per forward in --replay (exact; memory vs speed)")
+    ap.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="prompt tokens per forward (chunked prefill, cf. vLLM --max-num-batched-tokens; exact; memory vs speed)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--json", action="store_true", help="one JSON object per sequence on stdout")
@@ -435,7 +437,7 @@ def main(argv=None):
 
         try:
             seqs, cache = generate(model, tok, [prompt], cfg, max_new_tokens=len(forced) if forced else args.max_new_tokens,
-                                   replay_chunk=args.replay_chunk,
+                                   replay_chunk=args.replay_chunk, prefill_chunk=args.prefill_chunk,
                                    sampling=sc, forced=None if forced is None else [forced],
                                    on_token=show if stream else None, **kw)
         except ValueError as e:

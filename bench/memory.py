@@ -1,0 +1,349 @@
+"""Training memory per GPU for a full fine-tune of a Qwen3 (paper §4, §A.2.1): the arithmetic.
+
+    python bench/memory.py --model Qwen3-8B --max-seq-len 32768 --gradient-checkpointing
+    python bench/memory.py --model Qwen/Qwen3-0.6B --world-size 8     # a hub id or a checkpoint dir
+    python bench/memory.py --table                                     # the README table
+    python bench/memory.py --check                                     # formula vs a measured CPU step
+
+What train_sft.py holds on one GPU during a micro-step (bf16 autocast over fp32 master weights,
+AdamW, the Triton kernel, the loss chunked over rows, gradient accumulation), in bytes:
+
+    weights        4 N                  fp32 master weights
+    grads          4 N                  present through every micro-step after the first
+    adamw          8 N                  exp_avg and exp_avg_sq, fp32
+    autocast       2 N_linear           bf16 copies of every Linear weight, cached by autocast
+                                        for the whole forward + backward
+    activations    what autograd saves: per layer and token (h hidden, q/kv query/key widths,
+                   I intermediate; every Linear saves its own bf16 cast of its input)
+                       26 h + 10 q + 10 kv + 8 I  (+ 4 bytes per norm row, 4 per head for lse)
+                   for all L layers, or with gradient checkpointing only each layer's fp32
+                   input (4 h) plus one layer recomputed during its backward
+    loss           the largest transient of the backward: the chunked loss holds chunk x vocab
+                   (fp32 log-probs, their gradient, the logits' gradient in fp32 and bf16:
+                   14 bytes per element) plus lm_head's weight gradient (bf16, then fp32);
+                   unchunked it is tokens x vocab, plus the fp32 logits the model returns
+    optimizer step foreach AdamW's temporary sqrt(exp_avg_sq) (4 N), when it exceeds the above
+
+peak = weights + adamw + max(grads + autocast + activations + transient, grads + step).
+Under N-way sharding (FSDP2, per rank) weights, grads and AdamW states are divided by N and
+the autocast copies are replaced by the bf16 parameters of the two layers FSDP gathers at a
+time (one computing, one prefetched). No GPU was used to write this: `--check` measures a
+training micro-step of a small model on the CPU (bf16 autocast, the Triton kernel under its
+interpreter) with torch's profiler and prints it beside the formula; tests/test_memory.py
+asserts the two agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The released Qwen3 dense shapes (config.json of each hub checkpoint).
+SHAPES = {
+    "Qwen3-0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, tie_word_embeddings=False),
+    "Qwen3-32B": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                      num_key_value_heads=8, tie_word_embeddings=False),
+}
+GIB = 2**30
+
+
+def builtin_config(name: str):
+    """model.Qwen3Config of a released Qwen3 (head_dim 128, vocab 151,936). KeyError if unknown."""
+    from model import Qwen3Config
+
+    return Qwen3Config(vocab_size=151936, head_dim=128, max_position_embeddings=40960, **SHAPES[name])
+
+
+def load_config(model: str):
+    """A built-in shape name, a checkpoint directory or a hub id -> model.Qwen3Config.
+
+    Raises SystemExit with one line when it is none of these (only config.json is fetched)."""
+    from model import Qwen3Config
+
+    if model in SHAPES:
+        return builtin_config(model)
+    p = Path(model)
+    try:
+        if p.is_dir():
+            return Qwen3Config.from_dict(json.loads((p / "config.json").read_text()), source=str(p))
+        from huggingface_hub import hf_hub_download
+
+        return Qwen3Config.from_dict(json.loads(Path(hf_hub_download(model, "config.json")).read_text()), source=model)
+    except Exception as e:  # the hub client raises many types; one line is what the user needs
+        sys.exit(f"bench/memory.py: --model {model!r}: not a built-in shape ({', '.join(SHAPES)}), a checkpoint "
+                 f"directory or a reachable hub id ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def param_counts(cfg) -> tuple[int, int]:
+    """(all parameters, parameters of Linear weights incl. lm_head) of a Qwen3Config, counted
+    from the shapes (tied embeddings counted once)."""
+    h, q, kv, inter = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
+    bias = (q + 2 * kv) if cfg.attention_bias else 0
+    per_layer_linear = h * q + 2 * h * kv + q * h + 3 * h * inter
+    per_layer = per_layer_linear + bias + 2 * h + 2 * cfg.head_dim  # two RMSNorms, q/k norms
+    embed = cfg.vocab_size * h
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    total = cfg.num_hidden_layers * per_layer + embed + head + h  # final norm
+    return total, cfg.num_hidden_layers * per_layer_linear + cfg.vocab_size * h
+
+
+def layer_activation_bytes(cfg, param_bytes: int, compute_bytes: int) -> int:
+    """Bytes autograd saves per token in one decoder layer (what `model.DecoderLayer` keeps).
+
+    p = param_bytes (the residual stream's dtype), c = compute_bytes (the autocast dtype, or p):
+    two RMSNorms (fp32 input 4h + normalized p h), the Linear inputs (under autocast each
+    Linear saves its own c-byte cast: 3 for q/k/v, 2 for gate/up; else one p-byte input per
+    group), q/k RMSNorms (fp32 input + normalized c), the kernel's q, k, v, out (c; o_proj
+    reads the same out) and log-sum-exp, SwiGLU (gate, silu, up, product: 4 c I), and 4-byte
+    rsqrt rows. RoPE saves nothing per token: its tables need no gradient. Checked tensor by
+    tensor with saved-tensor hooks while writing this."""
+    h, hq, hkv, D, inter = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    q, kv = hq * D, hkv * D
+    p, c = param_bytes, compute_bytes
+    autocast = c != p
+    norms = 2 * (4 * h + p * h)
+    linear_inputs = 5 * c * h if autocast else 2 * p * h
+    qk_norms = (4 + c) * (q + kv)
+    attn = c * (2 * q + 2 * kv) + 4 * hq
+    mlp = 4 * c * inter
+    rsqrt = 4 * (2 + hq + hkv)
+    return norms + linear_inputs + qk_norms + attn + mlp + rsqrt
+
+
+@dataclass
+class Estimate:
+    """Bytes per GPU (per rank with world_size > 1) of one training micro-step.
+
+    saved: what autograd holds when the backward is at its largest (layer inputs with
+    checkpointing, all layers' activations without, the final norm, the fp32 logits of the
+    plain loss); transient: the largest short-lived set on top of it (a loss chunk's
+    log-probs and gradients with lm_head's accumulated weight gradient, or one layer's
+    recomputed activations and backward gradients); peak: the maximum over the step."""
+
+    weights: int
+    grads: int
+    adamw: int
+    autocast: int
+    saved: int
+    transient: int
+    step: int
+    peak: int
+
+
+def estimate(cfg, *, batch_size: int = 1, seq_len: int = 32768, gradient_checkpointing: bool = True,
+             chunked_loss: bool = True, loss_chunk_rows: int = 1024, param_bytes: int = 4, compute_bytes: int = 2,
+             world_size: int = 1) -> Estimate:
+    """Training memory of one micro-step (paper §A.2.1 recipe: AdamW, bf16, checkpointing).
+
+    Args:
+        cfg: a model.Qwen3Config. batch_size, seq_len: tokens per micro-step = their product.
+        gradient_checkpointing: keep only each layer's input, recompute in backward.
+        chunked_loss / loss_chunk_rows: Qwen3.forward(labels=...) (True), or plain
+            F.cross_entropy over the full fp32 logits that Qwen3.forward returns (False).
+        param_bytes: 4 (fp32 master weights, bf16 autocast) or 2 (a bf16 model).
+        compute_bytes: 2 under bf16 autocast; equal to param_bytes without autocast.
+        world_size: N-way FSDP sharding of weights, grads and AdamW states (per rank).
+    Returns:
+        Estimate, in bytes.
+    Raises:
+        ValueError for a non-positive size.
+    """
+    if min(batch_size, seq_len, loss_chunk_rows, world_size, param_bytes, compute_bytes) < 1:
+        raise ValueError("estimate: batch_size, seq_len, loss_chunk_rows, world_size and byte sizes must be >= 1")
+    N, n_linear = param_counts(cfg)
+    p, c = param_bytes, compute_bytes
+    h, V, L, inter = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.intermediate_size
+    tokens = batch_size * seq_len
+    VH = V * h
+    weights, grads, adamw = p * N // world_size, p * N // world_size, 2 * p * N // world_size
+    if world_size == 1:
+        autocast = c * n_linear if c != p else 0
+    else:  # FSDP2 gathers each layer's parameters in the compute dtype, one ahead
+        layer = (N - VH * (1 if cfg.tie_word_embeddings else 2)) // L
+        autocast = 2 * c * max(layer, VH)
+
+    per_layer = layer_activation_bytes(cfg, p, c) * tokens
+    rope = 2 * p * cfg.head_dim * tokens  # the cos/sin tables, shared by all layers
+    final = (4 * h + 2 * p * h + 4) * tokens  # final RMSNorm's saved input and output (the loss's input)
+    held = 0 if chunked_loss else 4 * tokens * V  # the fp32 logits the plain loss reads, kept to the end
+    rows = min(loss_chunk_rows, tokens) if chunked_loss else tokens
+    # The loss's backward, per chunk: fp32 log-probs, their gradient and the logits' gradient
+    # (12 bytes per logit), then the logits' gradient in c and lm_head's weight gradient, which
+    # accumulates over chunks in one c-byte buffer.
+    loss = c * VH + max(12 * rows * V, c * rows * V + c * VH)
+    # Under autocast that buffer then becomes fp32 on its way to the fp32 weight; with tied
+    # embeddings the fp32 gradient waits for the embedding's, through all the layers.
+    cast_back = (c + p) * VH if c != p else 0
+    waiting = p * VH if cfg.tie_word_embeddings else 0
+    workspace = (2 * c * inter + 4 * h) * tokens  # one layer's backward: SwiGLU and residual gradients
+    if gradient_checkpointing:
+        saved = L * p * h * tokens + rope  # each layer's input
+        recompute = per_layer - (4 * h * tokens if p == 4 else 0)  # the fp32 input is the saved one
+        layers = waiting + recompute + workspace
+    else:
+        saved = L * per_layer + rope
+        layers = waiting + workspace
+    saved += held
+    transient = max(final + loss, final + cast_back, layers)
+    step = p * N // world_size  # foreach AdamW: sqrt(exp_avg_sq) as a new list
+    peak = weights + adamw + max(grads + autocast + saved + transient, grads + step)
+    return Estimate(weights, grads, adamw, autocast, saved, transient, step, peak)
+
+
+def measure_peak(fn) -> tuple[int, int]:
+    """(peak, final) bytes allocated by torch on the CPU while fn() runs, above what was allocated
+    before: the running sum of the allocation events torch's profiler records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak, cur
+
+
+def _gib(x: int) -> str:
+    return f"{x / GIB:,.1f}"
+
+
+def table(models=("Qwen3-0.6B", "Qwen3-8B"), seq_lens=(8192, 32768), world_sizes=(1,)) -> str:
+    """The README's Markdown table: GiB per GPU, checkpointing on, batch 1, before/after chunked loss."""
+    lines = ["| model | tokens | ranks | weights + grads + AdamW | autocast copies | saved activations | backward transient "
+             "| peak, chunked loss | peak, plain loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        cfg = builtin_config(m)
+        for T in seq_lens:
+            for ws in world_sizes:
+                e = estimate(cfg, seq_len=T, world_size=ws)
+                plain = estimate(cfg, seq_len=T, world_size=ws, chunked_loss=False)
+                lines.append(f"| {m} | {T:,} | {ws} | {_gib(e.weights + e.grads + e.adamw)} | {_gib(e.autocast)} | "
+                             f"{_gib(e.saved)} | {_gib(e.transient)} | **{_gib(e.peak)}** | {_gib(plain.peak)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="Qwen3-8B", help=f"built-in shape ({', '.join(SHAPES)}), checkpoint dir or hub id")
+    ap.add_argument("--max-seq-len", type=int, default=32768)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--loss-chunk-rows", type=int, default=1024)
+    ap.add_argument("--world-size", type=int, default=1, help="N-way FSDP sharding: memory per rank")
+    ap.add_argument("--bf16-model", action="store_true", help="bf16 parameters and optimizer states, no autocast")
+    ap.add_argument("--table", action="store_true", help="print the README table and exit")
+    ap.add_argument("--check", action="store_true", help="measure a small CPU training step against the formula")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table())
+        print()
+        print(table(models=("Qwen3-8B", "Qwen3-32B"), seq_lens=(32768,), world_sizes=(8, 32)))
+        return
+    if args.check:
+        print("\n".join(_check_rows(check())))
+        return
+    cfg = load_config(args.model)
+    pb = 2 if args.bf16_model else 4
+    try:
+        e = estimate(cfg, batch_size=args.batch_size, seq_len=args.max_seq_len, gradient_checkpointing=args.gradient_checkpointing,
+                     loss_chunk_rows=args.loss_chunk_rows, param_bytes=pb, compute_bytes=2, world_size=args.world_size)
+        plain = estimate(cfg, batch_size=args.batch_size, seq_len=args.max_seq_len, chunked_loss=False,
+                         gradient_checkpointing=args.gradient_checkpointing, param_bytes=pb, compute_bytes=2,
+                         world_size=args.world_size)
+    except ValueError as err:
+        sys.exit(f"bench/memory.py: {err}")
+    n, _ = param_counts(cfg)
+    if args.json:
+        print(json.dumps({"model": args.model, "params": n, **asdict(e), "peak_plain_loss": plain.peak}))
+        return
+    print(f"{args.model}: {n:,} parameters, {args.batch_size} x {args.max_seq_len:,} tokens per micro-step, "
+          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.world_size} rank(s); GiB per GPU:")
+    for k, v in asdict(e).items():
+        print(f"  {k:<12} {v / GIB:10.2f}")
+    print(f"  peak with plain (unchunked) cross-entropy: {plain.peak / GIB:.2f}")
+
+
+CHECKS = [  # (checkpointing, loss_chunk_rows or None for the plain loss, precision, tied embeddings, vocab)
+    (True, 64, "autocast", False, 1024), (False, 64, "autocast", False, 1024), (True, None, "autocast", False, 1024),
+    (False, None, "autocast", False, 1024), (True, 64, "autocast", True, 272), (True, 64, "bf16", True, 1024),
+    (False, 64, "fp32", True, 1024),
+]
+
+
+def check(checks=CHECKS, seq_len: int = 256) -> list[dict]:
+    """Measure training micro-steps of a small model on the CPU and set them beside the formula.
+
+    Each run: bf16 autocast over fp32 weights, a bf16 model, or fp32; the Triton kernel under
+    TRITON_INTERPRET=1; grads already present (as in every micro-step after the first). The
+    measured figure is what torch's CPU allocator holds above weights, grads and AdamW states
+    at the step's peak (torch.profiler); the formula's is autocast + saved + transient.
+    Returns one dict per run: the settings, measured and formula bytes."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["MEMENTO_ATTN_BACKEND"] = "triton"
+    import torch
+
+    from model import Qwen3, Qwen3Config
+
+    out = []
+    for ckpt, chunk, precision, tied, vocab in checks:
+        cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
+        model = Qwen3(cfg).init_weights(seed=0).train()
+        if precision == "bf16":
+            model = model.to(torch.bfloat16)
+        model.gradient_checkpointing, model.loss_chunk_rows = ckpt, chunk or seq_len
+        ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+
+        def micro_step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+                if chunk is None:  # plain cross-entropy over the full fp32 logits
+                    logits = model(ids)
+                    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+                else:
+                    loss = model(ids, labels=ids)
+                loss.sum().backward()
+
+        micro_step()  # grads exist from here on
+        measured, _ = measure_peak(micro_step)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # CUDA's default implementation
+        opt.step()  # the states exist from here on
+
+        def optimizer_step():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        measured_step, _ = measure_peak(optimizer_step)
+        p = 2 if precision == "bf16" else 4
+        e = estimate(cfg, batch_size=1, seq_len=seq_len, gradient_checkpointing=ckpt, loss_chunk_rows=chunk or seq_len,
+                     chunked_loss=chunk is not None, param_bytes=p, compute_bytes=2 if precision != "fp32" else 4)
+        out.append(dict(checkpointing=ckpt, loss="plain" if chunk is None else f"chunks of {chunk}", precision=precision,
+                        tied=tied, vocab=vocab, tokens=seq_len, measured=measured, formula=e.autocast + e.saved + e.transient,
+                        measured_step=measured_step, formula_step=e.step))
+    return out
+
+
+def _check_rows(rows) -> list[str]:
+    return [f"checkpointing {r['checkpointing']!s:5}  loss {r['loss']:12}  {r['precision']:8}  tied {r['tied']!s:5}  "
+            f"vocab {r['vocab']:5}  micro-step: measured {r['measured'] / 2**20:5.2f} MiB, formula {r['formula'] / 2**20:5.2f} MiB "
+            f"({r['formula'] / r['measured'] - 1:+.1%});  optimizer step: measured {r['measured_step'] / 2**20:5.2f} MiB, "
+            f"formula {r['formula_step'] / 2**20:5.2f} MiB" for r in rows]
+
+
+if __name__ == "__main__":
+    main()
