@@ -38,7 +38,7 @@ def _signature(fn, ptr_dt, consts):
             sig[name] = "constexpr"
         elif name in _PTR_ARGS:
             sig[name] = "*" + ptr_dt
-        elif name in ("MF", "KMAX", "KMIN"):
+        elif name in ("MF", "KMAX", "KMIN", "QPOS", "KPOS", "KPMIN", "KPMAX"):
             sig[name] = "*i32"
         elif name in ("LSE", "DELTA"):
             sig[name] = "*fp32"
@@ -73,25 +73,28 @@ def main():
     ap.add_argument("--dims", default="16,32,64,128,256")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
-    kernels = {"fwd": mf._fwd_kernel, "dkdv": mf._bwd_dkdv_kernel, "dq": mf._bwd_dq_kernel}
-    print(f"{'dtype':5} {'D':>4} {'kernel':6} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'smem':>7} {'regs':>5} {'stack':>5} {'compile_s':>9}")
+    # fwd_pos: the forward with explicit positions (queries against a KV cache, inference).
+    kernels = {"fwd": mf._fwd_kernel, "fwd_pos": mf._fwd_kernel, "dkdv": mf._bwd_dkdv_kernel, "dq": mf._bwd_dq_kernel}
+    print(f"{'dtype':5} {'D':>4} {'kernel':7} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'smem':>7} {'regs':>5} {'stack':>5} {'compile_s':>9}")
     failures = 0
     for dt in args.dtypes.split(","):
         for D in map(int, args.dims.split(",")):
             cfg = mf._config(D, _DT[dt], True, None, None, args.arch // 10)
             for name, fn in kernels.items():
-                bm, bn, warps, stages = cfg[name]
+                bm, bn, warps, stages = cfg[name.removesuffix("_pos")]
                 consts = dict(HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, IEEE=(dt == "fp32"))
+                if fn is mf._fwd_kernel:
+                    consts["HAS_POS"] = name == "fwd_pos"
                 t0 = time.time()
                 try:
                     c = triton.compile(ASTSource(fn, _signature(fn, dt, consts), consts), target=target,
                                        options=dict(num_warps=warps, num_stages=stages))
                 except Exception as e:  # report and go on: one bad config should not hide the rest
                     failures += 1
-                    print(f"{dt:5} {D:>4} {name:6} FAILED: {type(e).__name__}: {str(e)[:300]}")
+                    print(f"{dt:5} {D:>4} {name:7} FAILED: {type(e).__name__}: {str(e)[:300]}")
                     continue
                 regs, stack = _resource_usage(c.asm["cubin"])
-                print(f"{dt:5} {D:>4} {name:6} {bm:>4} {bn:>4} {warps:>5} {stages:>6} {c.metadata.shared:>7} {regs:>5} {stack:>5} {time.time() - t0:>9.1f}", flush=True)
+                print(f"{dt:5} {D:>4} {name:7} {bm:>4} {bn:>4} {warps:>5} {stages:>6} {c.metadata.shared:>7} {regs:>5} {stack:>5} {time.time() - t0:>9.1f}", flush=True)
     sys.exit(1 if failures else 0)
 
 

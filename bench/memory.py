@@ -202,9 +202,21 @@ def estimate(cfg, *, batch_size: int = 1, seq_len: int = 32768, gradient_checkpo
     return Estimate(weights, grads, adamw, autocast, saved, transient, step, peak)
 
 
-def measure_peak(fn) -> tuple[int, int]:
-    """(peak, final) bytes allocated by torch on the CPU while fn() runs, above what was allocated
-    before: the running sum of the allocation events torch's profiler records."""
+def measure_peak(fn, device: str = "cpu") -> tuple[int, int]:
+    """(peak, final) bytes allocated by torch while fn() runs, above what was allocated before.
+
+    CPU: the running sum of the allocation events torch's profiler records. CUDA: the caching
+    allocator's own counters (torch.cuda.max_memory_allocated), which round small blocks up
+    to 512 bytes."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -247,7 +259,8 @@ def main(argv=None):
     ap.add_argument("--world-size", type=int, default=1, help="N-way FSDP sharding: memory per rank")
     ap.add_argument("--bf16-model", action="store_true", help="bf16 parameters and optimizer states, no autocast")
     ap.add_argument("--table", action="store_true", help="print the README table and exit")
-    ap.add_argument("--check", action="store_true", help="measure a small CPU training step against the formula")
+    ap.add_argument("--check", action="store_true", help="measure small training steps (CUDA if present) against the formula")
+    ap.add_argument("--check-tokens", type=int, default=256, help="tokens per --check step (the CPU interpreter is slow)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.table:
@@ -256,7 +269,7 @@ def main(argv=None):
         print(table(models=("Qwen3-8B", "Qwen3-32B"), seq_lens=(32768,), world_sizes=(8, 32)))
         return
     if args.check:
-        print("\n".join(_check_rows(check())))
+        print("\n".join(_check_rows(check(seq_len=args.check_tokens))))
         return
     cfg = load_config(args.model)
     pb = 2 if args.bf16_model else 4
@@ -286,17 +299,22 @@ CHECKS = [  # (checkpointing, loss_chunk_rows or None for the plain loss, precis
 ]
 
 
-def check(checks=CHECKS, seq_len: int = 256) -> list[dict]:
-    """Measure training micro-steps of a small model on the CPU and set them beside the formula.
+def check(checks=CHECKS, seq_len: int = 256, device: str | None = None) -> list[dict]:
+    """Measure training micro-steps of a small model and set them beside the formula.
 
-    Each run: bf16 autocast over fp32 weights, a bf16 model, or fp32; the Triton kernel under
-    TRITON_INTERPRET=1; grads already present (as in every micro-step after the first). The
-    measured figure is what torch's CPU allocator holds above weights, grads and AdamW states
-    at the step's peak (torch.profiler); the formula's is autocast + saved + transient.
-    Returns one dict per run: the settings, measured and formula bytes."""
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ["MEMENTO_ATTN_BACKEND"] = "triton"
+    Each run: bf16 autocast over fp32 weights, a bf16 model, or fp32; the Triton kernel (on
+    the CPU under TRITON_INTERPRET=1); grads already present (as in every micro-step after
+    the first). The measured figure is what torch holds above weights, grads and AdamW states
+    at the step's peak (see measure_peak); the formula's is autocast + saved + transient.
+    Returns one dict per run: the settings, measured and formula bytes.
+    Raises ValueError (from the kernel) on a CPU whose triton was imported without the
+    interpreter."""
     import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["MEMENTO_ATTN_BACKEND"] = "triton"
 
     from model import Qwen3, Qwen3Config
 
@@ -304,14 +322,14 @@ def check(checks=CHECKS, seq_len: int = 256) -> list[dict]:
     for ckpt, chunk, precision, tied, vocab in checks:
         cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
-        model = Qwen3(cfg).init_weights(seed=0).train()
+        model = Qwen3(cfg).init_weights(seed=0).train().to(device)
         if precision == "bf16":
             model = model.to(torch.bfloat16)
         model.gradient_checkpointing, model.loss_chunk_rows = ckpt, chunk or seq_len
-        ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
         def micro_step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "autocast"):
                 if chunk is None:  # plain cross-entropy over the full fp32 logits
                     logits = model(ids)
                     loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
@@ -320,7 +338,7 @@ def check(checks=CHECKS, seq_len: int = 256) -> list[dict]:
                 loss.sum().backward()
 
         micro_step()  # grads exist from here on
-        measured, _ = measure_peak(micro_step)
+        measured, _ = measure_peak(micro_step, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # CUDA's default implementation
         opt.step()  # the states exist from here on
 
@@ -328,7 +346,7 @@ def check(checks=CHECKS, seq_len: int = 256) -> list[dict]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
 
-        measured_step, _ = measure_peak(optimizer_step)
+        measured_step, _ = measure_peak(optimizer_step, device)
         p = 2 if precision == "bf16" else 4
         e = estimate(cfg, batch_size=1, seq_len=seq_len, gradient_checkpointing=ckpt, loss_chunk_rows=chunk or seq_len,
                      chunked_loss=chunk is not None, param_bytes=p, compute_bytes=2 if precision != "fp32" else 4)

@@ -3,7 +3,8 @@
 CI has no GPU. What a CUDA run does differently is: bf16 autocast (or a bf16 model), the
 Triton kernel as the default attention backend, and sampling with a seed on CUDA logits.
 Here the kernel runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1) and
-autocast runs on the CPU with the same bf16 rules, against fp32 dense references.
+autocast runs on the CPU with the same bf16 rules, against fp32 dense references. With a GPU
+the same tests run on CUDA, natively (bench/gpu_check.sh).
 """
 import math
 
@@ -23,6 +24,12 @@ from tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()
 IDS = MementoTokens.from_tokenizer(TOK)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model(**kw):
+    kw.setdefault("head_dim", 16)  # the kernel's smallest head dim (CUDA runs it for prefill too)
+    return tiny_model(**kw).to(DEV)
 
 
 def _count_calls(monkeypatch):
@@ -47,7 +54,7 @@ def _toy_batch(n=2, seed=5):
     recs = [toy_task.example(seed, i) for i in range(n)]
     ex, _ = openmementos.tokenize(recs, TOK, 4096)
     ids, labels = openmementos.collate(ex, TOK.token_id("<|endoftext|>"))
-    return ids, labels, train_sft.stage_mask(ids, IDS, MementoConfig(0))
+    return ids.to(DEV), labels.to(DEV), train_sft.stage_mask(ids, IDS, MementoConfig(0)).to(DEV)
 
 
 def _step(model, ids, labels, mask_from):
@@ -73,9 +80,9 @@ def test_autocast_reaches_attention_in_one_dtype(monkeypatch):
         return real(q, k, v, *a)
 
     monkeypatch.setattr(memento_attention, "_attention", spy)
-    model = tiny_model(layers=2, head_dim=16)
-    ids = torch.randint(0, 256, (1, 20))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model = _model(layers=2, head_dim=16)
+    ids = torch.randint(0, 256, (1, 20), device=DEV)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
         out = model(ids)
     assert seen and all(s == (torch.bfloat16,) * 3 for s in seen)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -91,12 +98,12 @@ def test_stage2_training_step_triton_bf16_matches_fp32_reference(monkeypatch, pr
     ids, labels, mask_from = _toy_batch()
     assert (mask_from < memento_attention.NEVER).any()
     monkeypatch.setenv("MEMENTO_ATTN_BACKEND", "torch")
-    ref_loss, ref_grad = _step(tiny_model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=16).train(), ids, labels, mask_from)
+    ref_loss, ref_grad = _step(_model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=16).train(), ids, labels, mask_from)
     calls = _count_calls(monkeypatch)
     monkeypatch.setenv("MEMENTO_ATTN_BACKEND", "triton")
-    model = tiny_model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=16).train()
+    model = _model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=16).train()
     if precision == "autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
             loss, grad = _step(model, ids, labels, mask_from)
     else:
         loss, grad = _step(model.to(torch.bfloat16), ids, labels, mask_from)
@@ -121,17 +128,18 @@ def test_generate_triton_bf16_matches_fp32_reference(monkeypatch, precision):
     """Chunked prefill, chunked replay and restart-mode recomputation through the Triton
     kernel with explicit positions, in bf16: logits match one fp32 full forward with the
     dense mask; no dense reference runs for 16 or more queries."""
-    model = tiny_model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=16)
+    model = _model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=16)
     prompt, resp = _replay_case()
     cfg = MementoConfig(0)
     full = prompt + resp
     with torch.no_grad():
-        ref = model(torch.tensor([full]), mask_from=build_mask_from(torch.tensor([full]), IDS, cfg))[0]
+        ids = torch.tensor([full], device=DEV)
+        ref = model(ids, mask_from=build_mask_from(ids, IDS, cfg))[0].cpu()
     calls = _count_calls(monkeypatch)
     monkeypatch.setenv("MEMENTO_ATTN_BACKEND", "triton")
     kw = dict(forced=[resp], max_new_tokens=len(resp), keep_logits=True, replay_chunk=32, prefill_chunk=24)
     if precision == "autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
             seqs, _ = generate(model, TOK, [prompt], cfg, **kw)
     else:
         seqs, _ = generate(model.to(torch.bfloat16), TOK, [prompt], cfg, **kw)
@@ -148,7 +156,7 @@ def test_no_dense_reference_for_many_queries_on_the_kernel_backend(monkeypatch):
     dense T x T reference on the triton backend (sampling decodes 1 query per row)."""
     calls = _count_calls(monkeypatch)
     monkeypatch.setenv("MEMENTO_ATTN_BACKEND", "triton")
-    model = tiny_model(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16)
+    model = _model(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16)
     prompt, resp = _replay_case(n_blocks=3)
     with torch.no_grad():
         generate(model, TOK, [prompt], MementoConfig(0), forced=[resp], max_new_tokens=len(resp), replay_chunk=64,
@@ -217,7 +225,7 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 
 
 def test_generate_with_a_seed_is_reproducible_and_seeds_differ():
-    model = tiny_model(layers=1)
+    model = _model(layers=1)
     prompt = TOK.encode(TOK.chat_prompt("hi"))
     runs = [generate(model, TOK, [prompt, prompt], MementoConfig(0), max_new_tokens=30,
                      sampling=SampleConfig(1.0, 1.0, 0), seed=s)[0] for s in (1, 1, 2)]
@@ -231,8 +239,8 @@ def test_generate_with_a_seed_is_reproducible_and_seeds_differ():
 def _ce_step(ids, labels, mask_from, chunk, autocast):
     """(losses [B, T-1], flat gradient) of one backward; chunk None = the plain form: full fp32
     logits and one F.cross_entropy, the independent reference."""
-    model = tiny_model(layers=2, head_dim=8).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    model = _model(layers=2).train()
+    with torch.autocast(DEV, dtype=torch.bfloat16, enabled=autocast):
         if chunk is None:
             logits = model(ids, mask_from=mask_from)
             losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none",
