@@ -30,7 +30,7 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 @dataclass
 class SampleConfig:
-    """Sampling (paper defaults, METHOD.md §5): temperature 0 means greedy."""
+    """Sampling (paper defaults, §6.1): temperature 0 means greedy."""
 
     temperature: float = 0.6
     top_p: float = 0.95

@@ -1,4 +1,4 @@
-"""The compacting KV cache that makes the sawtooth (paper §6.1, §A.3; METHOD.md §5-§6).
+"""The compacting KV cache that makes the sawtooth (paper §6.1, §A.3).
 
 Each layer stores K/V in a buffer [B, Hkv, capacity, D] together with every slot's logical
 position and mask_from. Compaction physically removes slots: the survivors are gathered to
@@ -84,7 +84,7 @@ class LayerCache:
 
 
 class KVCache:
-    """All layers' caches for B sequences, plus the KV accounting of §6 (METHOD.md §6).
+    """All layers' caches for B sequences, plus the KV accounting of §A.3.1.
 
     Every layer evicts the same slots, so one decision (`evict`) compacts all of them.
 

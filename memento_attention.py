@@ -173,7 +173,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 @dataclass(frozen=True)
 class MementoTokens:
-    """Token ids the tracker reacts to (METHOD.md §2).
+    """Token ids the tracker reacts to (paper §3 format).
 
     assistant_header: the ids of "<|im_start|>assistant"; tracking starts right after it
     when require_assistant_section is on. Its first id must not recur inside it.
@@ -196,7 +196,7 @@ class MementoTokens:
 
 @dataclass(frozen=True)
 class MementoConfig:
-    """Masking options, named as in the official engine (§4, METHOD.md §4-§5).
+    """Masking options, named as in the official engine (paper §4, §6.1).
 
     keep_last_n_blocks: -1 never mask (stage 1); 0 mask a block from its memento's
         <|summary_end|> on; N > 0 keep the N most recently completed blocks visible.
@@ -216,7 +216,7 @@ class MementoConfig:
         if self.keep_last_n_blocks < -1:
             raise ValueError(f"keep_last_n_blocks={self.keep_last_n_blocks}: use -1 (never mask), 0, or N > 0")
         if self.keep_last_block_for_answer and self.keep_last_n_blocks != 0:
-            raise ValueError("keep_last_block_for_answer needs keep_last_n_blocks=0 (METHOD.md §4)")
+            raise ValueError("keep_last_block_for_answer needs keep_last_n_blocks=0 (paper §4)")
 
 
 @dataclass
@@ -243,7 +243,7 @@ class BlockTracker:
     is ignored, nested blocks are tracked on a stack (the inner one closes first), and a
     block is only ever masked after its memento completed. Each ignored token, each nested
     <|block_start|> and, via `problems()`, each block left open or unsummarized is recorded
-    as a problem string, so training-data validation can reject the example (METHOD.md §3).
+    as a problem string, so training-data validation can reject the example instead of training on a wrong mask.
     """
 
     tokens: MementoTokens
@@ -274,7 +274,7 @@ class BlockTracker:
             return []
         if t == T.block_start:
             if self.open_blocks:
-                # The engine keeps a stack and masks nested blocks like any other; METHOD.md §3
+                # The engine keeps a stack and masks nested blocks like any other; this repository
                 # still calls the stream malformed, so validation rejects it.
                 self.stray.append(f"nested <|block_start|> at {p} inside the block opened at {self.open_blocks[-1].s}")
             self.open_blocks.append(Block(p))

@@ -426,7 +426,7 @@ class Qwen3(nn.Module):
         self.config.vocab_size = new_vocab
 
 
-# The words each memento token's embedding starts from (METHOD.md §2, paper §A.2.1).
+# The words each memento token's embedding starts from (paper §A.2.1).
 MEMENTO_TOKEN_SEEDS = {
     "<|block_start|>": ["block", "start", "begin", "section", "step"],
     "<|block_end|>": ["block", "end", "finish", "section", "done"],

@@ -6,7 +6,7 @@ GPT-2 byte-to-unicode table); tiktoken wants the raw bytes with a rank per token
 layout a token's id is its merge rank, so the conversion is a relabelling, checked on load.
 
 The tokenizer is saved beside a checkpoint as an HF `tokenizer.json`, so a checkpoint
-directory is self-contained and also readable by HF `tokenizers`. Paper §2 / METHOD.md §2
+directory is self-contained and also readable by HF `tokenizers`. Paper §3
 (special tokens, ChatML without a system prompt).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Two-stage SFT (paper §4, §A.2.1; METHOD.md §7).
+"""Two-stage SFT (paper §4, §A.2.1).
 
     python train_sft.py --stage 1      # full causal attention: learn the format
     python train_sft.py --stage 2      # memento attention, initialized from stage 1

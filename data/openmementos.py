@@ -1,4 +1,4 @@
-"""OpenMementos traces to training batches (paper §3, §4; METHOD.md §7-§8).
+"""OpenMementos traces to training batches (paper §3, §4, §A.2.1).
 
 Load records in the `default` schema (problem, response, domain, source, difficulty) from a
 .jsonl or .parquet file or a hub dataset id, check each response's block/memento structure

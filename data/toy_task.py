@@ -1,4 +1,4 @@
-"""The embedded default task: running sums carried through mementos (METHOD.md §2, §7).
+"""The embedded default task: running sums carried through mementos (paper §3 format, §4 training).
 
 The prompt asks for N blocks of digit additions starting from a value s:
 
@@ -58,7 +58,7 @@ def sample_problem(rng: random.Random, min_blocks: int = MIN_BLOCKS, max_blocks:
 def solve(problem: Problem, rng: random.Random) -> tuple[str, list[list[int]]]:
     """A correct response for `problem` with random digits, and the digits of each block.
 
-    Returns the response text (OpenMementos `response` layout, METHOD.md §2) and
+    Returns the response text (OpenMementos `response` layout, paper §3) and
     digits [blocks][DIGITS_PER_BLOCK].
     """
     s, out, all_digits = problem.start, ["<think>\n"], []

@@ -1,4 +1,4 @@
-"""Synthetic digit-block traces for the probing experiment (paper §6.2.1 / METHOD.md §10).
+"""Synthetic digit-block traces for the probing experiment (paper §6.2).
 
 The same format idea as data/toy_task.py, with 5 digits per block and 10 blocks: each block
 adds five random digits to a running sum mod 10, one "qdp" triple per digit (sum so far q,

@@ -1,5 +1,5 @@
 """Probing the implicit channel: is a passcode in block T2 readable from memento K/V?
-(paper §6.2.1 probing experiment; METHOD.md §10.)
+(paper §6.2 probing experiment.)
 
     python experiments/probe_kv.py [--json] [--n 4000] [--work-dir /tmp/memento_probe]
 
@@ -17,7 +17,7 @@
    memento Mi at layer l is K and V (all KV heads, flattened; 2 x 2 x 32 = 128 numbers per
    token) at the memento's token positions, concatenated: with --features memento (default)
    its last 6 tokens up to and including <|summary_end|>, which for M1..M9 ("b{i}={sum}") is
-   every token from <|summary_start|> to <|summary_end|> (METHOD.md §10: "K and V at memento
+   every token from <|summary_start|> to <|summary_end|> (paper §6.2: "K and V at memento
    positions"); with --features last-text only the token right before <|summary_end|> (the
    running-sum digit). In normal mode <|summary_start|> .. the last text token attend to
    their block directly and <|summary_end|> no longer does (the block is masked from it on),

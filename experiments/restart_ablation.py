@@ -1,4 +1,4 @@
-"""Restart-mode ablation on the embedded toy task (paper §6.2.1; METHOD.md §5, §10).
+"""Restart-mode ablation on the embedded toy task (paper §6.2.1).
 
     python experiments/restart_ablation.py [--stage1 out/stage1] [--stage2 out/stage2] [--n 500] [--json]
     python experiments/restart_ablation.py --train-seed 1     # train both stages with seed 1 first

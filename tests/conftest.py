@@ -57,7 +57,7 @@ def tiny_model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, vocab=272, 
 
 
 def memento_text(rng, n_blocks=3, end_mid_block=False, block_len=(3, 12), memento_len=(2, 6)):
-    """A memento-formatted response (METHOD.md §2) with random lowercase content."""
+    """A memento-formatted response (paper §3 format) with random lowercase content."""
     import string
 
     def words(lo, hi):

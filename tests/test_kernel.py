@@ -46,7 +46,7 @@ TOL = {
 
 
 # ---------------------------------------------------------------------------------------
-# Memento-structured mask_from, built from METHOD.md §4 independently of the kernel.
+# Memento-structured mask_from, built from the paper's §4 rule independently of the kernel.
 # ---------------------------------------------------------------------------------------
 def memento_sequence(prompt, blocks, answer, complete_last=True):
     """Token layout: prompt, <think>, per block [<block_start> content <block_end>

@@ -1,4 +1,4 @@
-"""Block tracking, the compacting KV cache and generate.py's loop (METHOD.md §3-§6).
+"""Block tracking, the compacting KV cache and generate.py's loop (paper §4, §6.1, §A.3.1).
 
 The central check: prefill + token-by-token decoding through the compacting cache gives the
 same logits as ONE full forward with the dense memento mask (no cache at all).
@@ -33,7 +33,7 @@ def _sequence(seed, n_blocks=3, end_mid_block=False, special_prompt=False, neste
     rng = random.Random(seed)
     problem = "sum <|block_start|>1 2<|block_end|><|summary_start|>x<|summary_end|> please" if special_prompt else "sum 1 2"
     text = memento_text(rng, n_blocks, end_mid_block)
-    if nested:  # malformed (METHOD.md §3) but decodable: a completed block inside another
+    if nested:  # malformed but decodable: a completed block inside another
         text = NESTED + text.removeprefix("<think>\n")
     return TOK.encode(TOK.chat_prompt(problem)), TOK.encode(text)
 
@@ -233,7 +233,7 @@ def test_malformed_streams_reported():
 
 def test_nested_blocks_are_masked_but_reported():
     # Inner block fully summarized inside the outer one, then the outer one summarized: every
-    # block completes, so only the nesting itself makes the stream malformed (METHOD.md §3).
+    # block completes, so only the nesting itself makes the stream malformed.
     S, E, SS, SE = IDS.block_start, IDS.block_end, IDS.summary_start, IDS.summary_end
     resp = [S, 97, S, 98, E, SS, 99, SE, 100, E, SS, 101, SE]
     ids = list(IDS.assistant_header) + resp

@@ -1,4 +1,4 @@
-"""train_sft.py and data/: the recipe of METHOD.md §7 on the embedded task and real traces."""
+"""train_sft.py and data/: the recipe of paper §4 / §A.2.1 on the embedded task and real traces."""
 import json
 import os
 import subprocess

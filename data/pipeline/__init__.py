@@ -1,4 +1,4 @@
-"""Data-generation pipeline of MEMENTO (arXiv 2604.09852, §3; METHOD.md §9).
+"""Data-generation pipeline of MEMENTO (arXiv 2604.09852, §3).
 
 Raw chain-of-thought traces -> sentences -> LLM boundary scores -> exact segmentation
 into blocks -> LLM mementos graded and refined by an LLM judge -> OpenMementos JSONL.

@@ -1,4 +1,4 @@
-"""The OpenMementos response layout (paper §3, METHOD.md §2 and §8).
+"""The OpenMementos response layout (paper §3).
 
     <think>
     <|block_start|>T1<|block_end|>

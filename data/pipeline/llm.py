@@ -1,4 +1,4 @@
-"""A minimal client for OpenAI-compatible chat-completions endpoints (METHOD.md §9).
+"""A minimal client for OpenAI-compatible chat-completions endpoints (paper §3).
 
 POST {base_url}/chat/completions with {"model", "messages", "temperature", ...}; the reply's
 choices[0].message.content is the text. Works with hosted APIs and local servers (vLLM,

@@ -1,5 +1,5 @@
 """Mementos: LLM compression of a block, graded by an LLM judge, refined with its
-feedback (paper §3, METHOD.md §9.5).
+feedback (paper §3).
 
 Round 0 writes a memento; every round is graded 0-10 (formulas 0-3, values 0-2, methods
 0-2, validation 0-1, no hallucination 0-1, result-first 0-1; the total is the sum of the

@@ -1,4 +1,4 @@
-"""Prompts of the LLM stages (paper §3, METHOD.md §9.3 and §9.5), written for this project.
+"""Prompts of the LLM stages (paper §3), written for this project.
 
 Every prompt asks for strict JSON; the shapes are checked in score.py and memento.py.
 Each user message carries a "TASK:" line so a log (or a test server) can tell the stages

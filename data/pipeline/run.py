@@ -1,4 +1,4 @@
-"""The data-generation pipeline end to end, resumable (paper §3, METHOD.md §9).
+"""The data-generation pipeline end to end, resumable (paper §3).
 
 raw trace -> seed filter (§9.1) -> sentences (§9.2) -> boundary scores (§9.3) ->
 blocks (§9.4) -> mementos (§9.5) -> one JSON line in the OpenMementos schema.

@@ -1,4 +1,4 @@
-"""Boundary scoring by an LLM (paper §3, METHOD.md §9.3).
+"""Boundary scoring by an LLM (paper §3).
 
 Boundary i lies between sentence i and i+1 (n sentences, n-1 boundaries). The trace is
 cut into windows of consecutive sentences; consecutive windows share their edge sentence,

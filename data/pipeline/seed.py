@@ -1,4 +1,4 @@
-"""Seed filtering and raw-trace parsing (paper §3, METHOD.md §9.1).
+"""Seed filtering and raw-trace parsing (paper §3).
 
 A raw trace is an OpenThoughts-style `cot` string: "<think> reasoning </think> answer".
 """

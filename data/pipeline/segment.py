@@ -1,4 +1,4 @@
-"""Segmentation of a scored trace into blocks (paper §3, METHOD.md §9.4).
+"""Segmentation of a scored trace into blocks (paper §3).
 
 Given n sentences with token lengths L_0..L_{n-1} and n-1 boundary scores (scores[i] is
 the boundary between sentence i and i+1), choose K >= min_blocks contiguous blocks, every
@@ -116,7 +116,7 @@ def objective(blocks, scores, token_lengths, lam: float = 0.5) -> float:
 
 def segment(scores, token_lengths, min_tokens: int = 200, lam: float = 0.5,
             min_blocks: int = 1) -> list[list[int]]:
-    """Exact optimal segmentation of a trace into blocks (§3, METHOD.md §9.4).
+    """Exact optimal segmentation of a trace into blocks (§3).
 
     Args:
         scores: n-1 boundary scores (scores[i] is between sentence i and i+1), each >= 0 and

@@ -1,4 +1,4 @@
-"""Sentence splitting of a reasoning trace (paper §3, METHOD.md §9.2).
+"""Sentence splitting of a reasoning trace (paper §3).
 
 Whitespace rule: every sentence keeps the whitespace that follows it, so
 ``"".join(split_sentences(text)) == text`` exactly (no normalization at all). Callers
@@ -154,7 +154,7 @@ def _is_math(sentence: str) -> bool:
 
 def split_sentences(text: str, count_tokens: Callable[[str], int] = approx_tokens,
                     min_fragment_tokens: int = 5) -> list[str]:
-    """Split reasoning text into sentences for boundary scoring (§3, METHOD.md §9.2).
+    """Split reasoning text into sentences for boundary scoring (§3).
 
     Args: text: the reasoning inside <think>...</think>; count_tokens: text -> tokens
         (for the fragment rule); min_fragment_tokens: sentences shorter than this many

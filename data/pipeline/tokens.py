@@ -1,4 +1,4 @@
-"""Token counting for the pipeline (block sizes, fragment merging; paper §3, METHOD.md §9).
+"""Token counting for the pipeline (block sizes, fragment merging; paper §3).
 
 Without a tokenizer the pipeline uses an approximation: ceil(UTF-8 bytes / 4) tokens,
 the usual rule of thumb for BPE vocabularies on English text and LaTeX (it overestimates
