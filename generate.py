@@ -30,7 +30,7 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 @dataclass
 class SampleConfig:
-    """Sampling (paper defaults, §6.1): temperature 0 means greedy."""
+    """Sampling (the paper's evaluation defaults, §6.1): temperature 0 means greedy."""
 
     temperature: float = 0.6
     top_p: float = 0.95
@@ -38,7 +38,7 @@ class SampleConfig:
 
 
 def sample(logits: torch.Tensor, sc: SampleConfig, gen: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row (§5 sampling): temperature, then top-k, then top-p (nucleus).
+    """Draw one token per row (paper §6.1 sampling): temperature, then top-k, then top-p (nucleus).
 
     Args:
         logits: [B, V] float logits on any device.
@@ -130,6 +130,8 @@ def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compac
     dtype = next(model.parameters()).dtype
     max_pos = model.config.max_position_embeddings
     for p in prompts:
+        if not p:
+            raise ValueError("an empty prompt has no last token to continue from; give at least one token")
         if len(p) >= max_pos:
             raise ValueError(f"prompt of {len(p)} tokens does not fit max_position_embeddings={max_pos}; shorten it")
     T = MementoTokens.from_tokenizer(tok)

@@ -1,8 +1,9 @@
 """A Qwen3 decoder written from scratch, loading and saving Hugging Face safetensors checkpoints.
 
 Read top to bottom: config, the three building blocks (RMSNorm, RoPE, SwiGLU), attention with
-grouped-query heads and per-head q/k norms, the decoder, then checkpoint I/O and the memento
-special tokens (paper §A.2.1). All attention goes through `memento_attention.attention`, so the
+grouped-query heads and per-head q/k norms, the decoder, the next-token loss computed in chunks
+of rows (so 32K-token training never holds [tokens, vocab] logits), then checkpoint I/O and the
+memento special tokens (paper §A.2.1). All attention goes through `memento_attention.attention`, so the
 same model runs plain causal attention (stage 1), memento attention over a whole sequence
 (stage 2, prefill) and decoding against a compacting KV cache (kv_cache.py).
 """

@@ -6,31 +6,40 @@
     python bench/memory.py --check                                     # formula vs a measured CPU step
 
 What train_sft.py holds on one GPU during a micro-step (bf16 autocast over fp32 master weights,
-AdamW, the Triton kernel, the loss chunked over rows, gradient accumulation), in bytes:
+AdamW, the Triton kernel, the loss chunked over rows, gradient accumulation), in bytes, with
+N parameters, h hidden, q / kv the query / key-value widths (heads x head_dim), I the MLP
+width, V the vocabulary, L layers, R the loss chunk's rows:
 
-    weights        4 N                  fp32 master weights
-    grads          4 N                  present through every micro-step after the first
-    adamw          8 N                  exp_avg and exp_avg_sq, fp32
-    autocast       2 N_linear           bf16 copies of every Linear weight, cached by autocast
-                                        for the whole forward + backward
-    activations    what autograd saves: per layer and token (h hidden, q/kv query/key widths,
-                   I intermediate; every Linear saves its own bf16 cast of its input)
-                       26 h + 10 q + 10 kv + 8 I  (+ 4 bytes per norm row, 4 per head for lse)
-                   for all L layers, or with gradient checkpointing only each layer's fp32
-                   input (4 h) plus one layer recomputed during its backward
-    loss           the largest transient of the backward: the chunked loss holds chunk x vocab
-                   (fp32 log-probs, their gradient, the logits' gradient in fp32 and bf16:
-                   14 bytes per element) plus lm_head's weight gradient (bf16, then fp32);
-                   unchunked it is tokens x vocab, plus the fp32 logits the model returns
-    optimizer step foreach AdamW's temporary sqrt(exp_avg_sq) (4 N), when it exceeds the above
+    weights     4 N         fp32 master weights
+    grads       4 N         present through every micro-step after the first
+    adamw       8 N         exp_avg and exp_avg_sq, fp32
+    autocast    2 N_linear  bf16 copies of every Linear weight (lm_head included), cached by
+                            autocast for the whole forward + backward
+    saved       what autograd keeps per token: in each layer (see layer_activation_bytes)
+                    26 h + 10 q + 10 kv + 8 I   (+ 4 bytes per norm row, 4 per head for lse)
+                for all L layers, or with gradient checkpointing only each layer's fp32 input
+                (4 h); plus RoPE tables; with the plain loss the fp32 logits (4 V per token)
+    transient   the largest of three moments of the backward, on top of `saved`:
+                the loss: final norm and its output (12 h per token) + lm_head's weight gradient
+                    accumulating over chunks (2 V h) + max(12 R V: fp32 log-probs, their
+                    gradient and the logits' gradient; 2 R V + 2 V h: the bf16 gradient and
+                    one chunk's weight gradient);
+                lm_head's weight gradient cast back to fp32 (2 V h + 4 V h);
+                one layer: its recomputed activations (with checkpointing) + its backward
+                    gradients (4 I + 4 h per token) + with tied embeddings the fp32 lm_head
+                    gradient waiting for the embedding's (4 V h)
+    step        foreach AdamW's temporary sqrt(exp_avg_sq) (4 N), if larger than the above
 
-peak = weights + adamw + max(grads + autocast + activations + transient, grads + step).
+peak = weights + adamw + max(grads + autocast + saved + transient, grads + step).
 Under N-way sharding (FSDP2, per rank) weights, grads and AdamW states are divided by N and
 the autocast copies are replaced by the bf16 parameters of the two layers FSDP gathers at a
-time (one computing, one prefetched). No GPU was used to write this: `--check` measures a
-training micro-step of a small model on the CPU (bf16 autocast, the Triton kernel under its
-interpreter) with torch's profiler and prints it beside the formula; tests/test_memory.py
-asserts the two agree.
+time (one computing, one prefetched): arithmetic only, for the sharding still to come.
+
+The per-token terms were read tensor by tensor with saved-tensor hooks. No GPU was used to
+write this: `--check` measures training micro-steps of a small model on the CPU (bf16 autocast,
+a bf16 model, fp32; the Triton kernel under its interpreter) with torch's profiler and prints
+them beside the formula (within 3.2% at 256 tokens on the development machine), and
+tests/test_memory.py asserts the two agree within 10%.
 """
 from __future__ import annotations
 
@@ -130,7 +139,8 @@ class Estimate:
     checkpointing, all layers' activations without, the final norm, the fp32 logits of the
     plain loss); transient: the largest short-lived set on top of it (a loss chunk's
     log-probs and gradients with lm_head's accumulated weight gradient, or one layer's
-    recomputed activations and backward gradients); peak: the maximum over the step."""
+    recomputed activations and backward gradients); logits: what the loss alone holds at its
+    largest (a part of saved + transient); peak: the maximum over the step."""
 
     weights: int
     grads: int
@@ -138,6 +148,7 @@ class Estimate:
     autocast: int
     saved: int
     transient: int
+    logits: int
     step: int
     peak: int
 
@@ -199,7 +210,7 @@ def estimate(cfg, *, batch_size: int = 1, seq_len: int = 32768, gradient_checkpo
     transient = max(final + loss, final + cast_back, layers)
     step = p * N // world_size  # foreach AdamW: sqrt(exp_avg_sq) as a new list
     peak = weights + adamw + max(grads + autocast + saved + transient, grads + step)
-    return Estimate(weights, grads, adamw, autocast, saved, transient, step, peak)
+    return Estimate(weights, grads, adamw, autocast, saved, transient, held + loss, step, peak)
 
 
 def measure_peak(fn, device: str = "cpu") -> tuple[int, int]:
@@ -236,8 +247,8 @@ def _gib(x: int) -> str:
 def table(models=("Qwen3-0.6B", "Qwen3-8B"), seq_lens=(8192, 32768), world_sizes=(1,)) -> str:
     """The README's Markdown table: GiB per GPU, checkpointing on, batch 1, before/after chunked loss."""
     lines = ["| model | tokens | ranks | weights + grads + AdamW | autocast copies | saved activations | backward transient "
-             "| peak, chunked loss | peak, plain loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| loss logits, chunked / plain | peak, chunked loss | peak, plain loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         cfg = builtin_config(m)
         for T in seq_lens:
@@ -245,7 +256,8 @@ def table(models=("Qwen3-0.6B", "Qwen3-8B"), seq_lens=(8192, 32768), world_sizes
                 e = estimate(cfg, seq_len=T, world_size=ws)
                 plain = estimate(cfg, seq_len=T, world_size=ws, chunked_loss=False)
                 lines.append(f"| {m} | {T:,} | {ws} | {_gib(e.weights + e.grads + e.adamw)} | {_gib(e.autocast)} | "
-                             f"{_gib(e.saved)} | {_gib(e.transient)} | **{_gib(e.peak)}** | {_gib(plain.peak)} |")
+                             f"{_gib(e.saved)} | {_gib(e.transient)} | {_gib(e.logits)} / {_gib(plain.logits)} | "
+                             f"**{_gib(e.peak)}** | {_gib(plain.peak)} |")
     return "\n".join(lines)
 
 
@@ -313,47 +325,57 @@ def check(checks=CHECKS, seq_len: int = 256, device: str | None = None) -> list[
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ["MEMENTO_ATTN_BACKEND"] = "triton"
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # only matters if triton is not imported yet
+    previous = os.environ.get("MEMENTO_ATTN_BACKEND")
+    os.environ["MEMENTO_ATTN_BACKEND"] = "triton"  # the formula models the kernel's memory
+    try:
+        return [_measure(case, seq_len, device) for case in checks]
+    finally:
+        if previous is None:
+            os.environ.pop("MEMENTO_ATTN_BACKEND")
+        else:
+            os.environ["MEMENTO_ATTN_BACKEND"] = previous
+
+
+def _measure(case, seq_len: int, device: str) -> dict:
+    import torch
 
     from model import Qwen3, Qwen3Config
 
-    out = []
-    for ckpt, chunk, precision, tied, vocab in checks:
-        cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
-        model = Qwen3(cfg).init_weights(seed=0).train().to(device)
-        if precision == "bf16":
-            model = model.to(torch.bfloat16)
-        model.gradient_checkpointing, model.loss_chunk_rows = ckpt, chunk or seq_len
-        ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    ckpt, chunk, precision, tied, vocab = case
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
+    model = Qwen3(cfg).init_weights(seed=0).train().to(device)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    model.gradient_checkpointing, model.loss_chunk_rows = ckpt, chunk or seq_len
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
-        def micro_step():
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "autocast"):
-                if chunk is None:  # plain cross-entropy over the full fp32 logits
-                    logits = model(ids)
-                    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
-                else:
-                    loss = model(ids, labels=ids)
-                loss.sum().backward()
+    def micro_step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "autocast"):
+            if chunk is None:  # plain cross-entropy over the full fp32 logits
+                logits = model(ids)
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+            else:
+                loss = model(ids, labels=ids)
+            loss.sum().backward()
 
-        micro_step()  # grads exist from here on
-        measured, _ = measure_peak(micro_step, device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # CUDA's default implementation
-        opt.step()  # the states exist from here on
+    micro_step()  # grads exist from here on
+    measured, _ = measure_peak(micro_step, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # CUDA's default implementation
+    opt.step()  # the states exist from here on
 
-        def optimizer_step():
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
 
-        measured_step, _ = measure_peak(optimizer_step, device)
-        p = 2 if precision == "bf16" else 4
-        e = estimate(cfg, batch_size=1, seq_len=seq_len, gradient_checkpointing=ckpt, loss_chunk_rows=chunk or seq_len,
-                     chunked_loss=chunk is not None, param_bytes=p, compute_bytes=2 if precision != "fp32" else 4)
-        out.append(dict(checkpointing=ckpt, loss="plain" if chunk is None else f"chunks of {chunk}", precision=precision,
-                        tied=tied, vocab=vocab, tokens=seq_len, measured=measured, formula=e.autocast + e.saved + e.transient,
-                        measured_step=measured_step, formula_step=e.step))
-    return out
+    measured_step, _ = measure_peak(optimizer_step, device)
+    p = 2 if precision == "bf16" else 4
+    e = estimate(cfg, batch_size=1, seq_len=seq_len, gradient_checkpointing=ckpt, loss_chunk_rows=chunk or seq_len,
+                 chunked_loss=chunk is not None, param_bytes=p, compute_bytes=2 if precision != "fp32" else 4)
+    return dict(checkpointing=ckpt, loss="plain" if chunk is None else f"chunks of {chunk}", precision=precision,
+                tied=tied, vocab=vocab, tokens=seq_len, measured=measured, formula=e.autocast + e.saved + e.transient,
+                measured_step=measured_step, formula_step=e.step)
 
 
 def _check_rows(rows) -> list[str]:
