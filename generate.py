@@ -12,7 +12,6 @@ recomputes each memento's K/V without its block (the implicit-channel ablation, 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from cli import ArgumentParser, check_device, nonnegative_int, positive_int
 from kv_cache import EMPTY, KVCache
 from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens
 
@@ -35,6 +35,21 @@ class SampleConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 20
+
+
+def generation_config(tok, model_config, base: dict | None = None) -> dict:
+    """generation_config.json for a checkpoint (paper §6.1 sampling): `base` (what the checkpoint
+    it came from had) with this module's sampling defaults and the tokenizer's stop tokens, so
+    that transformers' generate() samples as generate.py does."""
+    sc = SampleConfig()
+    out = dict(base or {})
+    out.update(do_sample=True, temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
+               eos_token_id=[tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids])
+    if "<|endoftext|>" in tok.special_ids:
+        out.setdefault("pad_token_id", tok.special_ids["<|endoftext|>"])
+    if model_config.bos_token_id is not None:
+        out["bos_token_id"] = model_config.bos_token_id
+    return out
 
 
 def sample(logits: torch.Tensor, sc: SampleConfig, gen: torch.Generator | None) -> torch.Tensor:
@@ -321,8 +336,10 @@ RESET = "\033[0m"
 
 
 def load(checkpoint: str, device: str, dtype: torch.dtype):
-    """Model and tokenizer from a checkpoint dir or hub id; exits with one line if missing."""
-    from model import Qwen3, resolve_checkpoint
+    """Model and tokenizer from a checkpoint dir, training run or hub id; exits with one line
+    if missing, incomplete or not a Qwen3 with the memento tokens."""
+    from checkpoint import resolve_checkpoint
+    from model import Qwen3
     from tokenizer import Tokenizer
 
     try:
@@ -334,7 +351,7 @@ def load(checkpoint: str, device: str, dtype: torch.dtype):
         MementoTokens.from_tokenizer(tok)
     except (FileNotFoundError, ValueError, KeyError) as e:
         hint = " (train one with `python train_sft.py --stage 1` then `--stage 2`)" if checkpoint == DEFAULT_CHECKPOINT else ""
-        sys.exit(f"generate.py: cannot load checkpoint {checkpoint!r}: {str(e).strip(chr(34))}{hint}")
+        sys.exit(f"generate.py: cannot load --checkpoint: {str(e).strip(chr(34))}{hint}")
     return model, tok
 
 
@@ -346,6 +363,8 @@ def read_replay(path: str, tok) -> list[tuple[int, dict]]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         sys.exit(f"generate.py: cannot read --replay file: {e}")
+    except UnicodeDecodeError:
+        sys.exit(f"generate.py: --replay {path}: not a UTF-8 text file; expected OpenMementos JSON lines")
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -380,37 +399,69 @@ def plot_curves(path: str, curves: list[tuple[str, list[int]]]) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _probability(text: str) -> float:
+    import argparse
+
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: use a number in (0, 1]")
+    return x
+
+
+def _temperature(text: str) -> float:
+    import argparse
+
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: use a number >= 0 (0 = greedy)")
+    return x
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="generate.py", description=__doc__)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="the user message (ChatML is applied)")
+    src.add_argument("--prompt", help="the user message (ChatML is applied); the embedded task's prompts are "
+                                      "'sum N blocks from S' with N 3-6 and S 0-9")
     src.add_argument("--replay", metavar="FILE.jsonl", help="teacher-force OpenMementos traces (problem, response)")
-    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint dir or hub id")
-    ap.add_argument("--keep-last-n-blocks", type=int, default=0)
-    ap.add_argument("--mask-delimiters", action="store_true")
-    ap.add_argument("--keep-last-block-for-answer", action="store_true")
-    ap.add_argument("--max-block-tokens", type=int, default=None)
-    ap.add_argument("--max-new-tokens", type=int, default=2048)
+    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint dir, training run dir or hub id")
+    ap.add_argument("--keep-last-n-blocks", type=int, default=0, help="-1 never mask, 0 mask at the memento's end, N keep N")
+    ap.add_argument("--mask-delimiters", action="store_true", help="also evict a block's delimiters")
+    ap.add_argument("--keep-last-block-for-answer", action="store_true", help="the last block stays for the answer")
+    ap.add_argument("--max-block-tokens", type=positive_int, default=None, help="force <|block_end|> at this block length")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=2048, help="response tokens per sequence")
     ap.add_argument("--restart", action="store_true", help="restart mode: recompute mementos without their block")
     ap.add_argument("--no-compaction", action="store_true", help="full KV cache (baseline)")
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--top-k", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--replay-chunk", type=int, default=256, help="teacher-forced tokens per forward in --replay (exact; memory vs speed)")
-    ap.add_argument("--prefill-chunk", type=int, default=2048,
+    ap.add_argument("--temperature", type=_temperature, default=0.6, help="0 = greedy")
+    ap.add_argument("--top-p", type=_probability, default=0.95, help="nucleus mass kept")
+    ap.add_argument("--top-k", type=nonnegative_int, default=20, help="candidates kept (0 = all)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (the same tokens on CPU and CUDA)")
+    ap.add_argument("--replay-chunk", type=positive_int, default=256,
+                    help="teacher-forced tokens per forward in --replay (exact; memory vs speed)")
+    ap.add_argument("--prefill-chunk", type=positive_int, default=2048,
                     help="prompt tokens per forward (chunked prefill, cf. vLLM --max-num-batched-tokens; exact; memory vs speed)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    default="bfloat16" if torch.cuda.is_available() else "float32", help="weights and KV cache dtype")
     ap.add_argument("--json", action="store_true", help="one JSON object per sequence on stdout")
     ap.add_argument("--plot", metavar="FILE.png", help="write the KV sawtooth (needs matplotlib)")
     args = ap.parse_args(argv)
     if args.prompt is None and args.replay is None:
         ap.error("give --prompt TEXT or --replay FILE.jsonl")
+    if args.restart and args.no_compaction:
+        ap.error("--restart needs compaction (it recomputes mementos after their block is evicted); drop --no-compaction")
     try:
         cfg = MementoConfig(args.keep_last_n_blocks, args.mask_delimiters, args.keep_last_block_for_answer)
     except ValueError as e:
-        ap.error(str(e))
+        ap.error(f"--keep-last-n-blocks: {e}")
+    if args.restart and (cfg.keep_last_n_blocks != 0 or cfg.keep_last_block_for_answer):
+        ap.error("--restart is defined for --keep-last-n-blocks 0 without --keep-last-block-for-answer")
+    args.device = check_device(ap, args.device)
     model, tok = load(args.checkpoint, args.device, getattr(torch, args.dtype))
     sc = SampleConfig(args.temperature, args.top_p, args.top_k)
     kw = dict(compaction=not args.no_compaction, restart=args.restart, max_block_tokens=args.max_block_tokens, seed=args.seed)

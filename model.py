@@ -10,19 +10,15 @@ same model runs plain causal attention (stage 1), memento attention over a whole
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from checkpoint import atomic_dir, read_safetensors, resolve_checkpoint, write_safetensors
 from memento_attention import attention
 
 # ----------------------------------------------------------------------------- config
@@ -152,7 +148,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=cfg.attention_bias)  # as HF's Qwen3
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
@@ -346,17 +342,27 @@ class Qwen3(nn.Module):
                         device: str | torch.device = "cpu") -> "Qwen3":
         """Load an HF Qwen3 checkpoint (single or sharded safetensors) from a dir or the hub.
 
-        A hub id ("Qwen/Qwen3-0.6B") is fetched with huggingface_hub.snapshot_download,
-        config, weights and tokenizer files only. Weights are read with safetensors (no
-        pickle). Raises FileNotFoundError for an unknown path or id, ValueError for a bad
-        config, a missing tensor, a tensor of the wrong shape or an unexpected tensor.
+        A directory may be a checkpoint or a training run (its newest complete checkpoint is
+        read, checkpoint.local_checkpoint). A hub id ("Qwen/Qwen3-0.6B") is fetched with
+        huggingface_hub.snapshot_download, config, weights and tokenizer files only. Weights
+        are read with safetensors (no pickle) and cast to `dtype`; config.torch_dtype keeps
+        the dtype the checkpoint was stored in, which save_pretrained writes back by default.
+        Raises FileNotFoundError for an unknown path or id, ValueError for a bad or non-Qwen3
+        config, an unreadable weights file, a missing tensor, a tensor of the wrong shape or
+        an unexpected tensor.
         """
         path = resolve_checkpoint(path_or_hub_id)
         cfg_file = path / "config.json"
-        cfg = Qwen3Config.from_dict(json.loads(cfg_file.read_text()), source=str(cfg_file))
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e.msg})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cfg_file}: not a config object")
+        cfg = Qwen3Config.from_dict(raw, source=str(cfg_file))
         with torch.device("meta"):
             model = cls(cfg)
-        state = _read_safetensors(path)
+        state = read_safetensors(path)
         expected = dict(model.state_dict(keep_vars=True))
         if cfg.tie_word_embeddings:
             expected.pop("lm_head.weight", None)
@@ -375,26 +381,38 @@ class Qwen3(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.to(device)
 
-    def save_pretrained(self, out_dir: str | os.PathLike, max_shard_bytes: int | None = None, extra_files=None) -> None:
-        """Write config.json + safetensors in HF layout, atomically.
+    def save_pretrained(self, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int | None = None) -> None:
+        """Write config.json + safetensors in HF layout into `out_dir`, atomically.
 
-        Files go to a temporary sibling directory which then replaces `out_dir`, so an
-        interrupted save never leaves a half-written checkpoint where a good one was.
-        With max_shard_bytes, weights are split into model-0000k-of-0000n.safetensors
-        plus model.safetensors.index.json. Other files already in out_dir (a tokenizer,
-        training state) are carried over. `extra_files(tmp_dir)`, if given, writes more files
-        (tokenizer, training state) into the same atomic swap.
+        Files go to a temporary sibling directory which then replaces `out_dir`
+        (checkpoint.atomic_dir), so an interrupted save never leaves a half-written checkpoint
+        where a good one was; other files already in out_dir (a tokenizer) are carried over.
+        See `write_files` for dtype and sharding. Raises ValueError for an unknown dtype.
         """
-        out = Path(out_dir)
-        with atomic_dir(out) as tmp:
-            self.config.torch_dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
-            (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            if self.config.tie_word_embeddings:
-                state.pop("lm_head.weight")
-            _write_safetensors(state, tmp, max_shard_bytes)
-            if extra_files is not None:
-                extra_files(tmp)
+        with atomic_dir(Path(out_dir)) as tmp:
+            self.write_files(tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+    def write_files(self, out_dir: Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
+        """Write config.json and the weights into an existing directory (no atomicity here).
+
+        dtype: the stored dtype; default config.torch_dtype, i.e. the dtype the weights came
+        in (a bf16 hub checkpoint trained in fp32 is saved in bf16, a model built here in
+        fp32 in fp32). With max_shard_bytes, weights are split into
+        model-0000k-of-0000n.safetensors plus model.safetensors.index.json.
+        Raises ValueError for a config.torch_dtype or dtype that is not a float dtype.
+        """
+        if dtype is None:
+            dtype = getattr(torch, str(self.config.torch_dtype), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"save: dtype {dtype!r} is not a floating-point torch dtype (config.torch_dtype="
+                             f"{self.config.torch_dtype!r}); pass dtype=torch.bfloat16 or torch.float32")
+        self.config.torch_dtype = str(dtype).removeprefix("torch.")
+        (out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        write_safetensors(state, out_dir, max_shard_bytes)
 
     # ------------------------------------------------------------------------- vocabulary
 
@@ -469,105 +487,3 @@ def add_memento_tokens(model: Qwen3, tokenizer, noise_std: float = 0.01, seed: i
                 noise = torch.randn(mean.shape, generator=g) * noise_std
                 table[ids[tok]] = (mean + noise.to(mean.device)).to(table.dtype)
     return {t: ids[t] for t in MEMENTO_TOKEN_SEEDS}
-
-
-# ----------------------------------------------------------------------------- file helpers
-
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                "tokenizer_config.json", "generation_config.json"]
-
-
-def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or a hub id downloaded to the HF cache.
-
-    Raises FileNotFoundError with one line saying what was tried and what to pass instead.
-    """
-    p = Path(path_or_hub_id)
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p}: no config.json; pass a checkpoint directory written by save_pretrained or a hub id")
-        return p
-    s = str(path_or_hub_id)
-    if p.exists() or s.count("/") != 1 or s.startswith((".", "/")):
-        raise FileNotFoundError(f"checkpoint {s!r}: not a checkpoint directory, and not a hub id of the form 'org/name'")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # the hub client raises many types; the user needs one line
-        raise FileNotFoundError(f"checkpoint {s!r}: not a local directory, and the hub download failed "
-                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for f in files:
-        with safe_open(path / f, framework="pt") as fh:
-            for k in fh.keys():
-                state[k] = fh.get_tensor(k)
-    return state
-
-
-def _write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    if not max_shard_bytes or total <= max_shard_bytes:
-        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-        return
-    shards, cur, size = [], {}, 0
-    for k, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = t, size + nbytes
-    shards.append(cur)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
-class atomic_dir:
-    """Context manager: yields a fresh temp dir that replaces `target` on success.
-
-    Files already in `target` that the block does not write are carried over. On an
-    exception (or a kill) the temp dir is abandoned and `target` is left as it was.
-    """
-
-    def __init__(self, target: Path):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.target.is_dir():
-            for f in self.target.iterdir():
-                stale_weights = f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json"
-                if f.is_file() and not stale_weights and not (self.tmp / f.name).exists():
-                    shutil.copy2(f, self.tmp / f.name)
-        for f in self.tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = self.target.with_name(f".{self.target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.target.exists():
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        shutil.rmtree(old, ignore_errors=True)
-        return False

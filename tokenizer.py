@@ -26,6 +26,12 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 MEMENTO_TOKENS = ["<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>"]
 
+# ChatML as a Hugging Face chat template: the messages as given, no default system prompt,
+# and the opening of the assistant turn (the same text as Tokenizer.chat_prompt).
+CHATML_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                   "+ '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+                   "{%- endif %}")
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
@@ -46,9 +52,10 @@ class Tokenizer:
     tokenizers do. Build with `from_file`, `from_dir` or `byte_level`.
     """
 
-    def __init__(self, hf_json: dict, source: str = "tokenizer.json"):
+    def __init__(self, hf_json: dict, source: str = "tokenizer.json", config: dict | None = None):
         self.source = source
         self.hf_json = hf_json
+        self.config = dict(config or {})  # tokenizer_config.json, carried over on save
         model = hf_json.get("model") or {}
         if model.get("type") != "BPE" or "vocab" not in model:
             raise ValueError(f"{source}: not a BPE tokenizer (model.type={model.get('type')!r}); "
@@ -94,11 +101,21 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load the tokenizer.json saved beside a checkpoint. Raises FileNotFoundError if absent."""
+        """Load the tokenizer.json (and tokenizer_config.json, if any) saved beside a checkpoint.
+
+        Raises FileNotFoundError if tokenizer.json is absent, ValueError if a file is not
+        valid JSON or not a byte-level BPE."""
         f = Path(path) / "tokenizer.json"
         if not f.exists():
             raise FileNotFoundError(f"{path}: no tokenizer.json beside the checkpoint")
-        return cls.from_file(f)
+        tok = cls.from_file(f)
+        cfg = Path(path) / "tokenizer_config.json"
+        if cfg.exists():
+            try:
+                tok.config = json.loads(cfg.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg}: not valid JSON ({e.msg})") from None
+        return tok
 
     @classmethod
     def byte_level(cls) -> "Tokenizer":
@@ -130,12 +147,36 @@ class Tokenizer:
         self._build()
         return {t: self.special_ids[t] for t in tokens}
 
-    def save(self, out_dir: str | os.PathLike) -> None:
-        """Write tokenizer.json into out_dir (temp file + rename)."""
-        out = Path(out_dir) / "tokenizer.json"
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.hf_json, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, out)
+    def save(self, out_dir: str | os.PathLike, eos_token: str | None = None) -> None:
+        """Write tokenizer.json and tokenizer_config.json into out_dir (each temp file + rename).
+
+        tokenizer_config.json keeps what was loaded (a Qwen3 chat template, say) and states
+        every special token (the memento tokens included) in added_tokens_decoder, the eos
+        token (`eos_token`, e.g. the one config.json names; else the loaded one, else
+        <|im_end|>), <|endoftext|> as padding, and the ChatML template when none was loaded,
+        so that transformers' AutoTokenizer and apply_chat_template agree with this class
+        (paper §3: ChatML, no system prompt). Raises KeyError for an eos_token that is not a
+        special token.
+        """
+        out = Path(out_dir)
+        cfg = dict(self.config)
+        cfg["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
+                                       for t in sorted(self.hf_json.get("added_tokens", []), key=lambda t: t["id"])}
+        eos = eos_token or cfg.get("eos_token") or "<|im_end|>"
+        self.token_id(eos if isinstance(eos, str) else eos.get("content"))
+        cfg["eos_token"] = eos
+        if "<|endoftext|>" in self.special_ids:
+            cfg.setdefault("pad_token", "<|endoftext|>")
+        cfg.setdefault("bos_token", None)
+        cfg.setdefault("chat_template", CHATML_TEMPLATE)
+        cfg.setdefault("tokenizer_class", "Qwen2Tokenizer")
+        cfg.setdefault("clean_up_tokenization_spaces", False)
+        cfg.setdefault("split_special_tokens", False)
+        for name, obj in (("tokenizer.json", self.hf_json), ("tokenizer_config.json", cfg)):
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=None if name == "tokenizer.json" else 2),
+                           encoding="utf-8")
+            os.replace(tmp, out / name)
 
     # ------------------------------------------------------------------------- use
 

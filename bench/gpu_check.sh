@@ -45,7 +45,7 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"problem": words(30), "response": resp}) + "\n")
 EOF
 common=(--data "$out/traces.jsonl" --max-seq-len 4096 --batch-size 2 --max-steps 20 --layers 4 --hidden 512
-        --heads 8 --kv-heads 2 --lr 1e-3 --gradient-checkpointing --no-progress)
+        --heads 8 --kv-heads 2 --lr 1e-3 --gradient-checkpointing --no-progress --overwrite)
 step train_stage1 $PY train_sft.py --stage 1 "${common[@]}" --out "$out/stage1"
 step train_stage2 $PY train_sft.py --stage 2 "${common[@]}" --init-from "$out/stage1" --out "$out/stage2"
 step generate $PY generate.py --checkpoint "$out/stage2" --prompt "abc def" --max-new-tokens 512 --seed 0 --json

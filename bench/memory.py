@@ -79,6 +79,7 @@ def load_config(model: str):
     """A built-in shape name, a checkpoint directory or a hub id -> model.Qwen3Config.
 
     Raises SystemExit with one line when it is none of these (only config.json is fetched)."""
+    from checkpoint import local_checkpoint
     from model import Qwen3Config
 
     if model in SHAPES:
@@ -86,7 +87,8 @@ def load_config(model: str):
     p = Path(model)
     try:
         if p.is_dir():
-            return Qwen3Config.from_dict(json.loads((p / "config.json").read_text()), source=str(p))
+            d = local_checkpoint(p)
+            return Qwen3Config.from_dict(json.loads((d / "config.json").read_text()), source=str(d))
         from huggingface_hub import hf_hub_download
 
         return Qwen3Config.from_dict(json.loads(Path(hf_hub_download(model, "config.json")).read_text()), source=model)
@@ -99,7 +101,7 @@ def param_counts(cfg) -> tuple[int, int]:
     """(all parameters, parameters of Linear weights incl. lm_head) of a Qwen3Config, counted
     from the shapes (tied embeddings counted once)."""
     h, q, kv, inter = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
-    bias = (q + 2 * kv) if cfg.attention_bias else 0
+    bias = (q + 2 * kv + h) if cfg.attention_bias else 0  # q, k, v and o_proj, as HF's Qwen3
     per_layer_linear = h * q + 2 * h * kv + q * h + 3 * h * inter
     per_layer = per_layer_linear + bias + 2 * h + 2 * cfg.head_dim  # two RMSNorms, q/k norms
     embed = cfg.vocab_size * h

@@ -35,12 +35,17 @@ def read_records(source: str) -> list[dict]:
     if p.is_file():
         if p.suffix == ".jsonl":
             out = []
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{source}: not a UTF-8 text file; expected JSON lines") from None
+            for i, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
-                        out.append(json.loads(line))
+                        rec = json.loads(line)
                     except json.JSONDecodeError:
-                        out.append({"_error": f"{source}:{i}: not JSON"})
+                        rec = {"_error": f"{source}:{i}: not JSON"}
+                    out.append(rec if isinstance(rec, dict) else {"_error": f"{source}:{i}: not a JSON object"})
             return out
         if p.suffix == ".parquet":
             try:
@@ -85,17 +90,19 @@ def validate(response_ids: list[int], tokens: MementoTokens) -> list[str]:
 
 
 def tokenize(records: list[dict], tok, max_seq_len: int) -> tuple[list[Example], dict]:
-    """ChatML examples with labels, and a report {"kept", "skipped", "reasons"}.
+    """ChatML examples with labels, and a report {"kept", "truncated", "skipped", "reasons"}.
 
     input_ids = chat_prompt(problem) + response + <|im_end|>; labels are -100 on the prompt
-    and equal input_ids on the response (§7: loss on every response token, special tokens
-    and answer included). Examples longer than max_seq_len are truncated at the end (an
-    incomplete block is never masked, so the mask stays valid). Malformed traces are
-    skipped and counted, never trained on with a wrong mask.
+    and equal input_ids on the response (§4: loss on every response token, special tokens
+    and answer included). The rule for long examples: one longer than max_seq_len is cut at
+    the end (counted as "truncated"; an incomplete block is never masked, so the mask stays
+    valid); one whose prompt alone fills max_seq_len has nothing to learn and is skipped.
+    Malformed traces are skipped and counted, never trained on with a wrong mask. Every kept
+    example has at least one labelled token.
     """
     tokens = MementoTokens.from_tokenizer(tok)
     end = tok.token_id("<|im_end|>")
-    out, reasons = [], {}
+    out, reasons, truncated = [], {}, 0
     for r in records:
         if "_error" in r or not isinstance(r.get("problem"), str) or not isinstance(r.get("response"), str):
             why = r.get("_error", "missing problem/response").split(": ")[-1]
@@ -108,10 +115,15 @@ def tokenize(records: list[dict], tok, max_seq_len: int) -> tuple[list[Example],
             reasons[why] = reasons.get(why, 0) + 1
             continue
         prompt = tok.encode(tok.chat_prompt(r["problem"]))
+        if len(prompt) >= max_seq_len:
+            why = "prompt fills --max-seq-len"
+            reasons[why] = reasons.get(why, 0) + 1
+            continue
+        truncated += len(prompt) + len(resp) + 1 > max_seq_len
         ids = (prompt + resp + [end])[:max_seq_len]
         labels = ([IGNORE] * len(prompt) + resp + [end])[:max_seq_len]
         out.append(Example(ids, labels))
-    return out, {"kept": len(out), "skipped": sum(reasons.values()), "reasons": reasons}
+    return out, {"kept": len(out), "truncated": truncated, "skipped": sum(reasons.values()), "reasons": reasons}
 
 
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

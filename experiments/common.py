@@ -21,10 +21,11 @@ TRAIN_HINT = "make them with `python train_sft.py --stage 1` then `python train_
 
 
 def load_checkpoint(path: str, what: str, script: str):
-    """(model, tokenizer) of a local checkpoint directory written by train_sft.py.
+    """(model, tokenizer) of a local checkpoint directory or training run written by train_sft.py.
 
     Args:
-        path: directory with config.json, model.safetensors and tokenizer.json.
+        path: a checkpoint (config.json, model.safetensors, tokenizer.json) or a run directory
+            (its newest complete checkpoint is read).
         what: a name for the message ("--stage2"). script: the calling script's name.
     Returns:
         (model.Qwen3 in eval mode, float32, CPU; tokenizer.Tokenizer with the memento tokens).
@@ -32,12 +33,14 @@ def load_checkpoint(path: str, what: str, script: str):
         SystemExit with one line naming the missing checkpoint and how to make it.
     """
     import torch
+    from checkpoint import local_checkpoint
     from memento_attention import MementoTokens
     from model import Qwen3
     from tokenizer import Tokenizer
 
-    p = Path(path)
-    if not (p / "config.json").is_file():
+    try:
+        p = local_checkpoint(path)
+    except FileNotFoundError:
         sys.exit(f"{script}: {what} checkpoint {path!r} not found; {TRAIN_HINT} (or pass {what} DIR)")
     try:
         model = Qwen3.from_pretrained(p, dtype=torch.float32, device="cpu").eval()

@@ -7,10 +7,10 @@
    mementos "b{i}={sum}", in the OpenMementos schema (a .jsonl under --work-dir).
 2. Toy model: a 4-layer Qwen3, hidden 128, 4 query heads, 2 KV heads (head dim 32), byte-level
    tokenizer, trained from scratch with train_sft.py: stage 1 (full causal attention) then
-   stage 2 (memento attention, keep_last_n_blocks=0), with stage-2 snapshots every
-   --snapshot-every steps (copied by wrapping train_sft.save_checkpoint; train_sft.py itself
-   is unchanged). Checkpoints stay under --work-dir (outside the repository); --reuse skips
-   training when they are already there.
+   stage 2 (memento attention, keep_last_n_blocks=0), with a stage-2 checkpoint every
+   --snapshot-every steps (train_sft.py's own step checkpoints, all kept). Checkpoints stay
+   under --work-dir (outside the repository); --reuse skips training when they are already
+   there.
 3. Features: each probe sequence is teacher-forced through generate.generate(forced=...) with
    compaction on (normal mode) and again with restart=True (restart mode). After the trace the
    cache holds exactly the non-evicted tokens: prompt, delimiters and mementos. The feature of
@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,6 +67,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from checkpoint import run_checkpoints  # noqa: E402
 from generate import SampleConfig, generate  # noqa: E402
 from kv_cache import EMPTY, KVCache  # noqa: E402
 from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from  # noqa: E402
@@ -273,36 +273,23 @@ def train_probe(X: np.ndarray, Y: np.ndarray, split, *, epochs: int = 60, patien
 def train_toy(args, work: Path) -> dict:
     """Train the 4-layer toy model with train_sft.py (stage 1, then stage 2 with snapshots).
 
-    Writes work/data.jsonl, work/stage1, work/stage2 and work/snapshots/step{N}.
-    Returns {"stage1": {...}, "stage2": {...}, "snapshots": [(step, dir), ...]}.
+    Writes work/data.jsonl and the runs work/stage1, work/stage2 (stage2/step-NNNNNN every
+    --snapshot-every steps). Returns {"stage1": {...}, "stage2": {...}, "total_seconds"}.
     """
     import train_sft
 
     data = digits.write_jsonl(work / "data.jsonl", args.train_examples, args.seed)
-    snaps = work / "snapshots"
-    shutil.rmtree(snaps, ignore_errors=True)
-    snaps.mkdir(parents=True)
     common = ["--data", str(data), "--batch-size", str(args.train_batch), "--no-progress", "--seed", str(args.seed),
-              "--eval-samples", "0"]
+              "--eval-samples", "0", "--overwrite"]
     size = ["--layers", "4", "--hidden", "128", "--heads", "4", "--kv-heads", "2"]
     t0 = time.perf_counter()
     m1 = train_sft.train(train_sft.parse_args(["--stage", "1", "--out", str(work / "stage1"), "--max-steps",
                                                str(args.stage1_steps), "--lr", "2e-3", *size, *common]))
-    orig = train_sft.save_checkpoint
-
-    def save_and_snapshot(out, model, tok, opt, step, targs, log):
-        # train_sft keeps one checkpoint dir; the leakage-vs-training analysis needs several.
-        orig(out, model, tok, opt, step, targs, log)
-        shutil.copytree(out, snaps / f"step{step}", ignore=shutil.ignore_patterns("training_state*"))
-
-    train_sft.save_checkpoint = save_and_snapshot
-    try:
-        m2 = train_sft.train(train_sft.parse_args(["--stage", "2", "--init-from", str(work / "stage1"),
-                                                   "--out", str(work / "stage2"), "--max-steps", str(args.stage2_steps),
-                                                   "--lr", str(args.stage2_lr), "--save-every", str(args.snapshot_every),
-                                                   *common]))
-    finally:
-        train_sft.save_checkpoint = orig
+    # the leakage-vs-training analysis reads every stage-2 step checkpoint, so keep them all
+    m2 = train_sft.train(train_sft.parse_args(["--stage", "2", "--init-from", str(work / "stage1"),
+                                               "--out", str(work / "stage2"), "--max-steps", str(args.stage2_steps),
+                                               "--lr", str(args.stage2_lr), "--save-every", str(args.snapshot_every),
+                                               "--keep-checkpoints", str(args.stage2_steps), *common]))
     strip = lambda m: {k: m[k] for k in ("steps", "seconds", "final_loss")}  # noqa: E731
     (work / "train_meta.json").write_text(json.dumps({"stage1": strip(m1), "stage2": strip(m2)}))
     return {"stage1": strip(m1), "stage2": strip(m2), "total_seconds": time.perf_counter() - t0}
@@ -365,7 +352,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    if args.reuse and (work / "stage2" / "config.json").is_file() and (work / "train_meta.json").is_file():
+    if args.reuse and run_checkpoints(work / "stage2") and (work / "train_meta.json").is_file():
         train_info = {**json.loads((work / "train_meta.json").read_text()), "reused": True}
     else:
         train_info = train_toy(args, work)
@@ -398,8 +385,8 @@ def main(argv=None) -> dict:
                 log(f"{mode} M{m} layer {l}: test {r['test_acc']:.3f} (val {r['val_acc']:.3f}, {r['epochs']} ep)")
 
     checkpoints = []
-    snaps = sorted((work / "snapshots").glob("step*"), key=lambda p: int(p.name[4:]))
-    for name, path, step in [("stage1", work / "stage1", 0)] + [(s.name, s, int(s.name[4:])) for s in snaps]:
+    snaps = run_checkpoints(work / "stage2")
+    for name, path, step in [("stage1", work / "stage1", 0)] + [(f"step{int(s.name[5:])}", s, int(s.name[5:])) for s in snaps]:
         cm, ctok = load_checkpoint(str(path), name, "probe_kv.py")
         # the last snapshot holds the final stage-2 weights: its features are already computed
         last = step == train_info["stage2"]["steps"]

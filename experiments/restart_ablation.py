@@ -98,7 +98,7 @@ def train_both_stages(args) -> dict:
     for stage, extra in ((1, []), (2, ["--init-from", args.stage1])):
         t0 = time.perf_counter()
         train_sft.main(["--stage", str(stage), "--seed", str(args.train_seed), "--out", getattr(args, f"stage{stage}"),
-                        "--eval-samples", "0", "--no-progress", *extra])
+                        "--eval-samples", "0", "--no-progress", "--overwrite", *extra])
         seconds[f"stage{stage}"] = time.perf_counter() - t0
     return seconds
 

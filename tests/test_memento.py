@@ -297,6 +297,6 @@ def test_cli_prompt_json_and_replay_errors(checkpoint, tmp_path):
 
 def test_cli_bad_input(checkpoint):
     r = _run("--checkpoint", "/no/such/dir", "--prompt", "x")
-    assert r.returncode != 0 and "cannot load checkpoint '/no/such/dir'" in r.stderr
+    assert r.returncode != 0 and "cannot load --checkpoint: '/no/such/dir': no such directory" in r.stderr
     r = _run("--checkpoint", str(checkpoint), "--prompt", "x" * 41000)
     assert r.returncode != 0 and "max_position_embeddings" in r.stderr and "Traceback" not in r.stderr

@@ -23,6 +23,16 @@ def test_parameter_counts_match_the_model(name):
     assert linear == sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def test_parameter_counts_with_attention_bias():
+    from model import Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, attention_bias=True)
+    with torch.device("meta"):
+        model = Qwen3(cfg)
+    assert memory.param_counts(cfg)[0] == sum(p.numel() for p in model.parameters())
+
+
 def test_released_parameter_counts():
     # Published totals: Qwen3-0.6B 0.6B (0.44B without embeddings), Qwen3-8B 8.2B (6.95B).
     n06, _ = memory.param_counts(memory.builtin_config("Qwen3-0.6B"))

@@ -121,12 +121,16 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     w["model.norm.weight"] = torch.ones(65)
     with pytest.raises(ValueError, match="'model.norm.weight' has shape \\(65,\\)"):
         Qwen3.from_pretrained(variant("shape", cfg, w))
-    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
         Qwen3.from_pretrained(tmp_path / "does" / "not" / "exist")
+    bad = variant("truncated", cfg, weights)
+    (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:500])
+    with pytest.raises(ValueError, match="unreadable safetensors file"):
+        Qwen3.from_pretrained(bad)
 
 
 def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    import model as model_mod
+    import checkpoint as checkpoint_mod
 
     hf = tiny_hf_model(False)
     hf.save_pretrained(tmp_path / "src")
@@ -140,7 +144,7 @@ def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(model_mod, "save_file", boom)
+    monkeypatch.setattr(checkpoint_mod, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         ours.save_pretrained(out)
     assert (out / "model.safetensors").read_bytes() == before

@@ -17,11 +17,11 @@ from data.pipeline.segment import objective, score_grid, segment, segment_one_ca
 from data.pipeline.split import protected_spans, split_sentences
 from data.pipeline.tokens import approx_tokens
 
-from conftest import SHARED_DATA as SHARED  # noqa: E402  (one definition of the path)
+from conftest import require_shared_data  # noqa: E402  (one definition of the path)
 
 
 def raw_trace() -> dict:
-    with open(SHARED / "raw_cot_trace.jsonl", encoding="utf-8") as f:
+    with open(require_shared_data() / "raw_cot_trace.jsonl", encoding="utf-8") as f:
         return json.loads(f.readline())
 
 

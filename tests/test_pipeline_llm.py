@@ -23,7 +23,7 @@ from data.pipeline.score import score_boundaries, score_two_pass, windows
 from data.pipeline.seed import think_parts
 
 REPO = Path(__file__).resolve().parents[1]
-from conftest import SHARED_DATA as SHARED  # noqa: E402  (one definition of the path)
+from conftest import require_shared_data  # noqa: E402  (one definition of the path)
 SPECIAL = ["<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>"]
 
 
@@ -346,14 +346,14 @@ def test_end_to_end_on_the_raw_sample_trace(server, tmp_path):
     server.judge = {0: 6, 1: 9}
     # `python -m data.pipeline` with data/ a namespace package (no data/__init__.py)
     assert not (REPO / "data" / "__init__.py").exists()
-    p = run_cli("--input", str(SHARED / "raw_cot_trace.jsonl"), "--output", str(out),
+    p = run_cli("--input", str(require_shared_data() / "raw_cot_trace.jsonl"), "--output", str(out),
                 "--base-url", server.url, "--model", "fake-model", "--two-pass", "--no-progress",
                 "--timeout", "5", "--retries", "1", "--backoff", "0.01")
     assert p.returncode == 0, p.stderr
     lines = out.read_text().splitlines()
     assert len(lines) == 1
     rec = json.loads(lines[0])
-    raw = json.loads((SHARED / "raw_cot_trace.jsonl").read_text().splitlines()[0])
+    raw = json.loads((require_shared_data() / "raw_cot_trace.jsonl").read_text().splitlines()[0])
     for k in ("problem", "domain", "source"):
         assert rec[k] == raw[k]
     assert rec["difficulty"] is None
@@ -378,7 +378,7 @@ def test_end_to_end_on_the_raw_sample_trace(server, tmp_path):
     from tokenizer import Tokenizer
 
     examples, report = openmementos.tokenize(openmementos.read_records(str(out)), Tokenizer.byte_level(), 1024)
-    assert report == {"kept": 1, "skipped": 0, "reasons": {}}
+    assert report == {"kept": 1, "truncated": 1, "skipped": 0, "reasons": {}}  # a long trace, cut at 1024
     tiny = ["--data", str(out), "--max-steps", "1", "--max-seq-len", "1024", "--layers", "1", "--hidden", "32",
             "--heads", "2", "--kv-heads", "1", "--no-progress"]
     for stage, extra in (("1", []), ("2", ["--init-from", str(tmp_path / "s1")])):
@@ -387,7 +387,7 @@ def test_end_to_end_on_the_raw_sample_trace(server, tmp_path):
     toks = re.findall("|".join(re.escape(t) for t in SPECIAL), rec["response"])
     assert toks == SPECIAL * len(blocks)
     # rerunning finds the trace done and changes nothing
-    p = run_cli("--input", str(SHARED / "raw_cot_trace.jsonl"), "--output", str(out),
+    p = run_cli("--input", str(require_shared_data() / "raw_cot_trace.jsonl"), "--output", str(out),
                 "--base-url", server.url, "--model", "fake-model", "--no-progress")
     assert p.returncode == 0 and out.read_text().splitlines() == lines
     assert "1 already done" in p.stderr

@@ -17,11 +17,11 @@ def _corpus(shared_data):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer_file(tmp_path_factory):
-    from conftest import SHARED_DATA
+    from conftest import require_shared_data
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
-    _, texts = _corpus(SHARED_DATA)
+    _, texts = _corpus(require_shared_data())
     tok = HFTokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -11,6 +11,7 @@ from conftest import REPO
 import train_sft
 from data import openmementos, toy_task
 from memento_attention import MementoConfig, MementoTokens
+from checkpoint import local_checkpoint, run_checkpoints
 from model import Qwen3
 from tokenizer import Tokenizer
 
@@ -95,30 +96,36 @@ def test_prompt_tokens_carry_no_loss_and_malformed_traces_are_counted():
 def test_checkpoint_round_trip_atomic_and_resume(tmp_path, monkeypatch):
     common = ["--max-steps", "6", "--batch-size", "4", "--save-every", "3"]
     _, straight = _train(tmp_path, 1, *common, name="straight")
+    assert [d.name for d in run_checkpoints(straight)] == ["step-000003", "step-000006"]
+    assert (straight / "latest").resolve() == (straight / "step-000006").resolve()
     # round trip: the saved checkpoint reproduces the logits of the saved weights
     m = Qwen3.from_pretrained(straight)
-    ids = torch.tensor([Tokenizer.from_dir(straight).encode("<|im_start|>user\nsum 3 blocks from 1")])
+    ids = torch.tensor([Tokenizer.from_dir(local_checkpoint(straight)).encode("<|im_start|>user\nsum 3 blocks from 1")])
     before = m(ids)
     m.save_pretrained(tmp_path / "copy")
     assert torch.equal(Qwen3.from_pretrained(tmp_path / "copy")(ids), before)
-    # an interrupted run (killed right after its step-3 checkpoint), then --resume
+    # an interrupted run (killed right after its step-3 checkpoint), then --resume: bitwise equal
     real = train_sft.save_checkpoint
 
-    def save_then_die(out, model, tok, opt, step, args, log):
-        real(out, model, tok, opt, step, args, log)
-        if step == 3:
+    def save_then_die(*a, **kw):
+        path = real(*a, **kw)
+        if path.name == "step-000003":
             raise KeyboardInterrupt
+        return path
 
     monkeypatch.setattr(train_sft, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, 1, *common, name="resumed")
     monkeypatch.setattr(train_sft, "save_checkpoint", real)
-    assert json.loads((tmp_path / "resumed" / "training_state.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "resumed" / "step-000003" / "training_state.json").read_text())["step"] == 3
     _train(tmp_path, 1, *common, "--resume", name="resumed")
     a, b = Qwen3.from_pretrained(straight).state_dict(), Qwen3.from_pretrained(tmp_path / "resumed").state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
-    # a save interrupted midway leaves the previous checkpoint as it was
-    snapshot = {f.name: f.read_bytes() for f in (tmp_path / "resumed").iterdir()}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log_b] == [1, 2, 3, 4, 5, 6] and [e["loss"] for e in log_a] == [e["loss"] for e in log_b]
+    # a save interrupted midway leaves the run as it was, and no temp dir behind
+    snapshot = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "resumed").rglob("*"))
 
     def boom(*args, **kw):
         raise OSError("disk full")
@@ -129,8 +136,7 @@ def test_checkpoint_round_trip_atomic_and_resume(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         train_sft.save_checkpoint(str(tmp_path / "resumed"), model, Tokenizer.byte_level(), opt, 99,
                                   train_sft.parse_args(["--stage", "1"]), [])
-    assert {f.name: f.read_bytes() for f in (tmp_path / "resumed").iterdir()} == snapshot
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "resumed").rglob("*")) == snapshot
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
@@ -143,8 +149,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
                           "train_sft.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
-    log1 = json.loads((tmp_path / "one" / "training_state.json").read_text())["log"]
-    log2 = json.loads((tmp_path / "two" / "training_state.json").read_text())["log"]
+    log1 = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    log2 = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(log1) == len(log2) == 4
     for x, y in zip(log1, log2):
         assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
