@@ -264,18 +264,21 @@ def table(models=("Qwen3-0.6B", "Qwen3-8B"), seq_lens=(8192, 32768), world_sizes
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cli import ArgumentParser, positive_int
+
+    ap = ArgumentParser(prog="bench/memory.py", description=__doc__)
     ap.add_argument("--model", default="Qwen3-8B", help=f"built-in shape ({', '.join(SHAPES)}), checkpoint dir or hub id")
-    ap.add_argument("--max-seq-len", type=int, default=32768)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--loss-chunk-rows", type=int, default=1024)
-    ap.add_argument("--world-size", type=int, default=1, help="N-way FSDP sharding: memory per rank")
+    ap.add_argument("--max-seq-len", type=positive_int, default=32768, help="tokens per example")
+    ap.add_argument("--batch-size", type=positive_int, default=1, help="examples per micro-step")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep only each layer's input")
+    ap.add_argument("--loss-chunk-rows", type=positive_int, default=1024, help="rows of logits per loss chunk")
+    ap.add_argument("--world-size", type=positive_int, default=1, help="N-way FSDP sharding: memory per rank")
     ap.add_argument("--bf16-model", action="store_true", help="bf16 parameters and optimizer states, no autocast")
     ap.add_argument("--table", action="store_true", help="print the README table and exit")
     ap.add_argument("--check", action="store_true", help="measure small training steps (CUDA if present) against the formula")
-    ap.add_argument("--check-tokens", type=int, default=256, help="tokens per --check step (the CPU interpreter is slow)")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--check-tokens", type=positive_int, default=256, help="tokens per --check step (the CPU interpreter is slow)")
+    ap.add_argument("--json", action="store_true", help="one JSON object instead of the listing")
     args = ap.parse_args(argv)
     if args.table:
         print(table())
