@@ -40,7 +40,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kernels.memento_flash import _config, memento_flash_attention, tile_stats  # noqa: E402
+from kernels.memento_flash import _config, memento_flash_attention, tile_lists, tile_schedule, tile_stats  # noqa: E402
 from memento_attention import NEVER, attention_reference  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -317,6 +317,28 @@ def check_cpu(args):
     return records
 
 
+def tile_report(seq_lens, D=128, dtype=torch.bfloat16, sm=9, reps=5) -> list[dict]:
+    """For OpenMementos-shaped masks: each kernel's skipped / full / partial share of the
+    causal tiles under its default CUDA tiling, and the time to build its visiting lists
+    (tile_schedule + tile_lists) on this machine's device. Needs no GPU."""
+    out = []
+    for T in seq_lens:
+        mf = openmementos_mask_from(T)[None]
+        for kernel, (bm, bn, _, _) in _config(D, dtype, True, None, None, sm).items():
+            st = tile_stats(mf, T, bm, bn)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                sched = tile_schedule(mf, T, bm, bn)
+                tile_lists(sched.transpose(1, 2) if kernel == "dkdv" else sched)
+                times.append(time.perf_counter() - t0)
+            causal = st["causal_tiles"]
+            out.append({"T": T, "kernel": kernel, "block_m": bm, "block_n": bn, "causal_tiles": causal,
+                        "skipped": st["skipped"] / causal, "full": st["full"] / causal, "partial": st["partial"] / causal,
+                        "lists_ms": 1e3 * statistics.median(times)})
+    return out
+
+
 def main(argv=None):
     """Command line: CUDA timings table (or --json records); on a CPU one small interpreted
     correctness run whose timings mean nothing."""
@@ -333,6 +355,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON record per line instead of a table")
     ap.add_argument("--save", default=None, help="also write all records as a JSON list to this file")
+    ap.add_argument("--tiles", action="store_true",
+                    help="only tile shares and list-building time per kernel (CUDA tilings, bf16, --head-dim; no GPU needed)")
     args = ap.parse_args(argv)
     args.seq_lens = [int(x) for x in args.seq_lens.split(",") if x]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -342,7 +366,16 @@ def main(argv=None):
     if args.heads % args.kv_heads:
         ap.error("--heads must be a multiple of --kv-heads")
 
-    if torch.cuda.is_available():
+    if args.tiles:
+        records = tile_report(args.seq_lens, args.head_dim)
+        if not args.json:
+            print(f"OpenMementos-shaped masks, tiles of the default CUDA configs (bf16, D={args.head_dim}, sm_90); "
+                  f"lists built on {'cuda' if torch.cuda.is_available() else 'cpu'}")
+            print(f"{'T':>6} {'kernel':6} {'tile':>7} {'causal tiles':>12} {'skipped':>8} {'full':>6} {'partial':>8} {'lists ms':>9}")
+            for r in records:
+                print(f"{r['T']:>6} {r['kernel']:6} {r['block_m']:>3}x{r['block_n']:<3} {r['causal_tiles']:>12,} "
+                      f"{r['skipped']:>8.1%} {r['full']:>6.1%} {r['partial']:>8.1%} {r['lists_ms']:>9.2f}")
+    elif torch.cuda.is_available():
         records = bench_cuda(args)
     else:
         records = check_cpu(args)

@@ -1,15 +1,23 @@
-"""Compile the memento flash kernels for an NVIDIA target without a GPU (ahead-of-time check).
+"""Compile the memento flash kernels for an NVIDIA target without a GPU, as a real launch would.
 
-Uses Triton's own compiler and the ptxas bundled with the Triton wheel, so it runs on a
-CPU-only machine. For every dtype x head dim x kernel it reports the shared memory, and,
-when cuobjdump is available, registers per thread and stack (spill) bytes of the default
-launch config that memento_flash_attention would use on CUDA.
+Uses Triton's own compiler and the ptxas / cuobjdump bundled with the Triton wheel, so it runs
+on a CPU-only machine. Each kernel is compiled with the default launch config
+memento_flash_attention picks on CUDA and with the specialization a launch on aligned tensors
+gets (pointers and strides divisible by 16, as triton's JITFunction specializes them), and
+the table reports per kernel: registers per thread, stack bytes (spills), shared memory, and
+whether the main loop is software-pipelined: asynchronous copies in the TTGIR
+(`async_copy_global_to_local`, TMA loads) and LDGSTS / UTMALDG instructions in the SASS.
 
-    python bench/compile_check.py [--arch 90] [--dtypes bf16,fp16,fp32] [--dims 64,128]
+    python bench/compile_check.py [--arch 90] [--dtypes bf16,fp16,fp32] [--dims 64,128] [--json]
+
+The first row of each (dtype, head dim) is `reference`: a branch-free causal flash forward in
+the style of Triton's fused-attention tutorial (written here, same tiles and stages as our
+forward), the baseline that shows what this Triton pipelines.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -22,13 +30,57 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import kernels.memento_flash as mf  # noqa: E402
 
-_PTR_ARGS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
+_INT_PTRS = {"MF", "KMAX", "KMIN", "KPMIN", "KPMAX", "QPOS", "KPOS", "FULL_NUM", "FULL_IDX", "PART_NUM", "PART_IDX"}
+_F32_PTRS = {"LSE", "DELTA"}
+
+
+@triton.jit
+def _reference_inner(acc, l_i, m_i, q, k_base, v_base, start, end, offs_m, offs_n0, offs_d, s_kt, qk_scale,
+                     BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    for k_start in range(start, end, BLOCK_N):
+        offs_n = k_start + offs_n0
+        kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None])
+        v = tl.load(v_base + offs_n[:, None] * s_kt + offs_d[None, :])
+        s = tl.dot(q, kT) * qk_scale
+        if MASK:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _reference_causal_fwd(Q, K, V, O, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_ob, s_oh, s_ot, T, H, qk_scale,
+                          HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Causal attention, the tutorial's way: an unmasked loop over the key tiles left of the
+    # diagonal, then a masked loop over the diagonal ones. No data-dependent branch.
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :])
+    k_base, v_base = K + b * s_kb + h * s_kh, V + b * s_kb + h * s_kh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    acc, l_i, m_i = _reference_inner(acc, l_i, m_i, q, k_base, v_base, 0, pid_m * BLOCK_M, offs_m, offs_n0, offs_d,
+                                     s_kt, qk_scale, BLOCK_N, False)
+    acc, l_i, m_i = _reference_inner(acc, l_i, m_i, q, k_base, v_base, pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M, offs_m,
+                                     offs_n0, offs_d, s_kt, qk_scale, BLOCK_N, True)
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
 
 
 def _signature(fn, ptr_dt, consts):
@@ -36,12 +88,12 @@ def _signature(fn, ptr_dt, consts):
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in _PTR_ARGS:
-            sig[name] = "*" + ptr_dt
-        elif name in ("MF", "KMAX", "KMIN", "QPOS", "KPOS", "KPMIN", "KPMAX"):
+        elif name in _INT_PTRS:
             sig[name] = "*i32"
-        elif name in ("LSE", "DELTA"):
+        elif name in _F32_PTRS:
             sig[name] = "*fp32"
+        elif name in _DATA_PTRS:
+            sig[name] = "*" + ptr_dt
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
         else:
@@ -49,52 +101,138 @@ def _signature(fn, ptr_dt, consts):
     return sig
 
 
-def _resource_usage(cubin: bytes):
+def _aligned(fn, sig):
+    # What a launch on aligned tensors specializes: 16-byte aligned pointers, strides % 16 == 0.
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if sig[name].startswith("*") or name.startswith("s_")}
+
+
+def _sass_counts(cubin: bytes) -> dict:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return "?", "?"
+        return {"regs": "?", "stack": "?", "ldgsts": "?", "utmaldg": "?"}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    for line in out.splitlines():
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    out = {"regs": "?", "stack": "?", "ldgsts": sass.count("LDGSTS"), "utmaldg": sass.count("UTMALDG")}
+    for line in usage.splitlines():
         if "REG:" in line:
             fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
-            return fields.get("REG", "?"), fields.get("STACK", "?")
-    return "?", "?"
+            out["regs"], out["stack"] = int(fields.get("REG", -1)), int(fields.get("STACK", -1))
+    return out
+
+
+def compile_kernel(name: str, dtype: str, D: int, arch: int) -> dict:
+    """Compile one kernel (fwd, fwd_pos, dq, dkdv or reference) for sm_{arch} with its default
+    CUDA config and aligned-launch specialization; returns its figures. Raises what Triton
+    raises if it does not compile."""
+    cfg = mf._config(D, _DT[dtype], True, None, None, arch // 10)
+    fn = {"fwd": mf._fwd_kernel, "fwd_pos": mf._fwd_kernel, "dkdv": mf._bwd_dkdv_kernel, "dq": mf._bwd_dq_kernel,
+          "reference": _reference_causal_fwd}[name]
+    bm, bn, warps, stages = cfg["fwd" if name in ("fwd_pos", "reference") else name]
+    consts = dict(HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn)
+    if name != "reference":
+        consts.update(UPCAST=False, IEEE=dtype == "fp32")
+    if fn is mf._fwd_kernel:
+        consts["HAS_POS"] = name == "fwd_pos"
+    sig = _signature(fn, dtype, consts)
+    t0 = time.time()
+    c = triton.compile(ASTSource(fn, sig, consts, attrs=_aligned(fn, sig)), target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    ttgir = c.asm["ttgir"]
+    return {"kernel": name, "dtype": dtype, "D": D, "arch": arch, "block_m": bm, "block_n": bn, "warps": warps,
+            "stages": stages, "smem": c.metadata.shared, **_sass_counts(c.asm["cubin"]),
+            "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def pipelined(row: dict) -> bool:
+    """The main loop's loads are asynchronous: cp.async / TMA in TTGIR and in the SASS."""
+    return row["async_copies"] > 0 and (row["ldgsts"] or 0) + (row["utmaldg"] or 0) > 0
+
+
+# Largest tiles first; the search keeps the first that compiles pipelined, without spills, and
+# within the shared memory of every GPU of the architecture (sm_86/89 have 99 KB per block).
+CANDIDATES = {
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2),
+            (32, 32, 4, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+    "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 8, 2), (16, 16, 4, 2)],
+    "dkdv": [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2),
+             (16, 32, 8, 2), (16, 16, 4, 2)],
+}
+SMEM_LIMIT = {80: 101376, 90: 232448}
+
+
+def search(dtype: str, D: int, arch: int) -> dict:
+    """The launch config of each kernel for (dtype, D, sm_{arch}): the first of CANDIDATES
+    that compiles software-pipelined, spill-free and within SMEM_LIMIT (the forward must
+    satisfy this in both forms). How kernels/memento_flash._config's table was made."""
+    real = mf._config
+    picked = {}
+    try:
+        for kernel, cands in CANDIDATES.items():
+            picked[kernel] = None
+            for cfg in cands:
+                mf._config = lambda *a, cfg=cfg, **kw: {"fwd": cfg, "dq": cfg, "dkdv": cfg}
+                ok = True
+                for name in ([kernel, "fwd_pos"] if kernel == "fwd" else [kernel]):
+                    try:
+                        r = compile_kernel(name, dtype, D, arch)
+                    except Exception:  # a config Triton cannot compile is simply not a candidate
+                        ok = False
+                        break
+                    if r["stack"] != 0 or r["smem"] > SMEM_LIMIT[arch] or not pipelined(r):
+                        ok = False
+                        break
+                if ok:
+                    picked[kernel] = cfg
+                    break
+    finally:
+        mf._config = real
+    return picked
 
 
 def main():
-    """Compile every kernel config for --arch with Triton's bundled ptxas (no GPU needed) and
-    print registers and spills per kernel."""
+    """Compile every kernel config for --arch and print one row per kernel."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 or 90")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--dims", default="16,32,64,128,256")
+    ap.add_argument("--kernels", default="reference,fwd,fwd_pos,dq,dkdv")
+    ap.add_argument("--json", action="store_true", help="one JSON object per kernel")
+    ap.add_argument("--search", action="store_true", help="print the config table _config holds (slow: minutes)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if a kernel of ours spills or is not pipelined")
     args = ap.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
-    # fwd_pos: the forward with explicit positions (queries against a KV cache, inference).
-    kernels = {"fwd": mf._fwd_kernel, "fwd_pos": mf._fwd_kernel, "dkdv": mf._bwd_dkdv_kernel, "dq": mf._bwd_dq_kernel}
-    print(f"{'dtype':5} {'D':>4} {'kernel':7} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'smem':>7} {'regs':>5} {'stack':>5} {'compile_s':>9}")
+    if args.search:
+        for dt in args.dtypes.split(","):
+            for D in map(int, args.dims.split(",")):
+                print(json.dumps({"dtype": dt, "D": D, "arch": args.arch, **search(dt, D, args.arch)}), flush=True)
+        return
+    head = (f"{'dtype':5} {'D':>4} {'kernel':9} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'smem':>7} {'regs':>5} "
+            f"{'stack':>5} {'async':>5} {'LDGSTS':>6} {'UTMALDG':>7} {'pipelined':>9} {'s':>5}")
+    if not args.json:
+        print(f"sm_{args.arch}, pointers and strides specialized as 16-divisible (an aligned launch)")
+        print(head)
     failures = 0
     for dt in args.dtypes.split(","):
         for D in map(int, args.dims.split(",")):
-            cfg = mf._config(D, _DT[dt], True, None, None, args.arch // 10)
-            for name, fn in kernels.items():
-                bm, bn, warps, stages = cfg[name.removesuffix("_pos")]
-                consts = dict(HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, IEEE=(dt == "fp32"))
-                if fn is mf._fwd_kernel:
-                    consts["HAS_POS"] = name == "fwd_pos"
-                t0 = time.time()
+            for name in args.kernels.split(","):
                 try:
-                    c = triton.compile(ASTSource(fn, _signature(fn, dt, consts), consts), target=target,
-                                       options=dict(num_warps=warps, num_stages=stages))
+                    r = compile_kernel(name, dt, D, args.arch)
                 except Exception as e:  # report and go on: one bad config should not hide the rest
                     failures += 1
-                    print(f"{dt:5} {D:>4} {name:7} FAILED: {type(e).__name__}: {str(e)[:300]}")
+                    print(f"{dt:5} {D:>4} {name:9} FAILED: {type(e).__name__}: {str(e)[:300]}")
                     continue
-                regs, stack = _resource_usage(c.asm["cubin"])
-                print(f"{dt:5} {D:>4} {name:7} {bm:>4} {bn:>4} {warps:>5} {stages:>6} {c.metadata.shared:>7} {regs:>5} {stack:>5} {time.time() - t0:>9.1f}", flush=True)
+                if args.strict and name != "reference" and (r["stack"] != 0 or not pipelined(r)):
+                    failures += 1
+                if args.json:
+                    print(json.dumps(r), flush=True)
+                    continue
+                print(f"{dt:5} {D:>4} {name:9} {r['block_m']:>4} {r['block_n']:>4} {r['warps']:>5} {r['stages']:>6} "
+                      f"{r['smem']:>7} {r['regs']:>5} {r['stack']:>5} {r['async_copies']:>5} {r['ldgsts']:>6} "
+                      f"{r['utmaldg']:>7} {'yes' if pipelined(r) else 'NO':>9} {r['seconds']:>5}", flush=True)
     sys.exit(1 if failures else 0)
 
 

@@ -6,12 +6,20 @@ Stage-2 training attends under the memento visibility rule
 
 (queries and keys are the same T tokens; mask_from[b, j] == NEVER == 2**31 - 1 means key j
 is never masked). The paper materialised this as a dense [T, T] boolean mask for SDPA. Here
-the rule is evaluated inside the kernels from the O(T) vector `mask_from`, and whole tiles of
-the score matrix are classified before any K/V is read:
+the rule is evaluated from the O(T) vector `mask_from`, and whole tiles of the score matrix
+are classified before any kernel runs:
 
-    skip     every (query, key) pair of the tile is invisible: K/V are not even loaded;
+    skip     every (query, key) pair of the tile is invisible: never visited, K/V never loaded;
     full     every pair is visible: no element-wise mask at all;
     partial  the rest (the causal diagonal, and the edges of evicted blocks).
+
+The host turns the classification into lists, as FlexAttention's block masks do: for each
+query tile the key tiles that are full and those that are partial (for the dK/dV kernel, per
+key tile, the query tiles). Each kernel then runs two branch-free loops over its lists, the
+partial one with the element mask and the full one without, through one inner loop shared by
+both. With no data-dependent branch around the loads, Triton software-pipelines the loops
+(asynchronous copies of the next tiles while the current one is multiplied; checked by
+bench/compile_check.py and tests/test_kernel.py at compile time, without a GPU).
 
 In OpenMementos-shaped traces (~1,150-token blocks, ~194-token mementos, keep_last_n_blocks=0)
 the share of skipped causal tiles grows with length: about 46% at 4K tokens and 77% at 32K
@@ -28,6 +36,7 @@ Public API:
     key_tile_bounds(mask_from, T, block_n) -> (kmax, kmin)                (tile summary)
     key_position_bounds(k_pos, T, block_n) -> (kpmin, kpmax)              (cache keys)
     tile_schedule(mask_from, T, block_m, block_n) -> [B, nQ, nK] int8    (SKIP/FULL/PARTIAL)
+    tile_lists(schedule) -> (full_num, full_idx, part_num, part_idx)      (what kernels iterate)
     tile_stats(mask_from, T, block_m, block_n) -> dict                   (skipped fraction)
 
 Runs natively on CUDA; on CPU only under the Triton interpreter (TRITON_INTERPRET=1 set
@@ -56,18 +65,15 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------
-# Tile predicate. Shared verbatim by the kernels (as @triton.jit helpers) and by the pure
-# Python `tile_schedule` (through `.fn`, the undecorated function), so the property tests on
-# tile_schedule test the very expressions the kernels branch on.
+# Tile predicate, evaluated on the host (torch tensors) for every (query tile, key tile).
 #
 # In logical positions: a query tile holds positions [q_min, q_max] (padding rows do not
 # count); a key tile holds positions [kp_min, kp_max] (kp_max counts padding columns as
-# beyond every query, so a tile with padding is never "full") and mf_max / mf_min are the
-# max / min of mask_from over its real columns. Training and a fresh prefill have
-# positions 0..T-1, so q_min = q_start, q_max = q_last, kp_min = k_start and
-# kp_max = k_start + BLOCK_N - 1, computed rather than loaded.
+# beyond every query, so a tile with padding is never "full": full tiles load K/V without
+# bounds checks) and mf_max / mf_min are the max / min of mask_from over its real columns.
+# Training has positions 0..T-1, so q_min = q_start, q_max = q_last, kp_min = k_start and
+# kp_max = k_start + BLOCK_N - 1.
 # ---------------------------------------------------------------------------------------
-@triton.jit
 def _tile_skipped(q_min, q_max, kp_min, mf_max):
     # Query i sees key j only if i < mask_from[j] <= mf_max; the smallest query of the tile
     # is q_min, so q_min >= mf_max hides every key from every query. The second clause is
@@ -75,7 +81,6 @@ def _tile_skipped(q_min, q_max, kp_min, mf_max):
     return (q_min >= mf_max) | (kp_min > q_max)
 
 
-@triton.jit
 def _tile_full(q_min, q_max, kp_max, mf_min):
     # Causal for every pair iff the last key is at most the first query; never masked for
     # every pair iff the last query still comes before the earliest mask_from of the tile.
@@ -101,24 +106,88 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------
-# Forward.
+# The inner step shared by the forward and dQ loops: load one key tile, score it.
 # ---------------------------------------------------------------------------------------
 @triton.jit
+def _key_tile_scores(q, qp, k_base, v_base, mf_base, kp_base, kt, s_kt, s_vt, TK, qk_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                     MASKED: tl.constexpr, HAS_POS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # Returns kT [D, BLOCK_N], v [BLOCK_N, D] and the scores s = q k^T * qk_scale [BLOCK_M,
+    # BLOCK_N] (base 2), -inf where the rule hides the pair. MASKED: a partial tile, with the
+    # element mask and bounds checks; a full tile needs neither (it never reaches past TK).
+    offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    if MASKED:
+        col_ok = offs_n < TK
+        kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None])
+        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
+    s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
+    if MASKED:
+        mf = tl.load(mf_base + offs_n, mask=col_ok, other=0)
+        if HAS_POS:
+            kp = tl.load(kp_base + offs_n, mask=col_ok, other=0)
+        else:
+            kp = offs_n
+        vis = (kp[None, :] <= qp[:, None]) & (qp[:, None] < mf[None, :]) & col_ok[None, :]
+        s = tl.where(vis, s, float("-inf"))
+    return kT, v, s
+
+
+# ---------------------------------------------------------------------------------------
+# Forward.
+#
+# Online softmax, in base 2 (exp2 is the native instruction; qk_scale folds in log2 e). For
+# each row keep m = running max of the scaled scores, l = sum of exp2(s - m) and acc = sum of
+# exp2(s - m) * v. A new tile with row max m' rescales the old sums by alpha = exp2(m - m'),
+# so after the last tile out = acc / l and the row's log-sum-exp (base 2) is m + log2(l),
+# which the backward uses to rebuild P without a second pass. The order of the tiles does
+# not matter, so the partial tiles go first and the full ones after.
+#
+# A row that has seen only masked scores has m = -inf, and exp2(-inf - -inf) would be NaN.
+# The shift m_shift is therefore 0 while m is still -inf: every p is exp2(-inf) = 0 and the
+# row stays (m=-inf, l=0, acc=0). Such a row survives to the end only if its query sees no
+# key at all (mask_from[i] <= i, impossible for valid inputs); it then gets out = 0, like the
+# dense reference, and lse = +inf, which makes its P (hence all its gradients) exactly 0.
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base, idx_base, n_tiles, s_kt, s_vt, TK, qk_scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr,
+               HAS_POS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    for i in range(0, n_tiles):
+        kt = tl.load(idx_base + i)
+        kT, v, s = _key_tile_scores(q, qp, k_base, v_base, mf_base, kp_base, kt, s_kt, s_vt, TK, qk_scale,
+                                    BLOCK_M, BLOCK_N, HEAD_D, MASKED, HAS_POS, UPCAST, IEEE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # P is rounded to V's dtype for the tensor cores, as in every flash kernel.
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, MF, KMAX, KMIN, O, LSE, QPOS, KPOS, KPMIN, KPMAX,
+    Q, K, V, MF, O, LSE, QPOS, KPOS, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     s_qb, s_qh, s_qt,
     s_kb, s_kh, s_kt,
     s_vb, s_vh, s_vt,
     s_ob, s_oh, s_ot,
-    s_mb, s_xb, s_pqb, s_pkb,
+    s_mb, s_pqb, s_pkb, s_nb, s_ib, s_iq,
     TQ, TK, H, GROUP, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # HAS_POS: queries and keys carry explicit logical positions (QPOS [B, TQ], KPOS [B, TK],
-    # per-key-tile position bounds KPMIN/KPMAX): a chunk of queries against a compacted KV
-    # cache, where keys are cache slots (gaps where blocks were evicted, EMPTY slots with
-    # mask_from = -1). Without it queries and keys are the same TQ = TK tokens at 0..T-1.
+    # HAS_POS: queries and keys carry explicit logical positions (QPOS [B, TQ], KPOS [B, TK]):
+    # a chunk of queries against a compacted KV cache, where keys are cache slots (gaps where
+    # blocks were evicted, EMPTY slots with mask_from = -1). Without it queries and keys are
+    # the same TQ = TK tokens at 0..T-1. The tile lists hold this query tile's full and
+    # partial key tiles (FULL_IDX[b, m, :FULL_NUM[b, m]], likewise PART_*).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -126,80 +195,32 @@ def _fwd_kernel(
     # GQA: the query head reads its key/value head in place; nothing is repeated in memory.
     hk = h // GROUP
 
-    q_start = pid_m * BLOCK_M
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < TQ
-
     b64 = b.to(tl.int64)
     if HAS_POS:
         qp = tl.load(QPOS + b64 * s_pqb + offs_m, mask=row_ok, other=0)
-        q_min = tl.min(tl.where(row_ok, qp, 2147483647), 0)
-        q_max = tl.max(tl.where(row_ok, qp, -1), 0)
-        k_end = TK  # keys are slots, not positions: any tile may hold visible keys
     else:
         qp = offs_m
-        q_min = q_start
-        q_max = tl.minimum(q_start + BLOCK_M, TQ) - 1
-        k_end = q_max + 1  # causality bounds the key loop at the last query
     q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh
     mf_base = MF + b64 * s_mb
-    tile_base = b64 * s_xb
+    kp_base = KPOS + b64 * s_pkb
+    lists = b64 * s_ib + pid_m * s_iq
+    counts = b64 * s_nb + pid_m
 
-    # Online softmax, in base 2 (exp2 is the native instruction; qk_scale folds in log2 e).
-    # For each row keep m = running max of the scaled scores, l = sum of exp2(s - m) and
-    # acc = sum of exp2(s - m) * v. A new tile with row max m' rescales the old sums by
-    # alpha = exp2(m - m'), so after the last tile out = acc / l and the row's log-sum-exp
-    # (base 2) is m + log2(l), which the backward uses to rebuild P without a second pass.
-    #
-    # A row that has seen only masked scores has m = -inf, and exp2(-inf - -inf) would be
-    # NaN. The shift m_shift is therefore 0 while m is still -inf: every p is exp2(-inf) = 0
-    # and the row stays (m=-inf, l=0, acc=0). Such a row survives to the end only if its
-    # query sees no key at all (mask_from[i] <= i, impossible for valid inputs); it then
-    # gets out = 0, like the dense reference, and lse = +inf, which makes its P (hence all
-    # its gradients) exactly 0 in the backward.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-
-    # The memento rule is tested per tile, because evicted blocks sit anywhere in the prefix
-    # (max(mask_from) is not monotone).
-    for k_start in range(0, k_end, BLOCK_N):
-        kt = k_start // BLOCK_N
-        k_max = tl.load(KMAX + tile_base + kt)
-        k_min = tl.load(KMIN + tile_base + kt)
-        if HAS_POS:
-            kp_min = tl.load(KPMIN + tile_base + kt)
-            kp_max = tl.load(KPMAX + tile_base + kt)
-        else:
-            kp_min = k_start
-            kp_max = k_start + BLOCK_N - 1
-        if not _tile_skipped(q_min, q_max, kp_min, k_max):
-            offs_n = k_start + offs_n0
-            col_ok = offs_n < TK
-            kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
-            if not _tile_full(q_min, q_max, kp_max, k_min):
-                mf = tl.load(mf_base + offs_n, mask=col_ok, other=0)
-                if HAS_POS:
-                    kp = tl.load(KPOS + b64 * s_pkb + offs_n, mask=col_ok, other=0)
-                else:
-                    kp = offs_n
-                vis = (kp[None, :] <= qp[:, None]) & (qp[:, None] < mf[None, :]) & col_ok[None, :]
-                s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_shift)
-            p = tl.math.exp2(s - m_shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # P is rounded to V's dtype for the tensor cores, as in every flash kernel.
-            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-            m_i = m_new
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base, PART_IDX + lists,
+                               tl.load(PART_NUM + counts), s_kt, s_vt, TK, qk_scale,
+                               BLOCK_M, BLOCK_N, HEAD_D, True, HAS_POS, UPCAST, IEEE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base, FULL_IDX + lists,
+                               tl.load(FULL_NUM + counts), s_kt, s_vt, TK, qk_scale,
+                               BLOCK_M, BLOCK_N, HEAD_D, False, HAS_POS, UPCAST, IEEE)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -218,7 +239,7 @@ def _fwd_kernel(
 # delta_i equals rowsum(P * dP) and is computed once from O (preprocess kernel). P is
 # rebuilt tile by tile as exp2(s * log2 e - lse2) from the forward's base-2 log-sum-exp.
 # Masked pairs have P = 0, hence dS = 0: skipped tiles contribute nothing to any gradient,
-# so both backward kernels skip exactly the tiles the forward skipped.
+# so the backward kernels visit exactly the tiles the forward visits.
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_delta_kernel(
@@ -242,76 +263,84 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, k, v, mf, offs_n, col_ok, q_base, do_base, lse_base, delta_base, idx_base, n_tiles,
+                s_qt, s_dt, T, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # Work on the transposed tile (keys x queries) so the products land directly in dK and
+    # dV's row layout. Rows past T (only in the last query tile) load as zeros with lse =
+    # +inf, so their P is 0 even in full tiles.
+    offs_d = tl.arange(0, HEAD_D)
+    for i in range(0, n_tiles):
+        qt = tl.load(idx_base + i)
+        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        qT = tl.load(q_base + offs_m[None, :] * s_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        sT = _mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, IEEE) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:
+            vis = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < mf[:, None]) & col_ok[:, None]
+            pT = tl.where(vis, pT, 0.0)
+        dv = _mma(pT.to(do.dtype), do, dv, UPCAST, IEEE)
+        dpT = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, UPCAST, IEEE)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, MF, KMAX, KMIN, LSE, DELTA, DK, DV,
+    Q, K, V, DO, MF, LSE, DELTA, DK, DV, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     s_qb, s_qh, s_qt,
     s_kb, s_kh, s_kt,
     s_vb, s_vh, s_vt,
     s_db, s_dh, s_dt,
     s_dkb, s_dkh, s_dkt,
     s_dvb, s_dvh, s_dvt,
-    s_mb, s_xb,
+    s_mb, s_nb, s_ib, s_iq,
     T, H, HKV, GROUP, sm_scale, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     # One program owns one key tile of one KV head and sweeps the query tiles of every
     # query head in its GQA group, so dK/dV of the shared head are summed in registers and
-    # written once: no atomics, no per-query-head copies.
+    # written once: no atomics, no per-query-head copies. Its lists hold the query tiles
+    # that see this key tile, partially or fully.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     b64 = b.to(tl.int64)
 
-    k_start = pid_n * BLOCK_N
-    offs_n = k_start + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     col_ok = offs_n < T
-
     k = tl.load(K + b64 * s_kb + hk.to(tl.int64) * s_kh + offs_n[:, None] * s_kt + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
     v = tl.load(V + b64 * s_vb + hk.to(tl.int64) * s_vh + offs_n[:, None] * s_vt + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
     mf = tl.load(MF + b64 * s_mb + offs_n, mask=col_ok, other=0)
-    k_max = tl.load(KMAX + b64 * s_xb + pid_n)
-    k_min = tl.load(KMIN + b64 * s_xb + pid_n)
+    lists = b64 * s_ib + pid_n * s_iq
+    counts = b64 * s_nb + pid_n
+    n_part = tl.load(PART_NUM + counts)
+    n_full = tl.load(FULL_NUM + counts)
 
     dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-
-    # Both clauses of _tile_skipped are monotone in q_start for a fixed key tile: causality
-    # skips the query tiles that end before k_start, the memento rule every tile from
-    # q_start >= k_max on. The range below is therefore exactly the non-skipped tiles: no
-    # per-tile test, and the sweep stops as soon as the block is evicted.
-    q_begin = (k_start // BLOCK_M) * BLOCK_M
-    q_end = tl.minimum(T, k_max)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b64 * H + h
         q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh
         do_base = DO + b64 * s_db + h.to(tl.int64) * s_dh
-        for q_start in range(q_begin, q_end, BLOCK_M):
-            q_last = tl.minimum(q_start + BLOCK_M, T) - 1
-            offs_m = q_start + offs_m0
-            row_ok = offs_m < T
-            qT = tl.load(q_base + offs_m[None, :] * s_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            # Padding rows get lse = +inf, so their P is 0 even in unmasked (full) tiles.
-            lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
-            # Work on the transposed tile (keys x queries) so the products land directly in
-            # dK and dV's row layout.
-            sT = _mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, IEEE) * qk_scale
-            pT = tl.math.exp2(sT - lse[None, :])
-            if not _tile_full(q_start, q_last, k_start + BLOCK_N - 1, k_min):
-                vis = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < mf[:, None]) & col_ok[:, None]
-                pT = tl.where(vis, pT, 0.0)
-            dv = _mma(pT.to(do.dtype), do, dv, UPCAST, IEEE)
-            dpT = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, IEEE)
-            dsT = pT * (dpT - delta[None, :])
-            dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, UPCAST, IEEE)
+        dk, dv = _dkdv_inner(dk, dv, k, v, mf, offs_n, col_ok, q_base, do_base, LSE + bh * T, DELTA + bh * T,
+                             PART_IDX + lists, n_part, s_qt, s_dt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, True,
+                             UPCAST, IEEE)
+        dk, dv = _dkdv_inner(dk, dv, k, v, mf, offs_n, col_ok, q_base, do_base, LSE + bh * T, DELTA + bh * T,
+                             FULL_IDX + lists, n_full, s_qt, s_dt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, False,
+                             UPCAST, IEEE)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],
@@ -321,20 +350,35 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_inner(dq, q, do, lse, delta, qp, k_base, v_base, mf_base, idx_base, n_tiles, s_kt, s_vt, T, qk_scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    for i in range(0, n_tiles):
+        kt = tl.load(idx_base + i)
+        kT, v, s = _key_tile_scores(q, qp, k_base, v_base, mf_base, mf_base, kt, s_kt, s_vt, T, qk_scale,
+                                    BLOCK_M, BLOCK_N, HEAD_D, MASKED, False, UPCAST, IEEE)
+        p = tl.math.exp2(s - lse[:, None])  # masked pairs have s = -inf: p = 0
+        dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, UPCAST, IEEE)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, MF, KMAX, KMIN, LSE, DELTA, DQ,
+    Q, K, V, DO, MF, LSE, DELTA, DQ, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     s_qb, s_qh, s_qt,
     s_kb, s_kh, s_kt,
     s_vb, s_vh, s_vt,
     s_db, s_dh, s_dt,
     s_dqb, s_dqh, s_dqt,
-    s_mb, s_xb,
+    s_mb, s_nb, s_ib, s_iq,
     T, H, GROUP, sm_scale, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # One program owns one query tile of one query head and walks the key tiles like the
-    # forward, with the same per-tile skip/full test.
+    # One program owns one query tile of one query head and walks its key-tile lists like
+    # the forward, through the same inner step.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -342,13 +386,9 @@ def _bwd_dq_kernel(
     hk = h // GROUP
     b64 = b.to(tl.int64)
 
-    q_start = pid_m * BLOCK_M
-    q_last = tl.minimum(q_start + BLOCK_M, T) - 1
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < T
-
     q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b64 * s_db + h.to(tl.int64) * s_dh + offs_m[:, None] * s_dt + offs_d[None, :],
@@ -358,28 +398,14 @@ def _bwd_dq_kernel(
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh
     mf_base = MF + b64 * s_mb
-    tile_base = b64 * s_xb
+    lists = b64 * s_ib + pid_m * s_iq
+    counts = b64 * s_nb + pid_m
 
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    for k_start in range(0, q_last + 1, BLOCK_N):
-        kt = k_start // BLOCK_N
-        k_max = tl.load(KMAX + tile_base + kt)
-        k_min = tl.load(KMIN + tile_base + kt)
-        if not _tile_skipped(q_start, q_last, k_start, k_max):
-            offs_n = k_start + offs_n0
-            col_ok = offs_n < T
-            kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            vT = tl.load(v_base + offs_n[None, :] * s_vt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
-            p = tl.math.exp2(s - lse[:, None])
-            if not _tile_full(q_start, q_last, k_start + BLOCK_N - 1, k_min):
-                mf = tl.load(mf_base + offs_n, mask=col_ok, other=0)
-                vis = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < mf[None, :]) & col_ok[None, :]
-                p = tl.where(vis, p, 0.0)
-            dp = _mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE)
-            ds = p * (dp - delta[:, None])
-            dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, UPCAST, IEEE)
-
+    dq = _dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, mf_base, PART_IDX + lists, tl.load(PART_NUM + counts),
+                   s_kt, s_vt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, True, UPCAST, IEEE)
+    dq = _dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, mf_base, FULL_IDX + lists, tl.load(FULL_NUM + counts),
+                   s_kt, s_vt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, False, UPCAST, IEEE)
     dq = dq * sm_scale
     tl.store(DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -388,19 +414,19 @@ def _bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------
 # Host side.
 # ---------------------------------------------------------------------------------------
-def _tile_reduce(x: torch.Tensor, T: int, block_n: int, pad_max: int, pad_min: int):
-    # Per tile of block_n columns: (max, min) of x [B, >=T] over columns < T, padding columns
-    # standing in as pad_max / pad_min; int32, clamped to the int32 range.
+def _tile_reduce(x: torch.Tensor, T: int, block: int, pad_max: int, pad_min: int):
+    # Per tile of `block` columns: (max, min) of x [B, >=T] over columns < T, padding columns
+    # standing in as pad_max / pad_min; int64, clamped to the int32 range.
     B = x.shape[0]
-    nk = triton.cdiv(T, block_n)
+    n = triton.cdiv(T, block)
     xs = x[:, :T].to(torch.int64)
-    padded_max = torch.full((B, nk * block_n), pad_max, dtype=torch.int64, device=xs.device)
-    padded_min = torch.full((B, nk * block_n), pad_min, dtype=torch.int64, device=xs.device)
+    padded_max = torch.full((B, n * block), pad_max, dtype=torch.int64, device=xs.device)
+    padded_min = torch.full((B, n * block), pad_min, dtype=torch.int64, device=xs.device)
     padded_max[:, :T] = xs
     padded_min[:, :T] = xs
-    hi = padded_max.view(B, nk, block_n).amax(-1).clamp(_INT32_MIN, NEVER).to(torch.int32)
-    lo = padded_min.view(B, nk, block_n).amin(-1).clamp(_INT32_MIN, NEVER).to(torch.int32)
-    return hi.contiguous(), lo.contiguous()
+    hi = padded_max.view(B, n, block).amax(-1).clamp(_INT32_MIN, NEVER)
+    lo = padded_min.view(B, n, block).amin(-1).clamp(_INT32_MIN, NEVER)
+    return hi, lo
 
 
 def key_tile_bounds(mask_from: torch.Tensor, T: int, block_n: int):
@@ -421,7 +447,8 @@ def key_tile_bounds(mask_from: torch.Tensor, T: int, block_n: int):
         raise ValueError(f"key_tile_bounds: mask_from must be [B, >=T] with T >= 1, got {tuple(mask_from.shape)} and T={T}")
     if not isinstance(block_n, int) or block_n < 1:
         raise ValueError(f"key_tile_bounds: block_n must be a positive int, got {block_n!r}")
-    return _tile_reduce(mask_from, T, block_n, pad_max=_INT32_MIN, pad_min=NEVER)
+    hi, lo = _tile_reduce(mask_from, T, block_n, pad_max=_INT32_MIN, pad_min=NEVER)
+    return hi.to(torch.int32), lo.to(torch.int32)
 
 
 def key_position_bounds(k_pos: torch.Tensor, T: int, block_n: int):
@@ -441,43 +468,76 @@ def key_position_bounds(k_pos: torch.Tensor, T: int, block_n: int):
         raise ValueError(f"key_position_bounds: k_pos must be [B, >=T] with T >= 1 and block_n a positive int, "
                          f"got {tuple(k_pos.shape)}, T={T}, block_n={block_n!r}")
     kpmax, kpmin = _tile_reduce(k_pos, T, block_n, pad_max=NEVER, pad_min=NEVER)
-    return kpmin, kpmax
+    return kpmin.to(torch.int32), kpmax.to(torch.int32)
 
 
-def tile_schedule(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> torch.Tensor:
-    """Class of every (batch, query tile, key tile) under the kernels' own predicate (§4).
+def tile_schedule(mask_from: torch.Tensor, T: int, block_m: int, block_n: int, *,
+                  q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Class of every (batch, query tile, key tile) under the memento rule (§4, §6.1).
 
-    Evaluates `_tile_skipped` / `_tile_full` — the same functions the kernels call — on
-    torch tensors. The forward and dQ kernels use it as is; the dK/dV kernel iterates exactly
-    the non-skipped query tiles of each key tile (see its comments).
+    Without positions, queries and keys are the same T tokens (training). With q_pos [B, Tq]
+    and k_pos [B, T], Tq queries at logical positions q_pos attend T key slots at k_pos (a
+    KV cache). The kernels visit exactly the FULL and PARTIAL tiles (see tile_lists).
 
     Args:
         mask_from: [B, T] integer tensor, as for memento_flash_attention.
-        T: sequence length.
+        T: number of keys.
         block_m, block_n: query and key tile sizes in tokens.
+        q_pos, k_pos: optional integer positions (both or neither).
     Returns:
-        [B, ceil(T / block_m), ceil(T / block_n)] int8 tensor on mask_from's device with
-        values SKIP (0: no pair visible, K/V never loaded), FULL (1: every pair visible, no
-        element-wise mask) or PARTIAL (2: element-wise mask applied).
+        [B, ceil(Tq / block_m), ceil(T / block_n)] int8 tensor on mask_from's device with
+        values SKIP (0: no pair visible, never visited), FULL (1: every pair visible, no
+        element-wise mask, no bounds checks on keys) or PARTIAL (2: element-wise mask).
     Raises:
-        ValueError: as key_tile_bounds, or block_m not a positive int.
+        ValueError: as key_tile_bounds, block_m not a positive int, or one position tensor only.
     """
     if not isinstance(block_m, int) or block_m < 1:
         raise ValueError(f"tile_schedule: block_m must be a positive int, got {block_m!r}")
-    kmax, kmin = key_tile_bounds(mask_from, T, block_n)
-    kmax, kmin = kmax.long(), kmin.long()
-    dev = kmax.device
-    nq = triton.cdiv(T, block_m)
-    nk = kmax.shape[1]
-    q_start = (torch.arange(nq, device=dev) * block_m)[None, :, None]
-    q_last = (torch.clamp(q_start + block_m, max=T) - 1)
-    k_start = (torch.arange(nk, device=dev) * block_n)[None, None, :]
-    skipped = _tile_skipped.fn(q_start, q_last, k_start, kmax[:, None, :])
-    full = _tile_full.fn(q_start, q_last, k_start + block_n - 1, kmin[:, None, :]) & ~skipped
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError("tile_schedule: pass both q_pos and k_pos, or neither")
+    mf_max, mf_min = (t.long() for t in key_tile_bounds(mask_from, T, block_n))
+    dev = mf_max.device
+    nk = mf_max.shape[1]
+    if q_pos is None:
+        nq = triton.cdiv(T, block_m)
+        q_min = torch.arange(nq, device=dev)[None, :] * block_m
+        q_max = torch.clamp(q_min + block_m, max=T) - 1
+        k_start = torch.arange(nk, device=dev)[None, :] * block_n
+        kp_min, kp_max = k_start, k_start + block_n - 1
+    else:
+        Tq = q_pos.shape[1]
+        q_max, q_min = _tile_reduce(q_pos, Tq, block_m, pad_max=_INT32_MIN, pad_min=NEVER)
+        kp_min, kp_max = (t.long() for t in key_position_bounds(k_pos, T, block_n))
+    q_min, q_max = q_min[:, :, None], q_max[:, :, None]
+    skipped = _tile_skipped(q_min, q_max, kp_min[:, None, :], mf_max[:, None, :])
+    full = _tile_full(q_min, q_max, kp_max[:, None, :], mf_min[:, None, :]) & ~skipped
     out = torch.full(skipped.shape, PARTIAL, dtype=torch.int8, device=dev)
     out[skipped] = SKIP
     out[full] = FULL
     return out
+
+
+def tile_lists(schedule: torch.Tensor):
+    """The visiting lists of a tile schedule, as FlexAttention's block masks hold them.
+
+    Args:
+        schedule: [B, R, C] int8 from tile_schedule: per row tile R (a query tile for the
+            forward and dQ; for dK/dV pass schedule.transpose(1, 2), a key tile per row) the
+            class of every column tile.
+    Returns:
+        (full_num [B, R], full_idx [B, R, C], part_num [B, R], part_idx [B, R, C]), int32,
+        contiguous: row r visits columns full_idx[b, r, :full_num[b, r]] without a mask and
+        part_idx[b, r, :part_num[b, r]] with one, in increasing order; SKIP tiles appear in
+        neither. The work is O(B * R * C) tensor ops, on the schedule's device.
+    """
+    out = []
+    for cls in (FULL, PARTIAL):
+        hit = schedule == cls
+        num = hit.sum(-1, dtype=torch.int32)
+        # a stable sort of "not this class" puts this class's columns first, in order
+        idx = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        out += [num.contiguous(), idx.contiguous()]
+    return tuple(out)
 
 
 def tile_stats(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> dict:
@@ -512,13 +572,41 @@ def tile_stats(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> d
     }
 
 
+# Default CUDA launch configs {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)} per
+# (fp32?, Hopper or newer?, head dim). Picked without a GPU by `bench/compile_check.py
+# --search`: for each kernel the first of its candidates, largest tiles first, that compiles
+# software-pipelined, without register spills and within the shared memory of every GPU of
+# the architecture. fp16 uses the bf16 table. Starting points for tuning, not timed numbers.
+_CUDA_CONFIGS = {
+    (False, False, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+    (False, False, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+    (False, False, 64): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2)},
+    (False, False, 128): {"fwd": (128, 64, 8, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 8, 2)},
+    (False, False, 256): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+    (False, True, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+    (False, True, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+    (False, True, 64): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+    (False, True, 128): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+    (False, True, 256): {"fwd": (128, 64, 8, 2), "dq": (128, 32, 8, 3), "dkdv": (32, 32, 8, 2)},
+    (True, False, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+    (True, False, 32): {"fwd": (64, 32, 4, 3), "dq": (128, 32, 8, 3), "dkdv": (64, 64, 8, 2)},
+    (True, False, 64): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+    (True, False, 128): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
+    (True, False, 256): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 8, 2)},
+    (True, True, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (64, 64, 8, 2)},
+    (True, True, 32): {"fwd": (128, 64, 8, 2), "dq": (128, 32, 8, 3), "dkdv": (32, 32, 8, 2)},
+    (True, True, 64): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
+    (True, True, 128): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
+    (True, True, 256): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 8, 2)},
+}
+
+
 def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n, sm_major: int = 9):
     """Launch configs {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)} for one call.
 
-    The CUDA defaults were picked without hardware timing, by compiling for sm_90 (and
-    sm_80 for the pre-Hopper D=128 branch) with the ptxas bundled in Triton and keeping tile
-    shapes whose register use does not spill (or spills a few bytes); see
-    bench/compile_check.py. They are a starting point for tuning, not tuned numbers.
+    Explicit block_m / block_n (tests, tuning) apply to every kernel; the interpreter gets
+    small tiles; CUDA gets _CUDA_CONFIGS. Raises ValueError for a block size that is not a
+    power of 2 >= 16.
     """
     if block_m is not None or block_n is not None:
         bm = block_m or 64
@@ -531,19 +619,7 @@ def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n, sm_majo
     if not is_cuda:
         cfg = (32, 32, 4, 1)  # interpreter: small tiles keep numpy temporaries small
         return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
-    if dtype == torch.float32:
-        if D <= 64:
-            return {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 4, 1)}
-        if D <= 128:
-            return {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
-        return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-    if D <= 64:
-        return {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 3)}
-    if D <= 128 and sm_major < 9:
-        return {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 8, 2), "dq": (32, 32, 4, 2)}
-    if D <= 128:
-        return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 32, 4, 3)}
-    return {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
+    return dict(_CUDA_CONFIGS[(dtype == torch.float32, sm_major >= 9, D)])
 
 
 def _sm_major(t: torch.Tensor) -> int:
@@ -614,22 +690,21 @@ def _forward(q, k, v, mask_from, sm_scale, cfg, q_pos=None, k_pos=None):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     fbm, fbn, warps, stages = cfg["fwd"]
-    kmax, kmin = key_tile_bounds(mask_from, Tk, fbn)
-    if q_pos is None:
-        q_pos = k_pos = kpmin = kpmax = mask_from  # not read: HAS_POS is off
-    else:
-        kpmin, kpmax = key_position_bounds(k_pos, Tk, fbn)
+    full_num, full_idx, part_num, part_idx = tile_lists(tile_schedule(mask_from, Tk, fbm, fbn, q_pos=q_pos, k_pos=k_pos))
+    has_pos = q_pos is not None
+    if not has_pos:
+        q_pos = k_pos = mask_from  # not read: HAS_POS is off
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(Tq, fbm), B * Hq)](
-        q, k, v, mask_from, kmax, kmin, o, lse, q_pos, k_pos, kpmin, kpmax,
+        q, k, v, mask_from, o, lse, q_pos, k_pos, full_num, full_idx, part_num, part_idx,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        mask_from.stride(0), kmax.stride(0), q_pos.stride(0), k_pos.stride(0),
+        mask_from.stride(0), q_pos.stride(0), k_pos.stride(0), full_num.stride(0), full_idx.stride(0), full_idx.stride(1),
         Tq, Tk, Hq, Hq // Hkv, sm_scale * 1.4426950408889634,  # log2(e): the kernels work in base 2
-        HEAD_D=D, BLOCK_M=fbm, BLOCK_N=fbn, HAS_POS=q_pos is not mask_from,
+        HEAD_D=D, BLOCK_M=fbm, BLOCK_N=fbn, HAS_POS=has_pos,
         UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda, IEEE=q.dtype == torch.float32,
         num_warps=warps, num_stages=stages,
     )
@@ -644,14 +719,15 @@ class _MementoFlashAttention(torch.autograd.Function):
         cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _sm_major(q))
         o, lse = _forward(q, k, v, mask_from, sm_scale, cfg)
         ctx.save_for_backward(q, k, v, o, lse, mask_from)
-        ctx.cfg = (sm_scale, sm_scale * 1.4426950408889634, cfg, q.dtype == torch.bfloat16 and not q.is_cuda,
-                   q.dtype == torch.float32)
+        ctx.cfg = (sm_scale, cfg)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, mask_from = ctx.saved_tensors
-        sm_scale, qk_scale, cfg, upcast, ieee = ctx.cfg
+        sm_scale, cfg = ctx.cfg
+        qk_scale = sm_scale * 1.4426950408889634
+        upcast, ieee = q.dtype == torch.bfloat16 and not q.is_cuda, q.dtype == torch.float32
         B, Hq, T, D = q.shape
         Hkv = k.shape[1]
         do = _last_dim_contiguous(do)
@@ -668,32 +744,32 @@ class _MementoFlashAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
-        # Each kernel has its own tiling, hence its own per-key-tile summary of mask_from.
+        # Each kernel has its own tiling, hence its own lists; dK/dV's run over query tiles.
         bm, bn, warps, stages = cfg["dkdv"]
-        kmax, kmin = key_tile_bounds(mask_from, T, bn)
+        lists = tile_lists(tile_schedule(mask_from, T, bm, bn).transpose(1, 2))
         _bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](
-            q, k, v, do, mask_from, kmax, kmin, lse, delta, dk, dv,
+            q, k, v, do, mask_from, lse, delta, dk, dv, *lists,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            mask_from.stride(0), kmax.stride(0),
+            mask_from.stride(0), lists[0].stride(0), lists[1].stride(0), lists[1].stride(1),
             T, Hq, Hkv, Hq // Hkv, sm_scale, qk_scale,
             HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, IEEE=ieee,
             num_warps=warps, num_stages=stages,
         )
         bm, bn, warps, stages = cfg["dq"]
-        kmax, kmin = key_tile_bounds(mask_from, T, bn)
+        lists = tile_lists(tile_schedule(mask_from, T, bm, bn))
         _bwd_dq_kernel[(triton.cdiv(T, bm), B * Hq)](
-            q, k, v, do, mask_from, kmax, kmin, lse, delta, dq,
+            q, k, v, do, mask_from, lse, delta, dq, *lists,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            mask_from.stride(0), kmax.stride(0),
+            mask_from.stride(0), lists[0].stride(0), lists[1].stride(0), lists[1].stride(1),
             T, Hq, Hq // Hkv, sm_scale, qk_scale,
             HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, IEEE=ieee,
             num_warps=warps, num_stages=stages,

@@ -24,9 +24,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 from kernels.memento_flash import (  # noqa: E402
     FULL,
+    PARTIAL,
     SKIP,
-    key_tile_bounds,
     memento_flash_attention,
+    tile_lists,
     tile_schedule,
     tile_stats,
 )
@@ -409,13 +410,35 @@ def test_tile_predicate_is_conservative(case):
                     assert tile.all(), f"full tile ({b},{qi},{ki}) holds an invisible pair"
                     # The kernels do not bound-check columns in full tiles: none may be padding.
                     assert (ki + 1) * bn <= T
-        # The dK/dV kernel visits, per key tile, the query tiles from the causal start up to
-        # min(T, max mask_from): that range must be exactly the non-skipped tiles.
-        kmax, _ = key_tile_bounds(mask_from, T, bn)
-        for ki in range(nk):
-            q_begin = (ki * bn // bm) * bm
-            visited = {q0 // bm for q0 in range(q_begin, min(T, int(kmax[b, ki])), bm)}
-            assert visited == {qi for qi in range(nq) if sched[b, qi, ki] != SKIP}
+    # The kernels visit exactly their lists: per query tile (forward, dQ) and per key tile
+    # (dK/dV, the transposed schedule), every FULL and every PARTIAL tile once, in order.
+    for s in (sched, sched.transpose(1, 2)):
+        full_num, full_idx, part_num, part_idx = tile_lists(s)
+        for b in range(B):
+            for r in range(s.shape[1]):
+                want = {c: [i for i in range(s.shape[2]) if int(s[b, r, i]) == c] for c in (FULL, PARTIAL)}
+                assert full_idx[b, r, :int(full_num[b, r])].tolist() == want[FULL]
+                assert part_idx[b, r, :int(part_num[b, r])].tolist() == want[PARTIAL]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tile_predicate_with_positions_is_conservative(seed):
+    # Queries against cache slots: the schedule built from position bounds never skips a
+    # visible pair, and a FULL tile is all visible with no padding column.
+    g = torch.Generator().manual_seed(seed)
+    Tk = int(torch.randint(20, 140, (1,), generator=g))
+    Tq = int(torch.randint(1, min(Tk, 50) + 1, (1,), generator=g))
+    q_pos, k_pos, mf = _cache_layout(g, 2, Tk, Tq)
+    bm, bn = 16, (16, 32)[seed % 2]
+    sched = tile_schedule(mf, Tk, bm, bn, q_pos=q_pos, k_pos=k_pos)
+    vis = visible_mask(q_pos, k_pos, mf)
+    assert sched.shape == (2, math.ceil(Tq / bm), math.ceil(Tk / bn))
+    for b, qi, ki in torch.cartesian_prod(torch.arange(2), torch.arange(sched.shape[1]), torch.arange(sched.shape[2])).tolist():
+        tile = vis[b, qi * bm:(qi + 1) * bm, ki * bn:(ki + 1) * bn]
+        if sched[b, qi, ki] == SKIP:
+            assert not tile.any()
+        if sched[b, qi, ki] == FULL:
+            assert tile.all() and (ki + 1) * bn <= Tk
 
 
 def test_memento_layout_skips_tiles():
@@ -597,3 +620,25 @@ def test_cache_positions_are_forward_only():
         memento_flash_attention(q, k, v, _mf(T=16), q_pos=pos, k_pos=pos)
     with pytest.raises(ValueError, match="pass both q_pos and k_pos"):
         memento_flash_attention(*_qkv(T=16), _mf(T=16), q_pos=pos)
+
+
+def test_cuda_kernels_compile_pipelined_and_spill_free():
+    """What a GPU would run, checked without one: forward (both forms), dQ and dK/dV compiled
+    by Triton for sm_90 at head dim 128 in bf16, with the default launch config and the
+    specialization an aligned launch gets. Each main loop must be software-pipelined
+    (asynchronous copies in the TTGIR and LDGSTS/UTMALDG in the SASS) and spill nothing.
+    Compiling needs triton without the interpreter, hence a subprocess."""
+    import json
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "bench/compile_check.py", "--arch", "90", "--dtypes", "bf16", "--dims", "128",
+                        "--kernels", "reference,fwd,fwd_pos,dq,dkdv", "--json"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {row["kernel"]: row for row in map(json.loads, r.stdout.splitlines())}
+    assert set(rows) == {"reference", "fwd", "fwd_pos", "dq", "dkdv"}
+    for name, row in rows.items():
+        assert row["async_copies"] > 0 and row["ldgsts"] + row["utmaldg"] > 0, row  # pipelined
+        assert row["stack"] == 0, row  # no spills
