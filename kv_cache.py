@@ -1,173 +1,261 @@
-"""The compacting KV cache that makes the sawtooth (paper §6.1, §A.3).
+"""The paged, compacting KV cache that makes the sawtooth and turns it into room (paper §6.1, §A.3).
 
-Each layer stores K/V in a buffer [B, Hkv, capacity, D] together with every slot's logical
-position and mask_from. Compaction physically removes slots: the survivors are gathered to
-the front of the buffer and the row's length drops, so attention runs over fewer keys and the
-freed slots are reused by the next tokens. The buffer grows by doubling when full and is
-reallocated at half size when a compaction leaves it less than a quarter full, so allocated
-memory follows the sawtooth too; `allocated_bytes` reports it honestly.
+Memory is one pool of token slots for all layers, cut into pages of `page_size` slots (vLLM
+calls a page a "block"; here "block" always means a reasoning block). Each sequence holds a
+page table, its tokens packed at the front of its pages in order, and one logical position
+and one mask_from per token, kept once for all layers. Appending takes slots from the
+sequence's last page, or a new page from the free list. Compaction physically removes
+tokens: the survivors after the gap move left in one batched copy for all layers, and the
+pages emptied at the end go back to the pool, where another sequence can use them at once.
+That is what a completed block's eviction buys a server: room for more sequences.
 
-An empty slot has mask_from = -1: by the rule pos[j] <= q < mask_from[j] no query sees it,
-so rows of different lengths share one tensor without any extra mask.
+RoPE positions stay logical: a token keeps the position it had in the whole sequence,
+whatever slot it sits in. The pool is either bounded (a KV budget: what a server has) or
+grows by doubling (what a single generation wants).
+
+A forward through the cache goes through a `CacheBatch` (the cache's view of the sequences
+of one forward): `append` reserves and fills the slots of the new tokens once for all
+layers, and each layer's `update` stores its K/V and returns the K/V of every held token of
+each row, gathered into a padded [B, Hkv, S, D] view. A paged-attention kernel would read
+K/V straight from the pages through the page table instead of gathering a padded copy per
+layer; the gather keeps the attention code shared with training.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from memento_attention import NEVER
 
-EMPTY = -1
+EMPTY = -1  # mask_from of a slot that holds no token: pos[j] <= q < -1 never holds, no query sees it
 
 
-class LayerCache:
-    """One layer's K/V slots. Shapes: k, v [B, Hkv, C, D]; pos, mask_from [B, C] int64;
-    length [B] int64 (slots in use per row; slots >= length are empty)."""
-
-    def __init__(self, B: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 64):
-        self.k = torch.zeros(B, n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.pos = torch.zeros(B, capacity, dtype=torch.int64, device=device)
-        self.mask_from = torch.full((B, capacity), EMPTY, dtype=torch.int64, device=device)
-        self.length = torch.zeros(B, dtype=torch.int64, device=device)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def _resize(self, capacity: int) -> None:
-        n = min(self.capacity, capacity)
-        k = self.k.new_zeros(self.k.shape[:2] + (capacity,) + self.k.shape[3:])
-        v = torch.zeros_like(k)
-        pos = self.pos.new_zeros(self.pos.shape[0], capacity)
-        mf = self.mask_from.new_full((self.pos.shape[0], capacity), EMPTY)
-        k[:, :, :n], v[:, :, :n], pos[:, :n], mf[:, :n] = self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n], self.mask_from[:, :n]
-        self.k, self.v, self.pos, self.mask_from = k, v, pos, mf
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, mask_from: torch.Tensor | None):
-        """Append T new tokens to every row, at each row's own length.
-
-        Args:
-            k, v: [B, Hkv, T, D] new keys (RoPE already applied at their logical positions).
-            pos: [B, T] int logical positions. mask_from: [B, T] or None (= NEVER).
-        Returns:
-            (k, v, pos, mask_from) over the used slots: [B, Hkv, S, D] x2, [B, S] x2, with
-            S = the longest row; the caller attends with memento_attention.attention.
-        """
-        B, T = pos.shape
-        need = int(self.length.max()) + T
-        if need > self.capacity:
-            self._resize(max(need, 2 * self.capacity))
-        slot = self.length[:, None] + torch.arange(T, device=pos.device)  # [B, T]
-        rows = torch.arange(B, device=pos.device)[:, None].expand(B, T)
-        self.k[rows, :, slot] = k.permute(0, 2, 1, 3).to(self.k.dtype)
-        self.v[rows, :, slot] = v.permute(0, 2, 1, 3).to(self.v.dtype)
-        self.pos[rows, slot] = pos
-        self.mask_from[rows, slot] = NEVER if mask_from is None else mask_from.to(torch.int64)
-        self.length += T
-        S = int(self.length.max())
-        return self.k[:, :, :S], self.v[:, :, :S], self.pos[:, :S], self.mask_from[:, :S]
-
-    def keep(self, keep: torch.Tensor) -> None:
-        """Compact: keep the slots where keep [B, S] is True, gathered to the front, in order."""
-        B, S = keep.shape
-        keep = keep & (torch.arange(S, device=keep.device) < self.length[:, None])
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept slots first
-        self.k[:, :, :S] = self.k[:, :, :S].gather(2, order[:, None, :, None].expand_as(self.k[:, :, :S]))
-        self.v[:, :, :S] = self.v[:, :, :S].gather(2, order[:, None, :, None].expand_as(self.v[:, :, :S]))
-        self.pos[:, :S] = self.pos[:, :S].gather(1, order)
-        self.mask_from[:, :S] = self.mask_from[:, :S].gather(1, order)
-        self.length = keep.sum(1)
-        self.mask_from[torch.arange(self.capacity, device=keep.device) >= self.length[:, None]] = EMPTY
-        longest = int(self.length.max())
-        if self.capacity > 64 and longest < self.capacity // 4:
-            self._resize(max(64, 2 * longest))
+class OutOfPages(RuntimeError):
+    """The bounded pool has no free page for an append (the engine preempts before this)."""
 
 
-class KVCache:
-    """All layers' caches for B sequences, plus the KV accounting of §A.3.1.
+@dataclass
+class _Seq:
+    pages: list[int] = field(default_factory=list)
+    length: int = 0                                       # tokens held
+    curve: list[int] = field(default_factory=list)        # tokens held after each token was fed (§A.3.1)
 
-    Every layer evicts the same slots, so one decision (`evict`) compacts all of them.
 
-    Counters, per row (token counts; bytes = tokens x bytes_per_token):
-        curve[r]: tokens in the cache after each token of the sequence was appended,
-            including prompt tokens (the §A.3.1 replay); peak = max, AUC = sum (token·steps).
+class PagedKVCache:
+    """K/V of many sequences in one pool of pages, with per-sequence compaction (§6.1, §A.3.1).
+
+    Args:
+        model_config: a model.Qwen3Config (layers, KV heads, head_dim).
+        dtype, device: of the pool.
+        page_size: token slots per page (>= 1).
+        num_pages: pool size; None grows the pool by doubling as needed (unbounded).
+    Pool tensors: k, v [L, slots, Hkv, D]; pos, mask_from [slots] int64 (EMPTY on free slots).
+    Accounting per sequence: `curve(seq)` (tokens held after each token fed: peak = max,
+    AUC = sum, in token.steps; bytes = tokens x bytes_per_token); for the pool `stats()`.
+    Raises ValueError for page_size or num_pages < 1.
     """
 
-    def __init__(self, model_config, B: int, dtype: torch.dtype, device, capacity: int = 64):
+    def __init__(self, model_config, dtype: torch.dtype, device, *, page_size: int = 16, num_pages: int | None = None):
+        if page_size < 1 or (num_pages is not None and num_pages < 1):
+            raise ValueError(f"PagedKVCache: page_size ({page_size}) and num_pages ({num_pages}) must be >= 1")
         c = model_config
-        self.layers = [LayerCache(B, c.num_key_value_heads, c.head_dim, dtype, device, capacity)
-                       for _ in range(c.num_hidden_layers)]
-        self.B = B
+        self.n_layers, self.n_kv_heads, self.head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+        self.page_size, self.bounded = page_size, num_pages is not None
+        self.dtype, self.device = dtype, torch.device(device)
         elt = torch.tensor([], dtype=dtype).element_size()
         # 2 (K and V) x layers x kv heads x head_dim x bytes per element (§A.3.1)
-        self.bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elt
-        self.curve: list[list[int]] = [[] for _ in range(B)]
-        self.peak_allocated_bytes = 0
+        self.bytes_per_token = 2 * self.n_layers * self.n_kv_heads * self.head_dim * elt
+        self.num_pages = 0
+        self.k = self.v = self.pos = self.mask_from = None
+        self.free_pages: list[int] = []
+        self.seqs: dict[int, _Seq] = {}
+        self.peak_pages = 0
+        self._grow(num_pages or 16)
 
-    @property
-    def length(self) -> torch.Tensor:
-        """[B] int64: tokens held per row (the same in every layer)."""
-        return self.layers[0].length
+    # ------------------------------------------------------------------------- pages
 
-    def record(self, n_new: torch.Tensor | list[int], active: list[bool] | None = None) -> None:
-        """Append to each active row's curve the cache size after each of its n_new tokens
-        (the last entry is the current length; earlier ones count up to it)."""
-        L = self.length.tolist()
-        for r in range(self.B):
-            if active is None or active[r]:
-                n = int(n_new[r])
-                self.curve[r].extend(range(L[r] - n + 1, L[r] + 1))
-        self.peak_allocated_bytes = max(self.peak_allocated_bytes, self.allocated_bytes)
+    def _grow(self, num_pages: int) -> None:
+        slots = num_pages * self.page_size
+        k = torch.zeros(self.n_layers, slots, self.n_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        pos = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        mf = torch.full((slots,), EMPTY, dtype=torch.int64, device=self.device)
+        if self.k is not None:  # page ids stay valid: old slots keep their index
+            old = self.k.shape[1]
+            k[:, :old], v[:, :old], pos[:old], mf[:old] = self.k, self.v, self.pos, self.mask_from
+        self.free_pages = list(range(num_pages - 1, self.num_pages - 1, -1)) + self.free_pages
+        self.k, self.v, self.pos, self.mask_from, self.num_pages = k, v, pos, mf, num_pages
 
-    def evict(self, row: int, lo: int, hi: int) -> int:
-        """Physically remove row's slots with logical position in [lo, hi]; returns how many."""
-        L = self.layers[0]
-        S = int(L.length.max())
-        pos = L.pos[:, :S]
-        drop = torch.zeros_like(pos, dtype=torch.bool)
-        drop[row] = (pos[row] >= lo) & (pos[row] <= hi) & (torch.arange(S, device=pos.device) < L.length[row])
-        n = int(drop.sum())
-        if n:
-            for layer in self.layers:
-                layer.keep(~drop)
-        return n
+    def pages_for(self, n_tokens: int) -> int:
+        """Pages that hold n_tokens."""
+        return math.ceil(n_tokens / self.page_size)
 
-    def evict_masked(self, next_pos: torch.Tensor) -> None:
-        """Remove every slot whose mask has started by each row's next position [B]
-        (mask_from <= next_pos), e.g. spans masked inside a prefilled chunk, or padding."""
-        L = self.layers[0]
-        S = int(L.length.max())
-        keep = L.mask_from[:, :S] > next_pos[:, None]
-        if not bool(keep.all()):
-            for layer in self.layers:
-                layer.keep(keep)
+    def pages_to_append(self, seq_id: int, n_tokens: int) -> int:
+        """New pages sequence seq_id needs to append n_tokens."""
+        s = self.seqs[seq_id]
+        return max(0, self.pages_for(s.length + n_tokens) - len(s.pages))
 
-    @property
-    def allocated_bytes(self) -> int:
-        """Bytes held by the K/V buffers right now (capacity, not just used slots)."""
-        return sum(2 * l.k.numel() * l.k.element_size() for l in self.layers)
+    def free_page_count(self) -> int:
+        """Pages available now (unbounded pools always have room: they grow)."""
+        return len(self.free_pages) if self.bounded else 1 << 62
 
-    def row_copy(self, row: int) -> "KVCache":
-        """A B=1 cache holding a copy of one row (restart-mode recomputation works on it)."""
-        other = KVCache.__new__(KVCache)
-        other.B, other.bytes_per_token, other.curve, other.peak_allocated_bytes = 1, self.bytes_per_token, [[]], 0
-        other.layers = []
-        for l in self.layers:
-            n = int(l.length[row])
-            c = LayerCache.__new__(LayerCache)
-            c.k, c.v = l.k[row:row + 1, :, :max(n, 1)].clone(), l.v[row:row + 1, :, :max(n, 1)].clone()
-            c.pos, c.mask_from = l.pos[row:row + 1, :max(n, 1)].clone(), l.mask_from[row:row + 1, :max(n, 1)].clone()
-            c.length = l.length[row:row + 1].clone()
-            other.layers.append(c)
-        return other
+    def _take_pages(self, s: _Seq, n: int) -> None:
+        if n > len(self.free_pages):
+            if self.bounded:
+                raise OutOfPages(f"KV pool: need {n} free pages, have {len(self.free_pages)} of {self.num_pages}")
+            self._grow(max(2 * self.num_pages, self.num_pages + n))
+        for _ in range(n):
+            s.pages.append(self.free_pages.pop())
+        self.peak_pages = max(self.peak_pages, self.num_pages - len(self.free_pages))
 
-    def write_row(self, row: int, src: "KVCache") -> None:
-        """Overwrite one row with the single row of `src` (inverse of row_copy)."""
-        for l, s in zip(self.layers, src.layers):
-            n = int(s.length[0])
-            if n > l.capacity:
-                l._resize(max(n, 2 * l.capacity))
-            l.k[row, :, :n], l.v[row, :, :n] = s.k[0, :, :n], s.v[0, :, :n]
-            l.pos[row, :n], l.mask_from[row, :n] = s.pos[0, :n], s.mask_from[0, :n]
-            l.mask_from[row, n:] = EMPTY
-            l.length[row] = n
+    def _slots(self, s: _Seq, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Slot index of each held token start..stop-1 of a sequence, in order (int64)."""
+        stop = s.length if stop is None else stop
+        idx = torch.arange(start, stop, device=self.device)
+        pages = torch.tensor(s.pages, dtype=torch.int64, device=self.device)
+        return pages[idx // self.page_size] * self.page_size + idx % self.page_size
+
+    # ------------------------------------------------------------------------- sequences
+
+    def add(self, seq_id: int) -> None:
+        """Start an empty sequence. Raises ValueError if seq_id is already held."""
+        if seq_id in self.seqs:
+            raise ValueError(f"PagedKVCache: sequence {seq_id} already exists")
+        self.seqs[seq_id] = _Seq()
+
+    def free(self, seq_id: int) -> None:
+        """Drop a sequence and return all its pages to the pool at once."""
+        s = self.seqs.pop(seq_id)
+        if s.length:
+            self.mask_from[self._slots(s)] = EMPTY
+        self.free_pages.extend(reversed(s.pages))
+
+    def length(self, seq_id: int) -> int:
+        """Tokens held by a sequence."""
+        return self.seqs[seq_id].length
+
+    def curve(self, seq_id: int) -> list[int]:
+        """Tokens held after each token of the sequence was fed (§A.3.1), prompt included."""
+        return self.seqs[seq_id].curve
+
+    def read(self, seq_id: int):
+        """(positions [n], k [L, n, Hkv, D], v [L, n, Hkv, D], mask_from [n]) of the tokens a
+        sequence holds, in order (for tests and K/V probes)."""
+        slots = self._slots(self.seqs[seq_id])
+        return self.pos[slots], self.k[:, slots], self.v[:, slots], self.mask_from[slots]
+
+    # ------------------------------------------------------------------------- compaction
+
+    def evict(self, seq_id: int, lo: int, hi: int) -> int:
+        """Remove the tokens of a sequence with logical position in [lo, hi]; returns how many."""
+        s = self.seqs[seq_id]
+        if not s.length:
+            return 0
+        pos = self.pos[self._slots(s)]
+        return self._compact(s, (pos < lo) | (pos > hi))
+
+    def _compact(self, s: _Seq, keep: torch.Tensor) -> int:
+        """Keep the held tokens where keep [length] is True, packed to the front in order:
+        only the survivors after the first gap move, in one copy for all layers; emptied
+        pages at the end return to the pool. Returns the number removed."""
+        n_keep = int(keep.sum())
+        removed = s.length - n_keep
+        if not removed:
+            return 0
+        first = int((~keep).nonzero()[0])
+        slots = self._slots(s, first)
+        src = slots[keep[first:]]
+        dst = slots[:len(src)]
+        if len(src):
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
+            self.pos[dst], self.mask_from[dst] = self.pos[src], self.mask_from[src]
+        self.mask_from[slots[len(src):]] = EMPTY
+        s.length = n_keep
+        n_pages = self.pages_for(n_keep)
+        self.free_pages.extend(reversed(s.pages[n_pages:]))
+        del s.pages[n_pages:]
+        return removed
+
+    # ------------------------------------------------------------------------- forwards
+
+    def batch(self, seq_ids: list[int], record: bool = True) -> "CacheBatch":
+        """The view a model forward uses for these sequences (row r = seq_ids[r]).
+
+        record: count the appended tokens in each sequence's curve (False when restart mode
+        recomputes tokens that were already counted)."""
+        return CacheBatch(self, list(seq_ids), record)
+
+    def stats(self) -> dict:
+        """Pool counters: pages (total, free, held, peak), tokens held, slots allocated but
+        unused (fragmentation), bytes held."""
+        held_pages = self.num_pages - len(self.free_pages)
+        tokens = sum(s.length for s in self.seqs.values())
+        return {"pages": self.num_pages, "free_pages": len(self.free_pages), "held_pages": held_pages,
+                "peak_pages": self.peak_pages, "tokens": tokens, "fragmentation": held_pages * self.page_size - tokens,
+                "bytes": tokens * self.bytes_per_token, "sequences": len(self.seqs)}
+
+
+class CacheBatch:
+    """One forward's view of the cache: B rows, each a sequence (PagedKVCache.batch)."""
+
+    def __init__(self, cache: PagedKVCache, seq_ids: list[int], record: bool):
+        self.cache, self.seq_ids, self.record = cache, seq_ids, record
+        self.layers = [_LayerView(self, i) for i in range(cache.n_layers)]
+
+    def append(self, positions: torch.Tensor, mask_from: torch.Tensor | None) -> None:
+        """Reserve slots for the new tokens and store their positions and mask_from, once for
+        all layers; then prepare the gather of every row's held tokens.
+
+        Args:
+            positions: [B, W] int logical positions of the new tokens.
+            mask_from: [B, W] int or None (= NEVER); EMPTY marks padding (nothing stored).
+        Raises:
+            OutOfPages if a bounded pool cannot hold them.
+        """
+        c = self.cache
+        B, W = positions.shape
+        mf = torch.full((B, W), NEVER, dtype=torch.int64) if mask_from is None else mask_from.detach().cpu().long()
+        valid = mf != EMPTY
+        n_new = valid.sum(1).tolist()
+        seqs = [c.seqs[i] for i in self.seq_ids]
+        for s, n in zip(seqs, n_new):
+            c._take_pages(s, c.pages_for(s.length + n) - len(s.pages))
+        write = [c._slots(s, s.length, s.length + n) for s, n in zip(seqs, n_new)]
+        for s, n in zip(seqs, n_new):
+            if self.record:
+                s.curve.extend(range(s.length + 1, s.length + n + 1))
+            s.length += n
+        self.write_slots = torch.cat(write)
+        self.valid = valid.to(c.device)
+        c.pos[self.write_slots] = positions.to(c.device).long()[self.valid]
+        c.mask_from[self.write_slots] = mf.to(c.device)[self.valid]
+        # Gather every row's held tokens into [B, S]; short rows point at slot 0 and read as EMPTY.
+        S = max(s.length for s in seqs)
+        gather = torch.zeros(B, S, dtype=torch.int64, device=c.device)
+        held = torch.zeros(B, S, dtype=torch.bool, device=c.device)
+        for r, s in enumerate(seqs):
+            gather[r, :s.length] = c._slots(s)
+            held[r, :s.length] = True
+        self.gather = gather
+        self.k_pos = c.pos[gather]
+        self.k_mask_from = torch.where(held, c.mask_from[gather], EMPTY)
+
+
+class _LayerView:
+    """The model's handle on one layer of a CacheBatch."""
+
+    def __init__(self, batch: CacheBatch, layer: int):
+        self.batch, self.layer = batch, layer
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Store this layer's new K/V ([B, Hkv, W, D], RoPE applied; padding rows skipped) and
+        return (k, v) [B, Hkv, S, D] of every held token of each row, with their positions
+        and mask_from [B, S] (EMPTY past a row's end), for memento_attention.attention."""
+        b, c = self.batch, self.batch.cache
+        kl, vl = c.k[self.layer], c.v[self.layer]
+        kl[b.write_slots] = k.transpose(1, 2)[b.valid].to(kl.dtype)
+        vl[b.write_slots] = v.transpose(1, 2)[b.valid].to(vl.dtype)
+        return kl[b.gather].transpose(1, 2), vl[b.gather].transpose(1, 2), b.k_pos, b.k_mask_from

@@ -165,7 +165,7 @@ class Attention(nn.Module):
         else:
             # Against the cache: it returns every stored key with its logical position and
             # mask_from, so the same rule applies in logical positions.
-            k, v, k_pos, k_mask_from = layer_cache.update(k, v, positions, mask_from)
+            k, v, k_pos, k_mask_from = layer_cache.update(k, v)
             y = attention(q, k, v, k_mask_from, q_pos=positions, k_pos=k_pos)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -292,6 +292,8 @@ class Qwen3(nn.Module):
         if int(positions.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"Qwen3.forward: position {int(positions.max())} >= max_position_embeddings "
                              f"({self.config.max_position_embeddings}); shorten the input")
+        if cache is not None:  # slots, positions and masks of the new tokens, once for all layers
+            cache.append(positions, mask_from)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -313,8 +315,9 @@ class Qwen3(nn.Module):
             mask_from: [B, T] int, the memento mask of these tokens (memento_attention.py,
                 §4): key j visible to query i iff j <= i < mask_from[j]. Without a cache it
                 is indexed by position in this sequence; None = plain causal.
-            cache: a kv_cache.KVCache; the tokens are appended to it and attend to
-                everything it holds (compaction happens outside the forward).
+            cache: a kv_cache.CacheBatch (row r = one sequence of a PagedKVCache); the
+                tokens are appended to their sequences and attend to everything those hold
+                (compaction happens outside the forward). mask_from EMPTY (-1) marks padding.
             labels: [B, T] int64 or None. With labels, returns the cross-entropy of predicting
                 labels[:, t + 1] from position t, computed by `token_cross_entropy` in chunks
                 of `self.loss_chunk_rows` rows so that [B*T, vocab] logits never exist at once

@@ -55,14 +55,14 @@ def main():
     records = []
     for compaction in (True, False):
         t0 = time.perf_counter()
-        seqs, cache = generate(model, tok, [prompt], MementoConfig(0), compaction=compaction, forced=[resp],
+        seqs, eng = generate(model, tok, [prompt], MementoConfig(0), compaction=compaction, forced=[resp],
                                max_new_tokens=len(resp))
         dt = time.perf_counter() - t0
-        curve = cache.curve[0]
+        curve = seqs[0].curve
         records.append({"mode": "memento" if compaction else "full cache", "tokens": len(resp), "seconds": dt,
                         "decode_tok_per_s": len(resp) / dt, "peak_kv_tokens": max(curve),
-                        "peak_kv_bytes": max(curve) * cache.bytes_per_token, "kv_auc": sum(curve),
-                        "peak_allocated_bytes": cache.peak_allocated_bytes})
+                        "peak_kv_bytes": max(curve) * eng.cache.bytes_per_token, "kv_auc": sum(curve),
+                        "peak_pool_bytes": eng.cache.peak_pages * eng.cache.page_size * eng.cache.bytes_per_token})
     mem, full = records
     ratios = {"speedup": mem["decode_tok_per_s"] / full["decode_tok_per_s"],
               "peak_kv_ratio": full["peak_kv_bytes"] / mem["peak_kv_bytes"],
@@ -74,8 +74,8 @@ def main():
         for i, line in enumerate(f.read_text().splitlines(), 1):
             d = json.loads(line)
             p, r = tok.encode(tok.chat_prompt(d["problem"])), tok.encode(d["response"])
-            seqs, cache = generate(model, tok, [p], MementoConfig(0), forced=[r], max_new_tokens=len(r), replay_chunk=512)
-            c, n = cache.curve[0], len(p) + len(r)
+            seqs, _ = generate(model, tok, [p], MementoConfig(0), forced=[r], max_new_tokens=len(r), replay_chunk=512)
+            c, n = seqs[0].curve, len(p) + len(r)
             traces.append({"trace": f"{f.name}:{i}", "domain": d.get("domain"), "tokens": n, "peak_kv_tokens": max(c),
                            "full_peak_kv_tokens": n, "kv_auc": sum(c), "full_kv_auc": n * (n + 1) // 2})
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"

@@ -69,7 +69,7 @@ import torch.nn as nn  # noqa: E402
 
 from checkpoint import run_checkpoints  # noqa: E402
 from generate import SampleConfig, generate  # noqa: E402
-from kv_cache import EMPTY, KVCache  # noqa: E402
+from kv_cache import EMPTY, PagedKVCache  # noqa: E402
 from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from  # noqa: E402
 
 PASSCODE_BLOCK = 2  # T2
@@ -133,11 +133,11 @@ def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart:
     """K/V features of every memento of teacher-forced traces (§6.2.1 probing protocol).
 
     Each batch is one prefill of the whole sequences (prompt + response) into a fresh
-    KVCache with the memento mask (normal mode: build_mask_from, keep_last_n_blocks=0) or
+    PagedKVCache with the memento mask (normal mode: build_mask_from, keep_last_n_blocks=0) or
     the restart-mode mask (`restart_mask_from`). The K/V a prefill writes for a token equal
     the ones token-by-token decoding with compaction leaves in the cache (tested against
-    generate(forced=..., restart=...) in tests/test_experiments.py); the prefill is used
-    because generate's per-row eviction costs O(batch) per evicted block.
+    generate(forced=..., restart=...) in tests/test_experiments.py); one prefill is simply
+    cheaper than decoding 3,000 traces token by token.
 
     Args:
         model: model.Qwen3 (eval). tok: its tokenizer. prompts: user messages (ChatML is
@@ -163,16 +163,18 @@ def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart:
         mf = restart_mask_from(ids, T) if restart else build_mask_from(ids, T, MementoConfig(0))
         for r, s in enumerate(seqs):
             mf[r, len(s):] = EMPTY
-        cache = KVCache(model.config, B, torch.float32, "cpu", capacity=S)
-        model(ids, torch.arange(S).expand(B, S), mf, cache)
+        cache = PagedKVCache(model.config, torch.float32, "cpu")
+        for r in range(B):
+            cache.add(r)
+        model.hidden_states(ids, torch.arange(S).expand(B, S), mf, cache.batch(list(range(B))))
         for r, s in enumerate(seqs):
             pos = torch.tensor(feature_positions(s, T, features))  # [M, n]
             n_mem = n_mem if n_mem is not None else len(pos)
             if len(pos) != n_mem:
                 raise ValueError(f"trace {i + r} has {len(pos)} mementos, expected {n_mem}")
-            # slot == position: nothing is evicted from a prefill cache; [Hkv, M, n, D] -> [M, n*Hkv*D]
-            feats = [torch.cat([l.k[r][:, pos].permute(1, 2, 0, 3).flatten(1), l.v[r][:, pos].permute(1, 2, 0, 3).flatten(1)], -1)
-                     for l in cache.layers]
+            # index == position: nothing is evicted from a prefill; k, v [L, S, Hkv, D] -> [M, n*Hkv*D] per layer
+            _, k, v, _ = cache.read(r)
+            feats = [torch.cat([k[l][pos].flatten(1), v[l][pos].flatten(1)], -1) for l in range(k.shape[0])]
             out.append(torch.stack(feats, 1).numpy())  # [M, L, F]
     return np.stack(out).astype(np.float32)
 

@@ -76,14 +76,14 @@ def test_prefill_features_equal_generate_cache():
             F = probe_kv.memento_kv(model, TOK, prompts, resp, restart=restart, features=features)
             p_ids = [TOK.encode(TOK.chat_prompt(p)) for p in prompts]
             f_ids = [TOK.encode(r) for r in resp]
-            _, cache = generate(model, TOK, p_ids, MementoConfig(0), restart=restart, forced=f_ids,
-                                max_new_tokens=1000, replay_chunk=4096)
+            seqs, eng = generate(model, TOK, p_ids, MementoConfig(0), restart=restart, forced=f_ids,
+                                 max_new_tokens=1000, replay_chunk=4096, keep_cache=True)
             for r in range(2):
+                held, k, v, _ = eng.cache.read(seqs[r].id)
                 for m, pos in enumerate(probe_kv.feature_positions(p_ids[r] + f_ids[r], T, features)):
-                    for li, layer in enumerate(cache.layers):
-                        n = int(layer.length[r])
-                        slots = [int((layer.pos[r, :n] == p).nonzero()[0]) for p in pos]
-                        ref = torch.cat([layer.k[r][:, slots].transpose(0, 1).flatten(), layer.v[r][:, slots].transpose(0, 1).flatten()])
+                    slots = [held.tolist().index(p) for p in pos]
+                    for li in range(k.shape[0]):
+                        ref = torch.cat([k[li, slots].flatten(), v[li, slots].flatten()])
                         np.testing.assert_allclose(F[r, m, li], ref.numpy(), atol=2e-5, rtol=1e-5)
 
 

@@ -75,28 +75,28 @@ def test_chunked_prefill_of_a_continued_response_equals_full_forward(cfg):
     cut = [i for i, t in enumerate(resp) if t == IDS.summary_end][2] + 3  # three blocks done
     rows = [(prompt + resp[:cut], resp[cut:]), (prompt + resp[:cut - 9], resp[cut - 9:])]  # two prompt lengths
     for chunk in (1, 5, 16, 2048):
-        seqs, cache = generate(model, TOK, [p for p, _ in rows], cfg, forced=[r for _, r in rows],
-                               max_new_tokens=len(resp), keep_logits=True, prefill_chunk=chunk)
-        for i, ((p, r), s, curve) in enumerate(zip(rows, seqs, cache.curve)):
+        seqs, eng = generate(model, TOK, [p for p, _ in rows], cfg, forced=[r for _, r in rows],
+                             max_new_tokens=len(resp), keep_logits=True, max_num_batched_tokens=chunk, keep_cache=True)
+        for (p, r), s in zip(rows, seqs):
             ref = _full_forward_logits(model, p + r, cfg)
             assert (torch.stack(s.logits) - ref).abs().max().item() <= 1e-4, chunk
-            assert int(cache.length[i]) == curve[-1]  # what the cache holds is what was counted
+            assert eng.cache.length(s.id) == s.curve[-1]  # what the cache holds is what was counted
             if cfg == MementoConfig(0):
-                assert curve == _independent_curve(p + r, cfg)
+                assert s.curve == _independent_curve(p + r, cfg)
     if cfg.keep_last_n_blocks >= 0:  # the prefill itself evicted
-        assert max(cache.curve[0][:len(rows[0][0])]) < len(rows[0][0])
+        assert max(seqs[0].curve[:len(rows[0][0])]) < len(rows[0][0])
 
 
 def test_batched_rows_of_different_lengths_match_single_rows():
     model = tiny_model(seed=2)
     cfg = MementoConfig(0)
     pairs = [_sequence(s, n_blocks=n) for s, n in [(1, 2), (2, 5), (3, 1)]]
-    seqs, cache = generate(model, TOK, [p for p, _ in pairs], cfg, forced=[r for _, r in pairs],
-                           max_new_tokens=max(len(r) for _, r in pairs), keep_logits=True, replay_chunk=4)
-    for (p, r), s, curve in zip(pairs, seqs, cache.curve):
+    seqs, _ = generate(model, TOK, [p for p, _ in pairs], cfg, forced=[r for _, r in pairs],
+                       max_new_tokens=max(len(r) for _, r in pairs), keep_logits=True, replay_chunk=4)
+    for (p, r), s in zip(pairs, seqs):
         ref = _full_forward_logits(model, p + r, cfg)
         assert (torch.stack(s.logits) - ref).abs().max().item() <= 1e-4
-        assert len(curve) == len(p) + len(r)
+        assert len(s.curve) == len(p) + len(r)
 
 
 def _independent_curve(ids, cfg, restart=False):
@@ -126,13 +126,15 @@ def test_cache_really_shrinks_and_counts(mask_delimiters):
     cfg = MementoConfig(0, mask_delimiters=mask_delimiters)
     prompt, resp = _sequence(11, n_blocks=12)
     ids = prompt + resp
-    seqs, cache = generate(model, TOK, [prompt], cfg, forced=[resp], max_new_tokens=len(resp))
-    curve = cache.curve[0]
+    seqs, eng = generate(model, TOK, [prompt], cfg, forced=[resp], max_new_tokens=len(resp), keep_cache=True,
+                         page_size=5)
+    curve = seqs[0].curve
     assert curve == _independent_curve(ids, cfg)
-    for layer in cache.layers:  # stored K/V length equals the bookkeeping
-        n = int(layer.length[0])
-        assert n == curve[-1] and int((layer.mask_from[0] >= 0).sum()) == n
-        assert sorted(layer.pos[0, :n].tolist()) == [j for j in range(len(ids)) if _visible_at_end(ids, cfg, j)]
+    pos, k, v, mf = eng.cache.read(seqs[0].id)  # stored K/V equals the bookkeeping
+    assert len(pos) == curve[-1] and bool((mf >= 0).all()) and k.shape[1] == len(pos)
+    assert pos.tolist() == [j for j in range(len(ids)) if _visible_at_end(ids, cfg, j)]
+    st = eng.cache.stats()  # the pages of evicted blocks went back to the pool
+    assert st["held_pages"] == -(-len(pos) // 5) and st["free_pages"] == st["pages"] - st["held_pages"]
     assert max(curve) < len(ids)
 
 
@@ -148,34 +150,59 @@ def test_restart_mode_kv_equals_forward_without_completed_blocks():
     ids = prompt + resp
     z_positions = [i for i, t in enumerate(ids) if t == IDS.summary_end and i >= len(prompt)]
     for z in z_positions:  # stop right after each memento completes
-        seqs, cache = generate(model, TOK, [prompt], cfg, forced=[ids[len(prompt):z + 1]], restart=True,
-                               max_new_tokens=z + 1 - len(prompt))
+        seqs, eng = generate(model, TOK, [prompt], cfg, forced=[ids[len(prompt):z + 1]], restart=True,
+                             max_new_tokens=z + 1 - len(prompt), keep_cache=True)
         # reference: one plain forward over the sequence with every completed block removed
         mf = build_mask_from(torch.tensor([ids[:z + 1]]), IDS, MementoConfig(0, mask_delimiters=True))[0]
         keep = [j for j in range(z + 1) if int(mf[j]) == NEVER]
-        ref_model_cache = _prefill_kv(model, [ids[j] for j in keep], keep)
-        for layer, ref in zip(cache.layers, ref_model_cache.layers):
-            n = int(layer.length[0])
-            order = torch.argsort(layer.pos[0, :n])
-            assert layer.pos[0, :n][order].tolist() == keep
-            assert (layer.k[0, :, :n][:, order] - ref.k[0, :, :n]).abs().max().item() <= 1e-4
-            assert (layer.v[0, :, :n][:, order] - ref.v[0, :, :n]).abs().max().item() <= 1e-4
+        _, ref_k, ref_v = _prefill_kv(model, [ids[j] for j in keep], keep)
+        pos, k, v, _ = eng.cache.read(seqs[0].id)
+        assert pos.tolist() == keep
+        assert (k - ref_k).abs().max().item() <= 1e-4 and (v - ref_v).abs().max().item() <= 1e-4
     # and restart really changes the memento K/V compared with normal compaction
-    seqs, normal = generate(model, TOK, [prompt], cfg, forced=[resp], max_new_tokens=len(resp))
-    seqs, restart = generate(model, TOK, [prompt], cfg, forced=[resp], max_new_tokens=len(resp), restart=True)
-    kn, kr = normal.layers[-1], restart.layers[-1]
-    common = set(kn.pos[0, :int(kn.length[0])].tolist()) & set(kr.pos[0, :int(kr.length[0])].tolist())
-    diffs = [(kn.k[0, :, kn.pos[0].tolist().index(p)] - kr.k[0, :, kr.pos[0].tolist().index(p)]).abs().max().item() for p in common]
-    assert max(diffs) > 1e-3
+    kv = {}
+    for restart in (False, True):
+        seqs, eng = generate(model, TOK, [prompt], cfg, forced=[resp], max_new_tokens=len(resp), restart=restart,
+                             keep_cache=True)
+        pos, k, _, _ = eng.cache.read(seqs[0].id)
+        kv[restart] = {p: k[-1, i] for i, p in enumerate(pos.tolist())}
+    common = set(kv[False]) & set(kv[True])
+    assert max((kv[False][p] - kv[True][p]).abs().max().item() for p in common) > 1e-3
+
+
+def test_restart_of_a_block_completed_inside_the_prompt():
+    """A prompt that already holds a completed block (a continued response): restart mode
+    recomputes its memento during the prefill exactly as during decoding (§6.2.1)."""
+    model = tiny_model(seed=6)
+    cfg = MementoConfig(0)
+    prompt, resp = _sequence(4, n_blocks=3)
+    cut = [i for i, t in enumerate(resp) if t == IDS.summary_end][0] + 2  # block 1 complete in the prompt
+    ids = prompt + resp
+    for chunk in (3, 2048):
+        seqs, eng = generate(model, TOK, [prompt + resp[:cut]], cfg, forced=[resp[cut:]], restart=True,
+                             max_new_tokens=len(resp), keep_cache=True, max_num_batched_tokens=chunk)
+        mf = build_mask_from(torch.tensor([ids]), IDS, MementoConfig(0, mask_delimiters=True))[0]
+        keep = [j for j in range(len(ids)) if int(mf[j]) == NEVER]
+        _, ref_k, ref_v = _prefill_kv(model, [ids[j] for j in keep], keep)
+        pos, k, v, _ = eng.cache.read(seqs[0].id)
+        assert pos.tolist() == keep
+        assert (k - ref_k).abs().max().item() <= 1e-4 and (v - ref_v).abs().max().item() <= 1e-4
+        # the same as decoding the whole response
+        whole, eng2 = generate(model, TOK, [prompt], cfg, forced=[resp], restart=True, max_new_tokens=len(resp),
+                               keep_cache=True)
+        assert whole[0].curve == seqs[0].curve
 
 
 def _prefill_kv(model, ids, positions):
-    from kv_cache import KVCache
+    """(positions, k, v) [L, n, Hkv, D] of one plain forward of ids at `positions` into a fresh cache."""
+    from kv_cache import PagedKVCache
 
-    cache = KVCache(model.config, 1, torch.float32, "cpu")
+    cache = PagedKVCache(model.config, torch.float32, "cpu")
+    cache.add(0)
     with torch.no_grad():
-        model(torch.tensor([ids]), torch.tensor([positions]), None, cache)
-    return cache
+        model.hidden_states(torch.tensor([ids]), torch.tensor([positions]), None, cache.batch([0]))
+    pos, k, v, _ = cache.read(0)
+    return pos, k, v
 
 
 # ------------------------------------------------------------------ tracker: two forms, one rule
@@ -257,10 +284,10 @@ def test_replay_sample_traces(shared_data):
     lines = [json.loads(l) for l in (shared_data / "memento_traces.jsonl").read_text().splitlines() if l.strip()]
     prompts = [TOK.encode(TOK.chat_prompt(d["problem"])) for d in lines]
     forced = [TOK.encode(d["response"]) for d in lines]
-    seqs, cache = generate(model, TOK, prompts, cfg, forced=forced, max_new_tokens=max(map(len, forced)), replay_chunk=512)
-    for p, f, curve in zip(prompts, forced, cache.curve):
-        assert curve == _independent_curve(p + f, cfg)
-        assert max(curve) < 0.6 * len(p + f)
+    seqs, _ = generate(model, TOK, prompts, cfg, forced=forced, max_new_tokens=max(map(len, forced)), replay_chunk=512)
+    for p, f, s in zip(prompts, forced, seqs):
+        assert s.curve == _independent_curve(p + f, cfg)
+        assert max(s.curve) < 0.6 * len(p + f)
 
 
 # ------------------------------------------------------------------ the command line

@@ -137,7 +137,7 @@ def test_generate_triton_bf16_matches_fp32_reference(monkeypatch, precision):
         ref = model(ids, mask_from=build_mask_from(ids, IDS, cfg))[0].cpu()
     calls = _count_calls(monkeypatch)
     monkeypatch.setenv("MEMENTO_ATTN_BACKEND", "triton")
-    kw = dict(forced=[resp], max_new_tokens=len(resp), keep_logits=True, replay_chunk=32, prefill_chunk=24)
+    kw = dict(forced=[resp], max_new_tokens=len(resp), keep_logits=True, replay_chunk=32, max_num_batched_tokens=24)
     if precision == "autocast":
         with torch.autocast(DEV, dtype=torch.bfloat16):
             seqs, _ = generate(model, TOK, [prompt], cfg, **kw)
@@ -160,7 +160,7 @@ def test_no_dense_reference_for_many_queries_on_the_kernel_backend(monkeypatch):
     prompt, resp = _replay_case(n_blocks=3)
     with torch.no_grad():
         generate(model, TOK, [prompt], MementoConfig(0), forced=[resp], max_new_tokens=len(resp), replay_chunk=64,
-                 restart=True, prefill_chunk=40)
+                 restart=True, max_num_batched_tokens=40)
         generate(model, TOK, [prompt], MementoConfig(0), max_new_tokens=5, seed=0)
     ids, labels, mask_from = _toy_batch(1)
     model.train()(ids, mask_from=mask_from, labels=labels).sum().backward()
@@ -197,11 +197,12 @@ def _reference_token(row, sc, u):
 
 @pytest.mark.parametrize("sc", [SampleConfig(), SampleConfig(1.0, 1.0, 0), SampleConfig(0.7, 0.5, 5)], ids=str)
 def test_seeded_sampling_is_inverse_cdf_of_one_cpu_uniform_per_row(sc):
+    # each row draws one uniform from its own CPU generator (one generator per request)
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(6, 50, generator=g) * 3
     for seed in range(20):
-        got = sample(logits, sc, torch.Generator().manual_seed(seed))
-        u = torch.rand(6, 1, generator=torch.Generator().manual_seed(seed))[:, 0].tolist()
+        got = sample(logits, sc, [torch.Generator().manual_seed(seed * 10 + r) for r in range(6)])
+        u = [torch.rand(1, generator=torch.Generator().manual_seed(seed * 10 + r)).item() for r in range(6)]
         want = [_reference_token(logits[r].tolist(), sc, u[r]) for r in range(6)]
         assert got.tolist() == want
 
@@ -211,7 +212,7 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, 0.5]])
     gen = torch.Generator().manual_seed(0)
     n = 20000
-    draws = torch.stack([sample(logits, sc, gen) for _ in range(n)]).flatten()
+    draws = torch.stack([sample(logits, sc, [gen]) for _ in range(n)]).flatten()
     z = logits[0] / 0.8
     top = z.topk(4)
     p = torch.softmax(top.values, 0)
