@@ -168,7 +168,8 @@ class Engine:
         self.sequences: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.stats = {"steps": 0, "preemptions": 0, "rejected": 0, "batch_size_sum": 0, "max_running": 0}
+        # steps: decode steps; forwards: every model forward (prefill chunks, restart recomputation)
+        self.stats = {"steps": 0, "forwards": 0, "preemptions": 0, "rejected": 0, "batch_size_sum": 0, "max_running": 0}
 
     # ------------------------------------------------------------------------- requests
 
@@ -383,6 +384,7 @@ class Engine:
             pos[r, :len(c)] = torch.arange(p0, p0 + len(c))
             mf[r, :len(c)] = NEVER
         view = self.cache.batch([s.id for s in seqs], record=record)
+        self.stats["forwards"] += 1
         return self.model.hidden_states(ids.to(self.device), pos.to(self.device), mf.to(self.device), view)
 
 
