@@ -39,6 +39,8 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False, what="")
             x = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if x != x:  # NaN passes every comparison
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
         if (low is not None and (x < low or (low_open and x == low))) or (high is not None and (x > high or (high_open and x == high))):
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
         return x
@@ -50,6 +52,8 @@ positive_int = _number(int, 1, what="use an integer >= 1")
 nonnegative_int = _number(int, 0, what="use an integer >= 0")
 positive_float = _number(float, 0.0, low_open=True, what="use a number > 0")
 fraction = _number(float, 0.0, 1.0, high_open=True, what="use a number in [0, 1)")
+probability = _number(float, 0.0, 1.0, low_open=True, what="use a number in (0, 1]")
+temperature = _number(float, 0.0, what="use a number >= 0 (0 = greedy)")
 
 
 def check_device(ap: ArgumentParser, device: str) -> str:
@@ -66,3 +70,62 @@ def check_device(ap: ArgumentParser, device: str) -> str:
             ap.error(f"--device {device}: no such GPU (this machine has {torch.cuda.device_count()})")
         return device
     ap.error(f"--device {device!r}: unknown device; use cpu, cuda or cuda:N")
+
+
+def add_generation_args(ap: ArgumentParser, max_new_tokens: int) -> None:
+    """The flags of every script that generates through engine.Engine (generate.py, eval.py):
+    masking with the official engine's names (paper §4), sampling with the paper's defaults
+    (§6.1), the engine's serving options with vLLM's names, device and dtype. Read them back
+    with `masking_config` and `kv_cache_tokens`."""
+    import torch
+
+    ap.add_argument("--keep-last-n-blocks", type=int, default=0, help="-1 never mask, 0 mask at the memento's end, N keep N")
+    ap.add_argument("--mask-delimiters", action="store_true", help="also evict a block's delimiters")
+    ap.add_argument("--keep-last-block-for-answer", action="store_true", help="the last block stays for the answer")
+    ap.add_argument("--max-block-tokens", type=positive_int, default=None, help="force <|block_end|> at this block length")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="response tokens per sequence")
+    ap.add_argument("--temperature", type=temperature, default=0.6, help="0 = greedy")
+    ap.add_argument("--top-p", type=probability, default=0.95, help="nucleus mass kept")
+    ap.add_argument("--top-k", type=nonnegative_int, default=20, help="candidates kept (0 = all)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (the same tokens on CPU and CUDA, in any batch)")
+    ap.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences decoded together")
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--kv-cache-tokens", type=positive_int, default=None, help="KV pool size in tokens (default: unbounded)")
+    budget.add_argument("--kv-cache-gib", type=positive_float, default=None, help="KV pool size in GiB")
+    ap.add_argument("--page-size", type=positive_int, default=16, help="token slots per KV page")
+    ap.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
+                    help="prompt tokens per prefill forward (chunked prefill; exact; memory vs speed)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    default="bfloat16" if torch.cuda.is_available() else "float32", help="weights and KV cache dtype")
+
+
+def masking_config(ap: ArgumentParser, args, restart: bool):
+    """The masking options of add_generation_args as a memento_attention.MementoConfig, after
+    checking them (and the device); ap.error with one line when they contradict each other
+    or restart mode (`restart`: the script will run it) is asked for where it is undefined."""
+    from memento_attention import MementoConfig
+
+    try:
+        cfg = MementoConfig(args.keep_last_n_blocks, args.mask_delimiters, args.keep_last_block_for_answer)
+    except ValueError as e:
+        ap.error(f"--keep-last-n-blocks: {e}")
+    if restart and (cfg.keep_last_n_blocks != 0 or cfg.keep_last_block_for_answer):
+        ap.error("restart mode is defined for --keep-last-n-blocks 0 without --keep-last-block-for-answer")
+    args.device = check_device(ap, args.device)
+    return cfg
+
+
+def kv_cache_tokens(ap: ArgumentParser, args, model_config) -> int | None:
+    """The KV pool size in tokens from --kv-cache-tokens or --kv-cache-gib (§A.3.1 bytes per
+    token for this model and --dtype); None = unbounded. ap.error if it holds no page."""
+    import torch
+
+    tokens = args.kv_cache_tokens
+    if args.kv_cache_gib is not None:
+        c = model_config
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+        tokens = int(args.kv_cache_gib * 2**30 // (per_token * torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()))
+    if tokens is not None and tokens < args.page_size:
+        ap.error(f"--kv-cache-tokens/--kv-cache-gib: {tokens} tokens hold no page of --page-size {args.page_size}")
+    return tokens

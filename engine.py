@@ -101,6 +101,8 @@ class Sequence:
     logits: list[torch.Tensor] = field(default_factory=list)
     preemptions: int = 0
     blocks_completed: int = 0
+    compaction: bool = True
+    restart: bool = False
     # running state
     tracker: BlockTracker | None = None
     events: set = field(default_factory=set)
@@ -121,6 +123,8 @@ class Engine:
         compaction: False keeps every token (the full-cache baseline; no mask applied).
         restart: restart mode (§6.2.1): at each memento's end evict its block with the
             delimiters and recompute the memento tokens' K/V at the same positions without it.
+            Both are defaults: a request may choose its own (Engine.add), so the modes of an
+            evaluation share one batch.
         sampling: SampleConfig. max_block_tokens: force <|block_end|> once an open block
             holds this many tokens (§5 of the official engine options).
         max_num_seqs: sequences running at once. kv_cache_tokens: the pool's size in tokens
@@ -133,6 +137,7 @@ class Engine:
         keep_cache: do not free finished sequences (tests read their K/V).
         on_token: callback(seq_id, token_id, kind) per response token; kind is one of
             "block", "memento", "delimiter", "text".
+        on_finish: callback(Sequence) when a request finishes (its curve and stop_reason set).
     Raises:
         ValueError for restart with options it does not define, or a size < 1.
     """
@@ -141,9 +146,8 @@ class Engine:
                  sampling: SampleConfig = SampleConfig(), max_block_tokens: int | None = None, max_num_seqs: int = 256,
                  kv_cache_tokens: int | None = None, page_size: int = 16, max_num_batched_tokens: int = 2048,
                  replay_chunk: int = 1, watermark: float = 0.01, keep_logits: bool = False, keep_cache: bool = False,
-                 on_token=None):
-        if restart and (cfg.keep_last_n_blocks != 0 or cfg.keep_last_block_for_answer):
-            raise ValueError("restart mode is defined for keep_last_n_blocks=0 without keep_last_block_for_answer")
+                 on_token=None, on_finish=None):
+        _check_restart(restart, cfg)
         sizes = dict(max_num_seqs=max_num_seqs, page_size=page_size, max_num_batched_tokens=max_num_batched_tokens,
                      replay_chunk=replay_chunk, kv_cache_tokens=kv_cache_tokens or 1, max_block_tokens=max_block_tokens or 1)
         bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
@@ -155,7 +159,7 @@ class Engine:
         self.compaction, self.restart, self.sampling = compaction, restart, sampling
         self.max_block_tokens, self.max_num_seqs = max_block_tokens, max_num_seqs
         self.max_num_batched_tokens, self.replay_chunk = max_num_batched_tokens, replay_chunk
-        self.keep_logits, self.keep_cache, self.on_token = keep_logits, keep_cache, on_token
+        self.keep_logits, self.keep_cache, self.on_token, self.on_finish = keep_logits, keep_cache, on_token, on_finish
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         num_pages = None if kv_cache_tokens is None else kv_cache_tokens // page_size
@@ -174,27 +178,30 @@ class Engine:
     # ------------------------------------------------------------------------- requests
 
     def add(self, prompt: list[int], forced: list[int] | None = None, max_new_tokens: int = 1024,
-            seed: int | None = None) -> Sequence:
+            seed: int | None = None, compaction: bool | None = None, restart: bool | None = None) -> Sequence:
         """Queue a request: prompt ids (ChatML applied), an optional teacher-forced response,
-        and a sampling seed. Returns its Sequence (filled in by run()). A prompt longer than
-        the pool can ever hold is rejected at once (stop_reason says so); the others run.
-        Raises ValueError for an empty prompt, one that does not fit max_position_embeddings,
-        or max_new_tokens < 1."""
+        a sampling seed, and its mode (None: the engine's compaction / restart). Returns its
+        Sequence (filled in by run()). A prompt longer than the pool can ever hold is rejected
+        at once (stop_reason says so); the others run. Raises ValueError for an empty prompt,
+        one that does not fit max_position_embeddings, max_new_tokens < 1, or restart mode
+        with masking options it does not define."""
         if not prompt:
             raise ValueError("an empty prompt has no last token to continue from; give at least one token")
         if len(prompt) >= self.max_pos:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_position_embeddings={self.max_pos}; shorten it")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        compaction = self.compaction if compaction is None else compaction
+        restart = self.restart if restart is None else restart
+        _check_restart(restart, self.cfg)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        s = Sequence(len(self.sequences), list(prompt), None if forced is None else list(forced), max_new_tokens, gen)
+        s = Sequence(len(self.sequences), list(prompt), None if forced is None else list(forced), max_new_tokens, gen,
+                     compaction=compaction, restart=restart)
         self.sequences.append(s)
         need = self.cache.pages_for(len(prompt) + 1)
         if self.cache.bounded and need > self.cache.num_pages:
-            s.done = True
-            s.stop_reason = (f"rejected: the prompt needs {need} pages of {self.cache.page_size} tokens, "
-                             f"the KV pool holds {self.cache.num_pages}")
-            self.stats["rejected"] += 1
+            self._reject(s, f"rejected: the prompt needs {need} pages of {self.cache.page_size} tokens, "
+                            f"the KV pool holds {self.cache.num_pages}")
         else:
             self.waiting.append(s)
         return s
@@ -234,8 +241,7 @@ class Engine:
                 if self.running:
                     return  # wait for running sequences to give pages back
                 self.waiting.popleft()  # nothing will give pages back: it can never run
-                s.done, s.stop_reason = True, f"KV pool full: {need} pages needed, {self.cache.free_page_count()} free"
-                self.stats["rejected"] += 1
+                self._reject(s, f"KV pool full: {need} pages needed, {self.cache.free_page_count()} free")
                 continue
             self.waiting.popleft()
             self._prefill(s)
@@ -250,6 +256,12 @@ class Engine:
         self.stats["preemptions"] += 1
         self.waiting.appendleft(s)
 
+    def _reject(self, s: Sequence, reason: str) -> None:
+        s.done, s.stop_reason = True, reason
+        self.stats["rejected"] += 1
+        if self.on_finish:
+            self.on_finish(s)
+
     def _finish(self, s: Sequence, reason: str) -> None:
         s.done, s.stop_reason = True, reason
         s.curve = list(self.cache.curve(s.id))
@@ -259,6 +271,8 @@ class Engine:
             self.running.remove(s)
         if not self.keep_cache:
             self.cache.free(s.id)
+        if self.on_finish:
+            self.on_finish(s)
 
     # ------------------------------------------------------------------------- prefill
 
@@ -355,9 +369,9 @@ class Engine:
         """Let the tracker read the token about to be fed; evict (or restart-recompute)
         whatever its arrival masks, before it is fed (§6.1)."""
         for b in s.tracker.step(token):
-            if not self.compaction:
+            if not s.compaction:
                 continue
-            if self.restart:
+            if s.restart:
                 self._restart_memento(s, b)
             else:
                 self.cache.evict(s.id, *b.span(self.cfg.mask_delimiters))
@@ -386,6 +400,11 @@ class Engine:
         view = self.cache.batch([s.id for s in seqs], record=record)
         self.stats["forwards"] += 1
         return self.model.hidden_states(ids.to(self.device), pos.to(self.device), mf.to(self.device), view)
+
+
+def _check_restart(restart: bool, cfg: MementoConfig) -> None:
+    if restart and (cfg.keep_last_n_blocks != 0 or cfg.keep_last_block_for_answer):
+        raise ValueError("restart mode is defined for keep_last_n_blocks=0 without keep_last_block_for_answer")
 
 
 def _chunk_length(tokens: list[int], start: int, limit: int, events: set, offset: int = 0) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, check_device, nonnegative_int, positive_int
+from cli import ArgumentParser, add_generation_args, kv_cache_tokens, masking_config, positive_int
 from engine import STOP_TOKENS, Engine, SampleConfig, Sequence, sample  # noqa: F401  (sample: the public sampler)
 from memento_attention import MementoConfig
 
@@ -199,42 +199,6 @@ def plot_curves(path: str, curves: list[tuple[str, list[int]]]) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _probability(text: str) -> float:
-    import argparse
-
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: use a number in (0, 1]")
-    return x
-
-
-def _temperature(text: str) -> float:
-    import argparse
-
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: use a number >= 0 (0 = greedy)")
-    return x
-
-
-def _kv_budget(text: str) -> float:
-    import argparse
-
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: use a number > 0")
-    return x
-
-
 def main(argv=None):
     ap = ArgumentParser(prog="generate.py", description=__doc__)
     src = ap.add_mutually_exclusive_group()
@@ -244,29 +208,11 @@ def main(argv=None):
     src.add_argument("--replay", metavar="FILE.jsonl", help="teacher-force OpenMementos traces (problem, response)")
     ap.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt (each with its own seed)")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint dir, training run dir or hub id")
-    ap.add_argument("--keep-last-n-blocks", type=int, default=0, help="-1 never mask, 0 mask at the memento's end, N keep N")
-    ap.add_argument("--mask-delimiters", action="store_true", help="also evict a block's delimiters")
-    ap.add_argument("--keep-last-block-for-answer", action="store_true", help="the last block stays for the answer")
-    ap.add_argument("--max-block-tokens", type=positive_int, default=None, help="force <|block_end|> at this block length")
-    ap.add_argument("--max-new-tokens", type=positive_int, default=2048, help="response tokens per sequence")
     ap.add_argument("--restart", action="store_true", help="restart mode: recompute mementos without their block")
     ap.add_argument("--no-compaction", action="store_true", help="full KV cache (baseline)")
-    ap.add_argument("--temperature", type=_temperature, default=0.6, help="0 = greedy")
-    ap.add_argument("--top-p", type=_probability, default=0.95, help="nucleus mass kept")
-    ap.add_argument("--top-k", type=nonnegative_int, default=20, help="candidates kept (0 = all)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed (the same tokens on CPU and CUDA, in any batch)")
-    ap.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences decoded together")
-    budget = ap.add_mutually_exclusive_group()
-    budget.add_argument("--kv-cache-tokens", type=positive_int, default=None, help="KV pool size in tokens (default: unbounded)")
-    budget.add_argument("--kv-cache-gib", type=_kv_budget, default=None, help="KV pool size in GiB")
-    ap.add_argument("--page-size", type=positive_int, default=16, help="token slots per KV page")
-    ap.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
-                    help="prompt tokens per prefill forward (chunked prefill; exact; memory vs speed)")
+    add_generation_args(ap, max_new_tokens=2048)
     ap.add_argument("--replay-chunk", type=positive_int, default=256,
                     help="teacher-forced tokens per forward in --replay (exact; memory vs speed)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                    default="bfloat16" if torch.cuda.is_available() else "float32", help="weights and KV cache dtype")
     ap.add_argument("--json", action="store_true", help="one JSON object per sequence on stdout")
     ap.add_argument("--plot", metavar="FILE.png", help="write the KV sawtooth (needs matplotlib)")
     args = ap.parse_args(argv)
@@ -274,20 +220,9 @@ def main(argv=None):
         ap.error("give --prompt TEXT, --prompts-file FILE or --replay FILE.jsonl")
     if args.restart and args.no_compaction:
         ap.error("--restart needs compaction (it recomputes mementos after their block is evicted); drop --no-compaction")
-    try:
-        cfg = MementoConfig(args.keep_last_n_blocks, args.mask_delimiters, args.keep_last_block_for_answer)
-    except ValueError as e:
-        ap.error(f"--keep-last-n-blocks: {e}")
-    if args.restart and (cfg.keep_last_n_blocks != 0 or cfg.keep_last_block_for_answer):
-        ap.error("--restart is defined for --keep-last-n-blocks 0 without --keep-last-block-for-answer")
-    args.device = check_device(ap, args.device)
+    cfg = masking_config(ap, args, args.restart)
     model, tok = load(args.checkpoint, args.device, getattr(torch, args.dtype))
-    kv_tokens = args.kv_cache_tokens
-    if args.kv_cache_gib is not None:
-        per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim
-        kv_tokens = int(args.kv_cache_gib * 2**30 // (per_token * torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()))
-    if kv_tokens is not None and kv_tokens < args.page_size:
-        ap.error(f"--kv-cache-tokens/--kv-cache-gib: {kv_tokens} tokens hold no page of --page-size {args.page_size}")
+    kv_tokens = kv_cache_tokens(ap, args, model.config)
 
     # (name, prompt ids, forced response ids or None)
     if args.replay:

@@ -24,6 +24,22 @@ from memento_attention import attention
 # ----------------------------------------------------------------------------- config
 
 
+# The released dense Qwen3 shapes (config.json of each hub checkpoint): for memory estimates
+# and for reading a toy model's KV figures at a real model's size.
+QWEN3_SHAPES = {
+    "Qwen3-0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, tie_word_embeddings=False),
+    "Qwen3-32B": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                      num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
 @dataclass
 class Qwen3Config:
     """Hyperparameters of a Qwen3 decoder, with Hugging Face's `config.json` field names.
@@ -78,6 +94,15 @@ class Qwen3Config:
         known = {f.name for f in fields(cls)} | {"model_type", "architectures", "rope_parameters", "dtype"}
         kw["extra"] = {k: v for k, v in d.items() if k not in known}
         return cls(**kw)
+
+    @classmethod
+    def released(cls, name: str) -> "Qwen3Config":
+        """The config of a released dense Qwen3 ("Qwen3-0.6B" ... "Qwen3-32B", QWEN3_SHAPES):
+        head_dim 128, vocab 151,936, bf16. Raises ValueError naming the known shapes."""
+        if name not in QWEN3_SHAPES:
+            raise ValueError(f"unknown Qwen3 shape {name!r}; known: {', '.join(QWEN3_SHAPES)}")
+        return cls(vocab_size=151936, head_dim=128, max_position_embeddings=40960, torch_dtype="bfloat16",
+                   **QWEN3_SHAPES[name])
 
     def to_dict(self) -> dict:
         """The HF `config.json` dict (both rope_theta spellings, so old and new readers agree)."""

@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -379,28 +380,19 @@ class StopRequest:
 # ----------------------------------------------------------------------------- eval
 
 @torch.no_grad()
-def evaluate_toy(model: Qwen3, tok: Tokenizer, n: int, seed: int, cfg: MementoConfig, restart: bool = False,
-                 compaction: bool = True, batch: int = 256) -> dict:
-    """Exact-match accuracy of generated traces on n held-out toy problems (checker of
-    data/toy_task.py), generated with the paper's sampling and a compacting cache."""
-    from generate import generate
+def evaluate_toy(model: Qwen3, tok: Tokenizer, n: int, seed: int) -> dict:
+    """Accuracy of sampled traces on n toy problems with compaction on (keep_last_n_blocks 0),
+    checked by data/toy_task.check_trace: eval.py's code (eval.run, `--data toy --n-samples 1
+    --modes memento`), all problems in one batch, each response capped at the longest trace
+    the task can have. Returns {"accuracy", "n", "reasons": {first word of the reason: count}}."""
+    from eval import run, toy_problems
 
-    rng = random.Random(f"eval:{seed}")
-    problems = [toy_task.sample_problem(rng) for _ in range(n)]
     was_training = model.training
     model.eval()
-    correct, reasons = 0, {}
-    for i in range(0, n, batch):
-        chunk = problems[i:i + batch]
-        prompts = [tok.encode(tok.chat_prompt(p.prompt)) for p in chunk]
-        seqs, _ = generate(model, tok, prompts, cfg, compaction=compaction, restart=restart, max_new_tokens=320, seed=seed + i)
-        for p, s in zip(chunk, seqs):
-            v = toy_task.check_trace(p, tok.decode(s.tokens))
-            correct += v["correct"]
-            key = v["reason"].split(":")[0].split(" ")[0] if not v["correct"] else "ok"
-            reasons[key] = reasons.get(key, 0) + 1
+    recs = run(model, tok, toy_problems(n, seed), ["memento"], 1, seed=seed, cfg=MementoConfig(0))
     model.train(was_training)
-    return {"accuracy": correct / n, "n": n, "reasons": reasons}
+    reasons = Counter("ok" if r["correct"] else r["reason"].split(":")[0].split(" ")[0] for r in recs)
+    return {"accuracy": sum(r["correct"] for r in recs) / n, "n": n, "reasons": dict(reasons)}
 
 
 @torch.no_grad()
@@ -505,7 +497,7 @@ def train(args) -> dict:
                 tqdm.write(f"step {step + 1}: loss {loss:.4f}, validation loss {entry['val_loss']:.4f}")
             want_eval = (args.eval_every and (step + 1) % args.eval_every == 0) or last
             if rank == 0 and args.data == "toy" and args.eval_samples > 0 and want_eval:
-                ev = evaluate_toy(model, tok, args.eval_samples, args.seed, MementoConfig(0))
+                ev = evaluate_toy(model, tok, args.eval_samples, args.seed)
                 entry["eval_accuracy_compaction"] = ev["accuracy"]
                 tqdm.write(f"step {step + 1}: loss {loss:.4f}, accuracy with compaction {ev['accuracy']:.3f} {ev['reasons']}")
             log.append(entry)

@@ -52,19 +52,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The released Qwen3 dense shapes (config.json of each hub checkpoint).
-SHAPES = {
-    "Qwen3-0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, tie_word_embeddings=False),
-    "Qwen3-32B": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
-                      num_key_value_heads=8, tie_word_embeddings=False),
-}
+from model import QWEN3_SHAPES as SHAPES  # noqa: E402
+
 GIB = 2**30
 
 
@@ -72,7 +61,9 @@ def builtin_config(name: str):
     """model.Qwen3Config of a released Qwen3 (head_dim 128, vocab 151,936). KeyError if unknown."""
     from model import Qwen3Config
 
-    return Qwen3Config(vocab_size=151936, head_dim=128, max_position_embeddings=40960, **SHAPES[name])
+    if name not in SHAPES:
+        raise KeyError(name)
+    return Qwen3Config.released(name)
 
 
 def load_config(model: str):

@@ -3,12 +3,14 @@
     python experiments/restart_ablation.py [--stage1 out/stage1] [--stage2 out/stage2] [--n 500] [--json]
     python experiments/restart_ablation.py --train-seed 1     # train both stages with seed 1 first
 
-Generates traces for the same n prompts (data/toy_task.sample_problem, seeded) with the same
-sampling seeds in every mode, checks each with data/toy_task.check_trace, and reports
-accuracy with a Wilson 95% interval. Rows (model x mode):
+Generates traces for the same n prompts (eval.toy_problems, seeded) with the same sampling
+seeds in every mode, through eval.py's machinery (one engine per model, its modes in one
+batch; answers checked by data/grading.py, i.e. data/toy_task.check_trace), and reports
+accuracy with a Wilson 95% interval. `python eval.py --data toy --toy-problems N --n-samples 1
+--modes memento,restart --seed S` gives the same per-prompt verdicts. Rows (model x mode):
 
     stage2 / memento   compaction on, keep_last_n_blocks=0 (the method)
-    stage2 / restart   generate(..., restart=True): each memento's K/V recomputed without
+    stage2 / restart   restart mode: each memento's K/V recomputed without
                        its block once the block is evicted (the implicit channel removed)
     stage1 / memento   the stage-1 model (trained with full attention) under compaction
     stage1 / restart   the same with restart mode
@@ -20,9 +22,10 @@ discordant counts and an exact McNemar p-value.
 JSON (stdout with --json; always written to --out):
     rows: list of {model, checkpoint, mode, n, correct, accuracy, ci95_low, ci95_high,
         failure_reasons (histogram of check_trace reasons with numbers replaced by '#';
-        'ok' counts the correct ones), mean_tokens, seconds}
+        'ok' counts the correct ones), mean_tokens, verdicts (per prompt, in prompt order),
+        seconds (the model's whole run: its modes share one batch)}
     paired: {model: {memento_only, restart_only, both, neither, mcnemar_p}}
-    config: the arguments (n, seed, temperature, top_p, top_k, batch, max_new_tokens,
+    config: the arguments (n, seed, temperature, top_p, top_k, max_num_seqs, max_new_tokens,
         train_seed, ...)
     train_seconds: {stage1, stage2} wall time of the training with --train-seed, else null
     machine: cpu_model, cpu_count, torch, torch_threads, python, platform, cuda
@@ -39,10 +42,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,13 +53,9 @@ from common import RESULTS, pyplot, load_checkpoint, machine_info, mcnemar_exact
 
 import torch  # noqa: E402
 
-from data import toy_task  # noqa: E402
-from generate import SampleConfig, generate  # noqa: E402
+from engine import SampleConfig  # noqa: E402
+from eval import run as eval_run, toy_problems  # noqa: E402
 from memento_attention import MementoConfig  # noqa: E402
-
-MODES = {"memento": dict(compaction=True, restart=False),
-         "restart": dict(compaction=True, restart=True),
-         "full": dict(compaction=False, restart=False)}
 
 
 def parse_args(argv=None):
@@ -64,8 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--stage1", default="out/stage1", help="stage-1 checkpoint dir")
     ap.add_argument("--stage2", default="out/stage2", help="stage-2 checkpoint dir")
     ap.add_argument("--n", type=int, default=500, help="prompts (the same for every row)")
-    ap.add_argument("--batch", type=int, default=250, help="prompts generated together")
-    ap.add_argument("--seed", type=int, default=0, help="prompt seed and base sampling seed")
+    ap.add_argument("--max-num-seqs", type=int, default=500, help="sequences decoded together")
+    ap.add_argument("--seed", type=int, default=0, help="prompt seed and base sampling seed (eval.py's --seed)")
     ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--top-k", type=int, default=20)
@@ -109,35 +108,28 @@ def reason_key(reason: str) -> str:
     return re.sub(r"\d+", "#", re.sub(r"'[^']*'", "'#'", reason))
 
 
-def run_mode(model, tok, problems, mode: str, args) -> tuple[dict, list[bool]]:
-    """Generate and check every problem in one mode.
-
-    Batch i (prompts [i*batch, (i+1)*batch)) always samples with seed args.seed + i, so every
-    mode and model sees the same prompts with the same generator seeds (the draws differ as
-    soon as the logits differ, which is the point of the comparison).
-    Returns (row dict without model/checkpoint, per-problem correctness list).
-    """
-    sc = SampleConfig(args.temperature, args.top_p, args.top_k)
-    cfg = MementoConfig(keep_last_n_blocks=0)
+def run_model(model, tok, problems, modes: list[str], args) -> list[dict]:
+    """Generate and check every problem in each mode with eval.run (one engine, all modes in
+    one batch; sample 0 of problem p draws with eval.sample_seed(seed, p, 0) in every mode, so
+    the modes see the same prompts with the same random streams: the draws differ as soon as
+    the logits differ, which is the point of the comparison). Returns one row per mode,
+    without model/checkpoint."""
     t0 = time.perf_counter()
-    ok, reasons, ntok = [], {}, 0
-    for bi, i in enumerate(range(0, len(problems), args.batch)):
-        chunk = problems[i:i + args.batch]
-        prompts = [tok.encode(tok.chat_prompt(p.prompt)) for p in chunk]
-        seqs, _ = generate(model, tok, prompts, cfg, max_new_tokens=args.max_new_tokens, sampling=sc,
-                           seed=args.seed + bi, **MODES[mode])
-        for p, s in zip(chunk, seqs):
-            v = toy_task.check_trace(p, tok.decode(s.tokens))
-            ok.append(bool(v["correct"]))
-            k = "ok" if v["correct"] else reason_key(v["reason"])
-            reasons[k] = reasons.get(k, 0) + 1
-            ntok += len(s.tokens)
-    n, c = len(ok), sum(ok)
-    lo, hi = wilson(c, n)
-    row = {"mode": mode, "n": n, "correct": c, "accuracy": c / n if n else 0.0, "ci95_low": lo, "ci95_high": hi,
-           "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-           "mean_tokens": ntok / max(1, n), "seconds": time.perf_counter() - t0}
-    return row, ok
+    recs = eval_run(model, tok, problems, modes, 1, seed=args.seed, cfg=MementoConfig(keep_last_n_blocks=0),
+                    sampling=SampleConfig(args.temperature, args.top_p, args.top_k),
+                    max_new_tokens=args.max_new_tokens, max_num_seqs=args.max_num_seqs)
+    seconds = time.perf_counter() - t0
+    rows = []
+    for mode in modes:
+        rs = sorted((r for r in recs if r["mode"] == mode), key=lambda r: r["problem"])
+        ok = [r["correct"] for r in rs]
+        reasons = Counter("ok" if r["correct"] else reason_key(r["reason"]) for r in rs)
+        n, c = len(ok), sum(ok)
+        lo, hi = wilson(c, n)
+        rows.append({"mode": mode, "n": n, "correct": c, "accuracy": c / n if n else 0.0, "ci95_low": lo,
+                     "ci95_high": hi, "failure_reasons": dict(reasons.most_common()),
+                     "mean_tokens": sum(r["tokens"] for r in rs) / max(1, n), "verdicts": ok, "seconds": seconds})
+    return rows
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -171,18 +163,17 @@ def main(argv=None) -> dict:
     # Load both before generating anything, so a missing checkpoint fails in a second.
     models = {"stage2": load_checkpoint(args.stage2, "--stage2", "restart_ablation.py"),
               "stage1": load_checkpoint(args.stage1, "--stage1", "restart_ablation.py")}
-    rng = random.Random(f"restart_ablation:{args.seed}")
-    problems = [toy_task.sample_problem(rng) for _ in range(args.n)]
+    problems = toy_problems(args.n, args.seed)
     rows, paired = [], {}
-    plan = [("stage2", "memento"), ("stage2", "restart"), ("stage1", "memento"), ("stage1", "restart"), ("stage1", "full")]
+    plan = {"stage2": ["memento", "restart"], "stage1": ["memento", "restart", "full"]}
     correct = {}
-    for name, mode in plan:
+    for name, modes in plan.items():
         model, tok = models[name]
-        row, ok = run_mode(model, tok, problems, mode, args)
-        correct[name, mode] = ok
-        rows.append({"model": name, "checkpoint": str(args.stage1 if name == "stage1" else args.stage2), **row})
-        print(f"{name:7s} {mode:8s} {row['correct']}/{row['n']} = {row['accuracy']:.3f} "
-              f"[{row['ci95_low']:.3f}, {row['ci95_high']:.3f}] ({row['seconds']:.0f} s)", file=sys.stderr)
+        for row in run_model(model, tok, problems, modes, args):
+            correct[name, row["mode"]] = row["verdicts"]
+            rows.append({"model": name, "checkpoint": str(args.stage1 if name == "stage1" else args.stage2), **row})
+            print(f"{name:7s} {row['mode']:8s} {row['correct']}/{row['n']} = {row['accuracy']:.3f} "
+                  f"[{row['ci95_low']:.3f}, {row['ci95_high']:.3f}] ({row['seconds']:.0f} s for the model)", file=sys.stderr)
     for name in ("stage2", "stage1"):
         a, b = correct[name, "memento"], correct[name, "restart"]
         mo = sum(x and not y for x, y in zip(a, b))

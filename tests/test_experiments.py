@@ -140,14 +140,14 @@ def test_restart_ablation_json(tmp_path):
     model.save_pretrained(d)
     TOK.save(d)
     out = tmp_path / "r.json"
-    res = restart_ablation.main(["--stage1", str(d), "--stage2", str(d), "--n", "4", "--batch", "2",
+    res = restart_ablation.main(["--stage1", str(d), "--stage2", str(d), "--n", "4", "--max-num-seqs", "3",
                                  "--max-new-tokens", "24", "--out", str(out), "--plot", str(tmp_path / "r.png")])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert (tmp_path / "r.png").stat().st_size > 0
     assert [(r["model"], r["mode"]) for r in res["rows"]] == [
         ("stage2", "memento"), ("stage2", "restart"), ("stage1", "memento"), ("stage1", "restart"), ("stage1", "full")]
     for r in res["rows"]:
-        for k in ("n", "correct", "accuracy", "ci95_low", "ci95_high", "failure_reasons", "mean_tokens", "seconds"):
+        for k in ("n", "correct", "accuracy", "ci95_low", "ci95_high", "failure_reasons", "mean_tokens", "verdicts", "seconds"):
             assert k in r
         assert r["n"] == 4 and sum(r["failure_reasons"].values()) == 4
         assert 0 <= r["ci95_low"] <= r["accuracy"] <= r["ci95_high"] <= 1

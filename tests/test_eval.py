@@ -1,0 +1,189 @@
+"""eval.py: pass@1 and KV figures through the engine, against direct computations and replays."""
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))
+
+import eval as ev  # noqa: E402
+from conftest import tiny_model  # noqa: E402
+from data import toy_task  # noqa: E402
+from generate import generate  # noqa: E402
+from memento_attention import MementoConfig, MementoTokens  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+TOK = Tokenizer.byte_level()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    tiny_model(layers=1, seed=1).save_pretrained(d)
+    TOK.save(d)
+    return d
+
+
+def run_cli(args, capsys=None):
+    return ev.main(["--no-progress", *map(str, args)])
+
+
+def test_trace_stats_counts_by_hand():
+    T = MementoTokens.from_tokenizer(TOK)
+    ids = TOK.encode("<think>\n<|block_start|>abcd<|block_end|>\n<|summary_start|>xy<|summary_end|>"
+                     "<|block_start|>ef<|block_end|><|summary_start|>wxyz<|summary_end|></think>\n7")
+    assert ev.trace_stats(ids, T) == {"blocks": 2, "mean_block_tokens": 3.0, "mean_memento_tokens": 3.0}
+
+
+def test_summary_pass_at_1_se_and_majority():
+    recs = []
+    verdicts = {0: [(True, "1"), (False, "2"), (True, "1"), (False, "3")],   # pass@1 .5, maj "1" right
+                1: [(False, "9"), (False, "9"), (True, "4"), (False, None)],  # .25, maj "9" wrong
+                2: [(True, "5")] * 4}                                        # 1.0, right
+    for p, vs in verdicts.items():
+        for k, (c, x) in enumerate(vs):
+            recs.append({"problem": p, "mode": "memento", "sample": k, "correct": c, "extracted": x, "tokens": 10 + k,
+                         "blocks": 2, "mean_block_tokens": 5.0, "mean_memento_tokens": 2.0,
+                         "peak_kv_tokens": 100 + p, "kv_auc": 1000})
+    s = ev.summarize(recs, ["memento"])["memento"]
+    per_problem = [0.5, 0.25, 1.0]
+    mean = sum(per_problem) / 3
+    se = math.sqrt(sum((x - mean) ** 2 for x in per_problem) / 2) / math.sqrt(3)
+    assert s["pass@1"] == pytest.approx(mean) and s["pass@1_se"] == pytest.approx(se)
+    assert s["maj@k"] == pytest.approx(2 / 3) and s["k"] == 4 and s["problems"] == 3 and s["samples"] == 12
+    assert s["peak_kv_tokens"] == pytest.approx(101) and s["tokens"] == pytest.approx(11.5)
+
+
+def test_kv_figures_equal_replay_and_formula(ckpt):
+    """Each sample's peak KV and AUC equal a teacher-forced replay of its tokens (generate.py
+    --replay path: chunked forced decoding); GB figures are §A.3.1 computed by hand."""
+    model, tok = tiny_model(layers=1, seed=1), TOK
+    problems = ev.toy_problems(4, seed=3)
+    seqs = {}
+    recs = ev.run(model, tok, problems, ["memento", "full", "restart"], 2, seed=5, cfg=MementoConfig(0),
+                  shapes={"Qwen3-8B": 2 * 36 * 8 * 128 * 2}, on_record=lambda r, s: seqs.__setitem__(
+                      (r["problem"], r["mode"], r["sample"]), s), max_num_seqs=5)
+    assert len(recs) == 4 * 3 * 2 and len(seqs) == len(recs)
+    mode_kw = {"memento": {}, "full": {"compaction": False}, "restart": {"restart": True}}
+    for r in recs:
+        s = seqs[r["problem"], r["mode"], r["sample"]]
+        assert r["tokens"] == len(s.tokens) <= ev.toy_max_new_tokens(tok)
+        replay, _ = generate(model, tok, [s.prompt], MementoConfig(0), forced=[s.tokens], replay_chunk=7,
+                             **mode_kw[r["mode"]])
+        curve = replay[0].curve
+        assert (r["peak_kv_tokens"], r["kv_auc"]) == (max(curve), sum(curve))
+        assert r["peak_kv_gb@Qwen3-8B"] == pytest.approx(max(curve) * 147456 / 1e9)
+        assert r["kv_auc_gb_ktok@Qwen3-8B"] == pytest.approx(sum(curve) * 147456 / 1e12)
+        per_token = 2 * 1 * 2 * 8 * 4  # layers 1, kv heads 2, head_dim 8, fp32
+        assert r["peak_kv_gb@model"] == pytest.approx(max(curve) * per_token / 1e9)
+    full = [r for r in recs if r["mode"] == "full"]
+    assert all(r["peak_kv_tokens"] == len(seqs[r["problem"], "full", r["sample"]].prompt) + r["tokens"] for r in full)
+
+
+def test_toy_cap_holds_the_longest_trace():
+    longest = toy_task.Problem(toy_task.MAX_BLOCKS, 9)
+    text, _ = toy_task.solve(longest, random.Random(1))
+    assert len(TOK.encode(text)) + 1 <= ev.toy_max_new_tokens(TOK) <= len(TOK.encode(text)) + 16
+
+
+def test_eval_toy_equals_restart_ablation(ckpt, tmp_path):
+    """Two paths, one answer: restart_ablation.py and eval.py --data toy, same prompts and seeds."""
+    import restart_ablation
+
+    res = restart_ablation.main(["--stage1", str(ckpt), "--stage2", str(ckpt), "--n", "6", "--seed", "4",
+                                 "--out", str(tmp_path / "r.json"), "--plot", ""])
+    out = tmp_path / "e.jsonl"
+    run_cli(["--checkpoint", ckpt, "--data", "toy", "--toy-problems", 6, "--n-samples", 1, "--seed", 4,
+             "--modes", "memento,restart,full", "--out", out, "--max-new-tokens", 320])
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    for row in res["rows"]:
+        mine = sorted((r for r in recs if r["mode"] == row["mode"]), key=lambda r: r["problem"])
+        assert [r["correct"] for r in mine] == row["verdicts"]
+        assert sum(r["tokens"] for r in mine) / 6 == pytest.approx(row["mean_tokens"])
+        assert sum(row["failure_reasons"].values()) == 6
+
+
+def test_resume_continues_without_duplicates(ckpt, tmp_path):
+    common = ["--checkpoint", ckpt, "--data", "toy", "--n-samples", 2, "--modes", "memento,full", "--seed", 1]
+    whole = tmp_path / "whole.jsonl"
+    run_cli([*common, "--toy-problems", 5, "--out", whole])
+    part = tmp_path / "part.jsonl"
+    run_cli([*common, "--toy-problems", 2, "--out", part])                 # stopped after 2 problems
+    with part.open("a") as f:
+        f.write('{"problem": 3, "mode": "memento", "sam')                  # a line cut by a kill
+    first = part.read_text().splitlines()[:-1]
+    res = run_cli([*common, "--toy-problems", 5, "--out", part])
+    lines = part.read_text().splitlines()
+    assert lines[:len(first)] == first                                    # earlier results kept as they were
+    key = lambda r: (r["problem"], r["mode"], r["sample"])  # noqa: E731
+    got = sorted(map(json.loads, lines), key=key)
+    want = sorted(map(json.loads, whole.read_text().splitlines()), key=key)
+    assert [key(r) for r in got] == [key(r) for r in want] and len(set(map(key, got))) == 5 * 2 * 2
+    drop = ("response",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in got] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in want]
+    assert res["generated"]["samples"] == 3 * 2 * 2
+    again = run_cli([*common, "--toy-problems", 5, "--out", part])      # nothing left to do
+    assert again["generated"]["samples"] == 0 and part.read_text().splitlines() == lines
+    summary = json.loads(part.with_name("part.summary.json").read_text())
+    assert summary["summary"]["memento"]["samples"] == 10
+
+
+def test_resume_refuses_other_settings(ckpt, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    run_cli(["--checkpoint", ckpt, "--toy-problems", 1, "--n-samples", 1, "--out", out])
+    with pytest.raises(SystemExit) as e:
+        run_cli(["--checkpoint", ckpt, "--toy-problems", 1, "--n-samples", 1, "--out", out, "--temperature", 1.0])
+    assert "--temperature (saved 0.6, now 1.0)" in str(e.value) and "--overwrite" in str(e.value)
+    run_cli(["--checkpoint", ckpt, "--toy-problems", 1, "--n-samples", 1, "--out", out, "--temperature", 1.0,
+             "--overwrite"])
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_math_data_rows_graded_and_bad_rows_reported(ckpt, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"problem": "What is 1+1?", "answer": "2"}, {"problem": "no answer here"},
+        {"problem": "Pick one", "answer": "C"}, {"problem": "", "answer": "3"}]) + "\n")
+    res = run_cli(["--checkpoint", ckpt, "--data", data, "--n-samples", 1, "--max-new-tokens", 8,
+                   "--out", tmp_path / "o.jsonl", "--modes", "memento"])
+    err = capsys.readouterr().err
+    assert "skipped 2 row(s)" in err and "row(s) 2, 4" in err
+    recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert sorted(r["problem"] for r in recs) == [0, 2] and res["summary"]["memento"]["problems"] == 2
+    assert all(r["correct"] is False and r["tokens"] <= 8 for r in recs)  # a random model, no </think>
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/x.jsonl"], "no such file"),
+    (["--n-samples", "0"], "--n-samples"),
+    (["--modes", "memento,fast"], "unknown mode(s) fast"),
+    (["--kv-shapes", "Qwen3-9B"], "unknown shape(s) Qwen3-9B"),
+    (["--modes", "restart", "--keep-last-n-blocks", "1"], "restart mode is defined for"),
+])
+def test_bad_input_one_line(ckpt, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        run_cli(["--checkpoint", ckpt, "--out", tmp_path / "o.jsonl", *args])
+    text = str(e.value.code) + capsys.readouterr().err
+    assert message in text and "Traceback" not in text and len(text.strip().splitlines()) == 1
+
+
+def test_missing_columns_named(ckpt, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "q", "solution": "s"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run_cli(["--checkpoint", ckpt, "--data", data, "--out", tmp_path / "o.jsonl"])
+    assert "columns found: question, solution" in str(e.value) and "--problem-key" in str(e.value)
+
+
+def test_hub_id_offline_one_line(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        run_cli(["--checkpoint", ckpt, "--data", "someone/no-such-dataset-xyz", "--out", tmp_path / "o.jsonl"])
+    assert "hub lookup failed" in str(e.value)
