@@ -225,6 +225,7 @@ class Engine:
             bar.close()
         return self.sequences
 
+    @torch.no_grad()  # generation never needs autograd; without this every KV write grows a graph
     def step(self) -> None:
         """One scheduler iteration: admit what fits, then one decode step for all running."""
         self._admit()

@@ -114,6 +114,18 @@ def test_sampled_tokens_do_not_depend_on_batching_or_the_pool():
     assert [s.tokens for s in runs[0]] == [s.tokens for s in runs[1]] == [s.tokens for s in runs[2]]
 
 
+def test_engine_keeps_no_autograd_history_when_called_with_grad_enabled():
+    """A caller outside torch.no_grad (eval.py, experiments) must not grow a graph through the
+    KV pool: that once took a 2,400-sample evaluation to 24 GB."""
+    model = tiny_model(seed=3).requires_grad_(True)
+    eng = Engine(model, TOK, MementoConfig(0), sampling=SampleConfig(temperature=0), keep_cache=True)
+    seqs = [eng.add(p, max_new_tokens=12) for p, _ in _requests(3, 2)]
+    assert torch.is_grad_enabled()
+    eng.run()
+    assert eng.cache.k.grad_fn is None and eng.cache.v.grad_fn is None and not eng.cache.k.requires_grad
+    assert all(len(s.tokens) > 0 for s in seqs)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 9), st.integers(4, 40), st.lists(st.tuples(st.integers(0, 5), st.integers(0, 12), st.integers(0, 30)),
                                                        min_size=1, max_size=40))
