@@ -249,8 +249,7 @@ def summarize(records: list[dict], modes: list[str]) -> dict:
 def markdown(summary: dict) -> str:
     """The summary as one Markdown table, a column per mode."""
     modes = [m for m in MODES if m in summary]
-    shapes = sorted({k.split("@")[1] for m in modes for k in summary[m] if k.startswith("peak_kv_gb@")},
-                    key=lambda s: s != "model")
+    shapes = list(dict.fromkeys(k.split("@")[1] for m in modes for k in summary[m] if k.startswith("peak_kv_gb@")))
     lines = ["| | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     rows = [("problems x samples", lambda r: f"{r['problems']} x {r['k']}"),
             ("pass@1 (%) ± s.e.", lambda r: f"{100 * r['pass@1']:.1f} ± {100 * r['pass@1_se']:.1f}"),

@@ -260,7 +260,8 @@ def token_cross_entropy(lm_head: nn.Linear, h: torch.Tensor, labels: torch.Tenso
         args = (lm_head, rows[i:i + chunk_rows], targets[i:i + chunk_rows])
         losses.append(torch.utils.checkpoint.checkpoint(_chunk_cross_entropy, *args, use_reentrant=False)
                       if checkpointed else _chunk_cross_entropy(*args))
-    return torch.cat(losses).view(B, T)[:, :-1]
+    # a copy, not a view: FSDP2 hooks the root forward's output, and a view could lose the hook
+    return torch.cat(losses).view(B, T)[:, :-1].clone()
 
 
 def _chunk_cross_entropy(lm_head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -421,8 +422,12 @@ class Qwen3(nn.Module):
         with atomic_dir(Path(out_dir)) as tmp:
             self.write_files(tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
-    def write_files(self, out_dir: Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
+    def write_files(self, out_dir: Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
+                    state: dict | None = None) -> None:
         """Write config.json and the weights into an existing directory (no atomicity here).
+
+        state: the weights to write, by parameter name (default this model's state_dict; a
+        sharded training run passes the full state it gathered).
 
         dtype: the stored dtype; default config.torch_dtype, i.e. the dtype the weights came
         in (a bf16 hub checkpoint trained in fp32 is saved in bf16, a model built here in
@@ -437,9 +442,9 @@ class Qwen3(nn.Module):
                              f"{self.config.torch_dtype!r}); pass dtype=torch.bfloat16 or torch.float32")
         self.config.torch_dtype = str(dtype).removeprefix("torch.")
         (out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in (state or self.state_dict()).items()}
         if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
+            state.pop("lm_head.weight", None)
         write_safetensors(state, out_dir, max_shard_bytes)
 
     # ------------------------------------------------------------------------- vocabulary

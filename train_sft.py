@@ -9,7 +9,10 @@ the embedded running-sum task (data/toy_task.py: "sum N blocks from S", N from 3
 real model:
 
     python train_sft.py --stage 1 --init-from Qwen/Qwen3-0.6B --data microsoft/OpenMementos --val-frac 0.01
-    torchrun --nproc_per_node 8 train_sft.py --stage 2 ...     # DDP, one code path
+    torchrun --nproc_per_node 8 train_sft.py --stage 2 ...          # DDP: every GPU holds everything
+    torchrun --nproc_per_node 8 train_sft.py --stage 2 ... --fsdp   # FSDP2: weights, grads, AdamW sharded
+
+One training loop for all three (sharding.py sets the processes up).
 
 A run directory (--out) holds complete checkpoints step-NNNNNN/ (HF layout, tokenizer and
 generation config included, plus the training state), a `latest` link to the newest, and
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import sys
@@ -44,6 +48,7 @@ from cli import ArgumentParser, check_device, fraction, nonnegative_int, positiv
 from data import openmementos, toy_task
 from memento_attention import MementoConfig, MementoTokens, build_mask_from
 from model import Qwen3, Qwen3Config, add_memento_tokens
+from sharding import full_state, grad_sync, load_optimizer_state, local_bytes, parallelize, setup_distributed, total_norm
 from tokenizer import Tokenizer
 
 STATE_JSON, STATE_TENSORS, METRICS = "training_state.json", "training_state.safetensors", "metrics.jsonl"
@@ -84,6 +89,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=42, help="data order, initialization and evaluation prompts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="under torchrun: shard weights, gradients and AdamW states with FSDP2 (default: DDP)")
+    ap.add_argument("--cpu-offload", action="store_true", help="with --fsdp: keep the shards in host memory")
     ap.add_argument("--keep-last-n-blocks", type=int, default=None, help="stage 2 default 0; stage 1 is always -1")
     ap.add_argument("--mask-delimiters", action="store_true", help="also hide a masked block's delimiters")
     ap.add_argument("--keep-last-block-for-answer", action="store_true", help="the last block stays visible to the answer")
@@ -102,6 +110,11 @@ def parse_args(argv=None):
     ap.add_argument("--kv-heads", type=positive_int, default=2, help="from scratch: key/value heads (GQA)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        ap.error("--fsdp shards over processes: launch with torchrun, e.g. "
+                 "`torchrun --nproc_per_node 8 train_sft.py ... --fsdp`")
+    if args.cpu_offload and not args.fsdp:
+        ap.error("--cpu-offload offloads FSDP shards: add --fsdp")
     toy = args.data == "toy"
     args.out = args.out or f"out/stage{args.stage}"
     if args.init_from is None and args.stage == 2:
@@ -137,20 +150,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- setup
-
-def setup_distributed(device: str):
-    """(rank, world, device). Under torchrun: gloo on CPU, nccl on CUDA (DDP, §A.2.1 scale-out)."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device(device)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device(device)
-
 
 def _fail(msg: str):
     sys.exit(f"train_sft.py: {msg}")
@@ -291,23 +290,25 @@ def check_resume_args(args, world: int, saved: dict) -> None:
               "or add --resume-anyway")
 
 
-def save_checkpoint(out: str, model: Qwen3, tok: Tokenizer, opt: torch.optim.Optimizer, step: int, args, log: list,
+def save_checkpoint(out: str, model: Qwen3, tok: Tokenizer, weights: dict, opt_state: dict, step: int, args, log: list,
                     generation: dict | None = None, world: int = 1) -> Path:
     """Publish checkpoint step-NNNNNN in run directory `out` (checkpoint.publish: atomic, the
     newest --keep-checkpoints kept): weights in --save-dtype, config.json, tokenizer.json and
     tokenizer_config.json (eos as config.json says), generation_config.json with the paper's
     sampling defaults, and the training state (optimizer, step, log, arguments, and fp32
-    master weights when the saved weights are not fp32). Returns the checkpoint path."""
+    master weights when the saved weights are not fp32). `weights` and `opt_state` are the
+    full (unsharded) state dicts of sharding.full_state, keyed by parameter name; `model`
+    gives the config. Returns the checkpoint path."""
     from generate import generation_config
 
-    state = opt.state_dict()
+    state = opt_state
     tensors, scalars = {}, {}
-    for i, s in state["state"].items():
-        for k, v in s.items():
+    for name, st in state["state"].items():
+        for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{i}.{k}"] = v.detach().contiguous().cpu()
+                tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
             else:
-                scalars[f"{i}.{k}"] = v
+                scalars[f"{name}.{k}"] = v
     save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
     meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "log": log,
             "args": {**{k: v for k, v in vars(args).items() if k != "memento"}, "world_size": world}}
@@ -316,9 +317,9 @@ def save_checkpoint(out: str, model: Qwen3, tok: Tokenizer, opt: torch.optim.Opt
     eos_name = tok.id_to_special.get(eos, "<|im_end|>") if eos is not None else "<|im_end|>"
 
     def write(tmp: Path):
-        model.write_files(tmp, dtype=save_dtype)
+        model.write_files(tmp, dtype=save_dtype, state=weights)
         stored = getattr(torch, model.config.torch_dtype)
-        for name, p in model.named_parameters():
+        for name, p in weights.items():
             if p.dtype != stored:  # the saved weights are rounded: keep the exact ones for --resume
                 tensors[f"master.{name}"] = p.detach().contiguous().cpu()
         tok.save(tmp, eos_token=eos_name)
@@ -329,9 +330,10 @@ def save_checkpoint(out: str, model: Qwen3, tok: Tokenizer, opt: torch.optim.Opt
     return publish(Path(out), step_dir_name(step), write, keep=args.keep_checkpoints)
 
 
-def load_training_state(ckpt: Path, model: Qwen3, opt: torch.optim.Optimizer) -> tuple[int, list, dict]:
-    """Restore master weights and the optimizer from a checkpoint; returns (next step, log,
-    saved arguments). Safetensors + JSON only."""
+def load_training_state(ckpt: Path, model: Qwen3) -> tuple[int, list, dict, dict]:
+    """Restore the fp32 master weights of a checkpoint into the (unsharded) model and read its
+    optimizer state; returns (next step, log, saved arguments, full optimizer state keyed by
+    parameter name, for sharding.load_optimizer_state). Safetensors + JSON only."""
     meta = json.loads((ckpt / STATE_JSON).read_text())
     tensors = load_file(ckpt / STATE_TENSORS)
     params = dict(model.named_parameters())
@@ -340,10 +342,13 @@ def load_training_state(ckpt: Path, model: Qwen3, opt: torch.optim.Optimizer) ->
             params[key.removeprefix("master.")].copy_(tensors.pop(key))
     state: dict = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta["step"], meta["log"], meta.get("args", {})
+        name, k = key.rsplit(".", 1)
+        if name not in params:
+            _fail(f"--resume: {ckpt} holds optimizer state for {name!r}, not a parameter of this model "
+                  "(a checkpoint written before sharding support keys it by index); start a new run from it "
+                  "with --init-from instead")
+        state.setdefault(name, {})[k] = v
+    return meta["step"], meta["log"], meta.get("args", {}), {"state": state, "param_groups": meta["param_groups"]}
 
 
 class StopRequest:
@@ -398,16 +403,21 @@ def evaluate_toy(model: Qwen3, tok: Tokenizer, n: int, seed: int) -> dict:
 @torch.no_grad()
 def validation_loss(model, batches: Batches, tokens: MementoTokens, args, device, autocast, world: int) -> float:
     """Mean next-token loss per labelled token over the held-out examples, under the stage's
-    mask (§4), each process taking every world-th example."""
+    mask (§4), each process taking every world-th example. Every process runs the same number
+    of forwards (a sharded model gathers its weights in each one, with all processes taking
+    part): a process short of examples repeats its first one and counts it with weight 0."""
     mine = batches.val[batches.rank::world]
+    n_forwards = math.ceil(math.ceil(len(batches.val) / world) / args.batch_size)
     pad = batches.tok.token_id("<|endoftext|>")
     total = torch.zeros(2, device=device, dtype=torch.float64)
-    for i in range(0, len(mine), args.batch_size):
-        ids, labels = openmementos.collate(mine[i:i + args.batch_size], pad)
+    for i in range(n_forwards):
+        chunk = mine[i * args.batch_size:(i + 1) * args.batch_size]
+        weight = 1.0 if chunk else 0.0
+        ids, labels = openmementos.collate(chunk or batches.val[:1], pad)
         ids, labels = ids.to(device), labels.to(device)
         with autocast:
             losses = model(ids, mask_from=stage_mask(ids, tokens, args.memento), labels=labels)
-        total += torch.stack([losses.sum().double(), (labels[:, 1:] != openmementos.IGNORE).sum().double()])
+        total += weight * torch.stack([losses.sum().double(), (labels[:, 1:] != openmementos.IGNORE).sum().double()])
     if world > 1:
         dist.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
@@ -448,19 +458,24 @@ def train(args) -> dict:
     tokens = MementoTokens.from_tokenizer(tok)
     batches = Batches(args, tok, rank, world)
     total = args.max_steps or batches.steps_for(args.epochs)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    start, log = 0, []
+    start, log, opt_state = 0, [], None
     if resume_from is not None:
-        start, log, saved = load_training_state(resume_from, model, opt)
+        start, log, saved, opt_state = load_training_state(resume_from, model)
         check_resume_args(args, world, saved)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    try:
+        wrapped = parallelize(model, world, device, args.fsdp, args.cpu_offload)
+    except RuntimeError as e:
+        _fail(str(e))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    if opt_state is not None:
+        load_optimizer_state(model, opt, opt_state)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     metrics_out = _metrics_file(run, start) if rank == 0 else None
     if rank == 0:
         print(f"stage {args.stage}: {sum(p.numel() for p in model.parameters()):,} parameters, {total} steps"
               f"{f' (resuming after step {start})' if start else ''}, global batch {batches.global_batch}, lr {args.lr}, "
               f"keep_last_n_blocks={args.keep_last_n_blocks}, data {args.data} ({batches.report}), device {device}, "
-              f"{world} process(es), run {run}", flush=True)
+              f"{world} process(es){' sharded with FSDP2' if args.fsdp else ''}, run {run}", flush=True)
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0 or args.no_progress, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
     saved_at = start
@@ -473,40 +488,43 @@ def train(args) -> dict:
             for j, (ids, labels) in enumerate(micro):
                 ids, labels = ids.to(device), labels.to(device)
                 mask_from = stage_mask(ids, tokens, args.memento)
-                sync = nullcontext() if (world == 1 or j == len(micro) - 1) else ddp.no_sync()
-                with sync, autocast:
+                with grad_sync(wrapped, args.fsdp, world, last=j == len(micro) - 1), autocast:
                     # The loss inside the forward: chunked, so [T, vocab] logits never exist.
                     # Sum over tokens / labelled tokens of the GLOBAL batch: every process and
-                    # micro-step weighs each token the same; DDP averages over processes, so * world
-                    ce = ddp(ids, mask_from=mask_from, labels=labels).sum()
+                    # micro-step weighs each token the same; DDP and FSDP average over processes, so * world
+                    ce = wrapped(ids, mask_from=mask_from, labels=labels).sum()
                     (ce * world / n_labels).backward()
                 loss_sum += ce.detach()
                 seen += int((ids != tok.token_id("<|endoftext|>")).sum()) * world
             if world > 1:
                 dist.all_reduce(loss_sum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss = loss_sum.item() / n_labels
-            entry = {"step": step + 1, "loss": loss, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+            entry = {"step": step + 1, "loss": loss, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
                      "tokens_per_s": seen / (time.perf_counter() - t0)}
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{entry['tokens_per_s']:,.0f}")
             last = step + 1 == total
             if batches.val and ((args.val_every and (step + 1) % args.val_every == 0) or last):
                 entry["val_loss"] = validation_loss(model, batches, tokens, args, device, autocast, world)
-                tqdm.write(f"step {step + 1}: loss {loss:.4f}, validation loss {entry['val_loss']:.4f}")
+                if rank == 0:
+                    tqdm.write(f"step {step + 1}: loss {loss:.4f}, validation loss {entry['val_loss']:.4f}")
             want_eval = (args.eval_every and (step + 1) % args.eval_every == 0) or last
-            if rank == 0 and args.data == "toy" and args.eval_samples > 0 and want_eval:
+            # a sharded model generates only with every process taking part
+            if (rank == 0 or args.fsdp) and args.data == "toy" and args.eval_samples > 0 and want_eval:
                 ev = evaluate_toy(model, tok, args.eval_samples, args.seed)
-                entry["eval_accuracy_compaction"] = ev["accuracy"]
-                tqdm.write(f"step {step + 1}: loss {loss:.4f}, accuracy with compaction {ev['accuracy']:.3f} {ev['reasons']}")
+                if rank == 0:
+                    entry["eval_accuracy_compaction"] = ev["accuracy"]
+                    tqdm.write(f"step {step + 1}: loss {loss:.4f}, accuracy with compaction {ev['accuracy']:.3f} {ev['reasons']}")
             log.append(entry)
             if metrics_out:
                 metrics_out.write(json.dumps(entry) + "\n")
             stopping = stop.requested(world, device)
             if last or stopping or (args.save_every and (step + 1) % args.save_every == 0):
+                weights, opt_state = full_state(model, opt)  # a collective under FSDP
                 if rank == 0:
-                    ckpt = save_checkpoint(args.out, model, tok, opt, step + 1, args, log, generation, world)
+                    ckpt = save_checkpoint(args.out, model, tok, weights, opt_state, step + 1, args, log, generation, world)
                 saved_at = step + 1
                 if world > 1:
                     dist.barrier()
@@ -518,8 +536,14 @@ def train(args) -> dict:
                 break
     if metrics_out:
         metrics_out.close()
+    param_bytes, state_bytes = local_bytes(model, opt)
     metrics = {"final_loss": log[-1]["loss"] if log else None, "steps": saved_at, "total_steps": total,
-               "seconds": time.perf_counter() - t0, "log": log, "stopped": stop.name}
+               "seconds": time.perf_counter() - t0, "log": log, "stopped": stop.name,
+               "local_param_bytes": param_bytes, "local_optimizer_bytes": state_bytes}
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(f"rank {rank}: holds {param_bytes:,} bytes of parameters and {state_bytes:,} bytes of optimizer state"
+          f"{' (its shards)' if args.fsdp else ''}; peak RSS {peak_rss / 2**20:,.0f} MiB; "
+          f"{metrics['seconds'] / max(1, saved_at - start):.3f} s per step", flush=True)
     if rank == 0 and stop.name is None:
         final = metrics["final_loss"]
         print(f"stage {args.stage} done in {metrics['seconds']:.0f} s; final loss "

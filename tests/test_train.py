@@ -13,6 +13,7 @@ from data import openmementos, toy_task
 from memento_attention import MementoConfig, MementoTokens
 from checkpoint import local_checkpoint, run_checkpoints
 from model import Qwen3
+from sharding import full_state
 from tokenizer import Tokenizer
 
 TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--no-progress", "--eval-samples", "0"]
@@ -134,7 +135,7 @@ def test_checkpoint_round_trip_atomic_and_resume(tmp_path, monkeypatch):
     model = Qwen3.from_pretrained(tmp_path / "resumed")
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(OSError):
-        train_sft.save_checkpoint(str(tmp_path / "resumed"), model, Tokenizer.byte_level(), opt, 99,
+        train_sft.save_checkpoint(str(tmp_path / "resumed"), model, Tokenizer.byte_level(), *full_state(model, opt), 99,
                                   train_sft.parse_args(["--stage", "1"]), [])
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "resumed").rglob("*")) == snapshot
 
