@@ -101,6 +101,7 @@ class Sequence:
     logits: list[torch.Tensor] = field(default_factory=list)
     preemptions: int = 0
     blocks_completed: int = 0
+    logprobs: list[float] = field(default_factory=list)  # per response token with record_logprobs (nan: forced)
     compaction: bool = True
     restart: bool = False
     # running state
@@ -138,6 +139,10 @@ class Engine:
         on_token: callback(seq_id, token_id, kind) per response token; kind is one of
             "block", "memento", "delimiter", "text".
         on_finish: callback(Sequence) when a request finishes (its curve and stop_reason set).
+        record_logprobs: keep in Sequence.logprobs the log-probability under the model's full
+            distribution (log_softmax of the raw logits, before temperature and filtering) of
+            each sampled token; NaN for a token the engine forced (max_block_tokens). RL's
+            old-policy log-probs (train_rl.py).
     Raises:
         ValueError for restart with options it does not define, or a size < 1.
     """
@@ -146,7 +151,7 @@ class Engine:
                  sampling: SampleConfig = SampleConfig(), max_block_tokens: int | None = None, max_num_seqs: int = 256,
                  kv_cache_tokens: int | None = None, page_size: int = 16, max_num_batched_tokens: int = 2048,
                  replay_chunk: int = 1, watermark: float = 0.01, keep_logits: bool = False, keep_cache: bool = False,
-                 on_token=None, on_finish=None):
+                 on_token=None, on_finish=None, record_logprobs: bool = False):
         _check_restart(restart, cfg)
         sizes = dict(max_num_seqs=max_num_seqs, page_size=page_size, max_num_batched_tokens=max_num_batched_tokens,
                      replay_chunk=replay_chunk, kv_cache_tokens=kv_cache_tokens or 1, max_block_tokens=max_block_tokens or 1)
@@ -160,6 +165,7 @@ class Engine:
         self.max_block_tokens, self.max_num_seqs = max_block_tokens, max_num_seqs
         self.max_num_batched_tokens, self.replay_chunk = max_num_batched_tokens, replay_chunk
         self.keep_logits, self.keep_cache, self.on_token, self.on_finish = keep_logits, keep_cache, on_token, on_finish
+        self.record_logprobs = record_logprobs
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         num_pages = None if kv_cache_tokens is None else kv_cache_tokens // page_size
@@ -304,19 +310,23 @@ class Engine:
         sampled = [s for s in self.running if s.forced is None]
         if sampled:
             last = torch.stack([s.last for s in sampled])
+            raw = torch.log_softmax(last.float(), -1) if self.record_logprobs else None
             last[:, self.vocab:] = float("-inf")  # the embedding may be padded beyond the tokenizer
-            picks = sample(last, self.sampling, [s.generator for s in sampled]).tolist()
-            choice = dict(zip((s.id for s in sampled), picks))
+            picks = sample(last, self.sampling, [s.generator for s in sampled])
+            if raw is not None:
+                lps = dict(zip((s.id for s in sampled), raw.gather(-1, picks[:, None]).squeeze(-1).tolist()))
+            choice = dict(zip((s.id for s in sampled), picks.tolist()))
         chunks = {}
         for s in list(self.running):
             if s.forced is not None:
                 k = len(s.tokens)
                 chunk = s.forced[k:k + _chunk_length(s.forced, k, self.replay_chunk, s.events, offset=len(s.prompt))]
             else:
-                chunk = [choice[s.id]]
                 ob = s.tracker.open_block_start
-                if self.max_block_tokens and ob is not None and s.position - ob - 1 >= self.max_block_tokens:
-                    chunk = [self.T.block_end]
+                forced = bool(self.max_block_tokens and ob is not None and s.position - ob - 1 >= self.max_block_tokens)
+                chunk = [self.T.block_end] if forced else [choice[s.id]]
+                if self.record_logprobs:
+                    s.logprobs.append(float("nan") if forced else lps[s.id])
             for t in chunk:
                 kind = _kind(s.tracker, t, self.T)
                 self._read(s, t)
@@ -349,6 +359,7 @@ class Engine:
             victim = batch[-1]
             if len(batch) == 1:
                 victim.tokens = victim.tokens[:len(victim.tokens) - len(chunks[victim.id])]
+                victim.logprobs = victim.logprobs[:len(victim.tokens)]
                 self._finish(victim, "KV pool full: the sequence alone outgrew it")
                 return []
             batch = batch[:-1]

@@ -151,8 +151,11 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- setup
 
+PROG = "train_sft.py"  # train_rl.py, which reuses the run handling below, names itself here
+
+
 def _fail(msg: str):
-    sys.exit(f"train_sft.py: {msg}")
+    sys.exit(f"{PROG}: {msg}")
 
 
 def build_model(args, resume_from: Path | None):
@@ -279,12 +282,12 @@ def prepare_run(args, run: Path) -> Path | None:
     return existing[-1]
 
 
-def check_resume_args(args, world: int, saved: dict) -> None:
+def check_resume_args(args, world: int, saved: dict, run_defining: tuple = RUN_DEFINING) -> None:
     """Refuse (one line) to resume with flags that change the data stream or the model, naming
     each one with its saved and current value; --resume-anyway goes on regardless."""
     now = {**{k: v for k, v in vars(args).items() if k != "memento"}, "world_size": world}
     diff = [f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, now {now.get(k)!r})"
-            for k in RUN_DEFINING if saved.get(k) != now.get(k)]
+            for k in run_defining if saved.get(k) != now.get(k)]
     if diff and not args.resume_anyway:
         _fail(f"--resume: this run was started with other settings: {', '.join(diff)}; rerun with the saved values, "
               "or add --resume-anyway")

@@ -1,0 +1,183 @@
+"""train_rl.py: masked RL (CISPO + KL, paper §5/§A.2.3) against direct computations and the engine."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_rl
+import train_sft
+from checkpoint import local_checkpoint
+from eval import toy_problems
+from memento_attention import MementoTokens
+from model import Qwen3
+from tokenizer import Tokenizer
+
+SMALL = ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--no-progress", "--eval-samples", "0"]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A small model trained briefly on the toy format (stage 1), so that its samples hold
+    several completed blocks."""
+    out = tmp_path_factory.mktemp("rl") / "stage1"
+    train_sft.train(train_sft.parse_args(["--stage", "1", "--max-steps", "150", "--batch-size", "16", *SMALL,
+                                          "--out", str(out)]))
+    return out
+
+
+def _rollouts(path, **kw):
+    model = Qwen3.from_pretrained(local_checkpoint(path)).eval()
+    tok = Tokenizer.from_dir(local_checkpoint(path))
+    args = SimpleNamespace(temperature=1.0, max_block_tokens=None, max_num_seqs=64, group_size=4, max_new_tokens=200)
+    vars(args).update(kw)
+    return model, tok, train_rl.rollouts(model, tok, toy_problems(6, seed=2), args, step_seed=7)
+
+
+def test_training_logprobs_equal_engine_sampling_logprobs(policy):
+    """The central guarantee: one training forward under the mask built from a rollout's own
+    tokens gives the log-probs the engine sampled from, token for token."""
+    model, tok, rows = _rollouts(policy)
+    assert sum(r["blocks"] >= 2 for r in rows) >= 4, [r["blocks"] for r in rows]
+    ids, labels, old, mask = train_rl.collate(rows, tok.token_id("<|endoftext|>"))
+    with torch.no_grad():
+        logp = train_rl.token_logprobs(model, ids, labels, MementoTokens.from_tokenizer(tok))
+    assert mask.sum() == sum(len(r["response"]) for r in rows)
+    assert (logp - old)[mask].abs().max().item() <= 1e-4
+
+
+def test_block_cap_holds_and_forced_tokens_are_not_actions(policy):
+    cap = 4
+    model, tok, rows = _rollouts(policy, max_block_tokens=cap)
+    T = MementoTokens.from_tokenizer(tok)
+    forced = 0
+    for r in rows:
+        start = None
+        for i, t in enumerate(r["response"]):
+            if t == T.block_start:
+                start = i
+            elif t == T.block_end and start is not None:
+                assert i - start - 1 <= cap
+                start = None
+        forced += sum(lp != lp for lp in r["old_logp"])  # NaN marks a token the engine forced
+    assert forced > 0
+    _, labels, _, mask = train_rl.collate(rows, tok.token_id("<|endoftext|>"))
+    assert mask.sum() == sum(len(r["response"]) for r in rows) - forced
+
+
+def _direct_cispo(logp, old, ref, adv, mask, group, el, eh, beta):
+    total = []
+    for g in sorted(set(group.tolist())):
+        s, n = 0.0, 0
+        for i in range(logp.shape[0]):
+            if group[i] != g:
+                continue
+            for t in range(logp.shape[1]):
+                if not mask[i, t]:
+                    continue
+                r = float(torch.exp(logp[i, t].detach() - old[i, t]))
+                w = min(max(r, 1 - el), 1 + eh)
+                d = ref[i, t] - logp[i, t]
+                s = s - w * adv[i] * logp[i, t] + beta * (torch.exp(d) - d - 1)
+                n += 1
+        total.append(s / n)
+    return sum(total) / len(total)
+
+
+def test_cispo_loss_and_gradient_equal_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    N, T = 6, 5
+    old = -torch.rand(N, T, generator=g) * 3
+    logp0 = old + torch.randn(N, T, generator=g) * 0.4  # ratios well outside [0.8, 1.2] for some tokens
+    ref = old + torch.randn(N, T, generator=g) * 0.2
+    adv = torch.randn(N, generator=g)
+    mask = torch.rand(N, T, generator=g) > 0.2
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    a = logp0.clone().requires_grad_(True)
+    loss, stats = train_rl.cispo_loss(a, old, ref, adv, mask, group, 0.2, 0.2, 0.05)
+    loss.backward()
+    b = logp0.clone().requires_grad_(True)
+    direct = _direct_cispo(b, old, ref, adv, mask, group, 0.2, 0.2, 0.05)
+    direct.backward()
+    assert torch.allclose(loss, direct, atol=1e-6) and torch.allclose(a.grad, b.grad, atol=1e-6)
+    ratio = torch.exp(logp0 - old)
+    outside = mask & ((ratio < 0.8) | (ratio > 1.2))
+    assert outside.any() and (a.grad[outside] != 0).all()  # clipped weight, gradient kept (unlike PPO)
+    assert stats["clip_frac"] == pytest.approx(float(outside.sum() / mask.sum()))
+
+
+def test_equal_rewards_give_no_policy_gradient():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    adv = train_rl.group_advantages(rewards)
+    assert (adv[0] == 0).all() and adv[1, 1] > 0 > adv[1, 0]
+    centered = torch.tensor([[-1 / 3, 2 / 3, -1 / 3]])
+    assert torch.allclose(adv[1], (centered / torch.cat([torch.zeros(1, 3), centered]).std())[0])
+    logp = torch.randn(3, 4).requires_grad_(True)
+    loss, _ = train_rl.cispo_loss(logp, logp.detach(), logp.detach(), adv[0], torch.ones(3, 4, dtype=torch.bool),
+                                  torch.zeros(3, dtype=torch.long), beta=0.0)
+    loss.backward()
+    assert (logp.grad == 0).all()
+
+
+def test_kl_k3_zero_at_equality_and_direct_otherwise():
+    x = torch.tensor([-1.0, -2.0, -0.5])
+    assert (train_rl.kl_k3(x, x) == 0).all()
+    y = torch.tensor([-1.5, -1.0, -0.5])
+    want = torch.tensor([pow(2.718281828459045, -0.5) + 0.5 - 1, pow(2.718281828459045, 1.0) - 1.0 - 1, 0.0])
+    got = train_rl.kl_k3(x, y)
+    assert torch.allclose(got, want, atol=1e-6) and (got[:2] > 0).all()
+
+
+RL = ["--prompts-per-step", "4", "--group-size", "4", "--minibatches", "2", "--eval-samples", "0", "--no-progress",
+      "--save-every", "2", "--max-steps", "4"]
+
+
+def test_resume_after_2_of_4_steps_is_exact(policy, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train_rl.main(["--init-from", str(policy), *RL, "--out", str(straight)])
+    real = train_rl.save_checkpoint
+
+    def save_then_die(*a, **kw):
+        path = real(*a, **kw)
+        if path.name == "step-000002":
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(train_rl, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl.main(["--init-from", str(policy), *RL, "--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(train_rl, "save_checkpoint", real)
+    train_rl.main(["--init-from", str(policy), *RL, "--out", str(tmp_path / "resumed"), "--resume"])
+    a = load_file(local_checkpoint(straight) / "model.safetensors")
+    b = load_file(local_checkpoint(tmp_path / "resumed") / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("reward", "response_tokens", "blocks", "kl", "clip_frac", "loss")
+    assert [[e[k] for k in keys] for e in la] == [[e[k] for k in keys] for e in lb] and len(la) == 4
+
+
+def test_rows_without_answer_are_skipped_and_counted(policy, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [{"problem": "sum 3 blocks from 1", "answer": "5"}, {"problem": "no answer"},
+            {"problem": "What is 2+2?", "answer": "4"}, {"problem": "x", "answer": ""}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_rl.main(["--init-from", str(policy), "--data", str(data), "--prompts-per-step", "2", "--group-size", "2",
+                   "--minibatches", "1", "--max-steps", "1", "--max-new-tokens", "16", "--no-progress",
+                   "--eval-samples", "0", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert "2 rows without problem or answer skipped: rows [2, 4]" in out
+    assert len((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-size", "1"], "--group-size 1 gives every rollout an advantage of 0"),
+    (["--minibatches", "9", "--prompts-per-step", "4"], "--minibatches 9 exceeds --prompts-per-step 4"),
+    (["--fsdp"], "--fsdp shards over processes"),
+])
+def test_bad_input_one_line(args, message, capsys):
+    with pytest.raises(SystemExit):
+        train_rl.parse_args(args)
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

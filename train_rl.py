@@ -1,0 +1,322 @@
+"""Reinforcement learning with block masking: CISPO with a KL penalty (paper §5, §A.2.3).
+
+    python train_rl.py --init-from out/stage1 --data toy --out out/rl      # the embedded task, CPU
+
+Each step samples P prompts and G rollouts per prompt through the serving engine, exactly as
+the model is used: compaction on (keep_last_n_blocks 0), --max-block-tokens, temperature 1.
+A rollout's reward is 1 if data/grading.py accepts its answer, else 0; its advantage is its
+reward minus its group's mean, divided by the standard deviation of all advantages of the
+step (batch-level normalization, §A.2.3). The policy's log-probs of the sampled tokens come
+from ONE training forward over prompt + response under the stage-2 mask built from the
+rollout's own tokens (memento_attention.build_mask_from): what the policy saw while
+generating, so the gradient matches generation (tests/test_rl.py checks that these log-probs
+equal the engine's sampling log-probs). The loss per token t of rollout i (CISPO, with r the
+ratio of the current to the sampling policy's probability):
+
+    l_it = - sg(clip(r_it, 1 - eps_low, 1 + eps_high)) * A_i * log pi(o_it)  +  beta * k3_it
+    k3_it = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1     (>= 0; E_pi[k3] = KL(pi || pi_ref))
+
+summed over each group's tokens and divided by the group's total response tokens, then
+averaged over the groups of a minibatch. Unlike PPO's clipped objective, a token whose ratio
+leaves the clip range keeps its gradient (only the weight is clipped). pi_ref is the frozen
+--init-from model. Each step's rollouts are split into --minibatches optimizer steps (the
+first on-policy, r = 1; later ones off by the earlier updates).
+
+Checkpoints, --resume, --overwrite and signals are those of train_sft.py (the same run
+directory layout and atomic HF checkpoints); --fsdp shards through sharding.py, with every
+process generating the step's rollouts (a sharded model generates only in lockstep) and
+training on its share of the groups.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import train_sft
+from checkpoint import resolve_checkpoint
+from cli import ArgumentParser, fraction, nonnegative_int, positive_float, positive_int
+from data import grading
+from engine import Engine, SampleConfig
+from eval import Problem, load_problems, run as eval_run, sample_seed, toy_max_new_tokens, toy_problems, trace_stats
+from memento_attention import MementoConfig, MementoTokens, build_mask_from
+from model import IGNORE_INDEX, Qwen3
+from sharding import full_state, grad_sync, load_optimizer_state, parallelize, setup_distributed, total_norm
+from train_sft import StopRequest, load_training_state, lr_at, prepare_run, save_checkpoint
+
+RUN_DEFINING = ("init_from", "data", "problem_key", "answer_key", "seed", "prompts_per_step", "group_size",
+                "minibatches", "max_steps", "lr", "warmup_frac", "eps_low", "eps_high", "beta", "temperature",
+                "max_new_tokens", "max_block_tokens", "world_size")
+
+
+def parse_args(argv=None):
+    ap = ArgumentParser(prog="train_rl.py", description=__doc__)
+    ap.add_argument("--init-from", default="out/stage1", help="checkpoint, training run or hub id (policy and reference)")
+    ap.add_argument("--data", default="toy", help="'toy', or a .jsonl/.parquet file or hub id with problems and answers")
+    ap.add_argument("--problem-key", default="problem", help="column holding the problem")
+    ap.add_argument("--answer-key", default="answer", help="column holding the reference answer")
+    ap.add_argument("--out", default="out/rl", help="run directory")
+    ap.add_argument("--overwrite", action="store_true", help="delete the checkpoints and metrics in --out and start over")
+    ap.add_argument("--resume", nargs="?", const="required", choices=("required", "auto"), default=None,
+                    help="continue the run in --out from its newest checkpoint ('auto': start fresh if none)")
+    ap.add_argument("--resume-anyway", action="store_true", help="resume even if run-defining flags changed")
+    ap.add_argument("--max-steps", type=positive_int, default=60, help="RL steps (each: rollouts, then updates)")
+    ap.add_argument("--prompts-per-step", type=positive_int, default=16, help="P prompts per step (paper: 240)")
+    ap.add_argument("--group-size", type=positive_int, default=8, help="G rollouts per prompt (paper: 8)")
+    ap.add_argument("--minibatches", type=positive_int, default=2, help="optimizer steps per RL step")
+    ap.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (paper: 1e-6 for Qwen3-8B)")
+    ap.add_argument("--warmup-frac", type=fraction, default=0.05, help="linear warmup share of the steps, then cosine")
+    ap.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
+    ap.add_argument("--eps-low", type=positive_float, default=0.2, help="CISPO: ratio weight clipped below 1 - eps_low")
+    ap.add_argument("--eps-high", type=positive_float, default=0.2, help="CISPO: ratio weight clipped above 1 + eps_high")
+    ap.add_argument("--beta", type=float, default=0.001, help="KL(pi || pi_ref) coefficient (k3 estimator)")
+    ap.add_argument("--temperature", type=positive_float, default=1.0, help="rollout sampling temperature")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=31744, help="response tokens per rollout (toy: capped)")
+    ap.add_argument("--max-block-tokens", type=positive_int, default=7168, help="force <|block_end|> at this block length")
+    ap.add_argument("--max-num-seqs", type=positive_int, default=256, help="rollouts decoded together")
+    ap.add_argument("--seed", type=int, default=0, help="prompts and rollout sampling")
+    ap.add_argument("--eval-every", type=nonnegative_int, default=20, help="steps between held-out evals (0 = end only)")
+    ap.add_argument("--eval-samples", type=nonnegative_int, default=100, help="held-out toy problems per eval (0 = none)")
+    ap.add_argument("--save-every", type=nonnegative_int, default=20, help="steps between checkpoints (0 = end only)")
+    ap.add_argument("--keep-checkpoints", type=positive_int, default=2, help="newest step checkpoints kept in --out")
+    ap.add_argument("--save-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="stored weight dtype ('auto': as the weights came in)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 (sharding.py)")
+    ap.add_argument("--cpu-offload", action="store_true", help="with --fsdp: keep the shards in host memory")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.group_size < 2:
+        ap.error("--group-size 1 gives every rollout an advantage of 0 (reward minus its own mean): use 2 or more")
+    if args.minibatches > args.prompts_per_step:
+        ap.error(f"--minibatches {args.minibatches} exceeds --prompts-per-step {args.prompts_per_step} (groups are not split)")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        ap.error("--fsdp shards over processes: launch with torchrun, e.g. `torchrun --nproc_per_node 8 train_rl.py ... --fsdp`")
+    return args
+
+
+# ----------------------------------------------------------------------------- the objective
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """[P, G] rewards -> [P, G] advantages: reward minus its group's mean, divided by the
+    standard deviation of all the step's advantages (batch-level normalization, §A.2.3; 1 if
+    they are all 0). A group whose rewards are all equal gets 0 everywhere."""
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    std = adv.std() if adv.numel() > 1 else adv.new_zeros(())
+    return adv / std if std > 0 else adv
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020):
+    exp(ref - logp) - (ref - logp) - 1, >= 0, and 0 where the two agree."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def cispo_loss(logp, old_logp, ref_logp, adv, mask, group, eps_low: float = 0.2, eps_high: float = 0.2,
+               beta: float = 0.001) -> tuple[torch.Tensor, dict]:
+    """CISPO with a k3 KL penalty, normalized per group (paper §A.2.3; module docstring).
+
+    Args:
+        logp: [N, T] log pi(token) of the current policy (differentiable).
+        old_logp: [N, T] the sampling policy's log-probs; ref_logp: [N, T] the reference's.
+        adv: [N] advantage per rollout. mask: [N, T] bool, the sampled response tokens.
+        group: [N] int group id per rollout.
+    Returns:
+        (scalar loss: mean over groups of (sum of token losses / group's tokens),
+         {"kl": mean k3 per token, "clip_frac": share of tokens whose ratio was clipped}).
+    """
+    m = mask.float()
+    ratio = torch.exp(logp.detach() - old_logp)
+    weight = ratio.clamp(1 - eps_low, 1 + eps_high)
+    k3 = kl_k3(logp, ref_logp)
+    per_token = (-(weight * adv[:, None] * logp) + beta * k3) * m
+    groups = torch.unique(group)
+    loss = torch.stack([per_token[group == g].sum() / m[group == g].sum().clamp(min=1) for g in groups]).mean()
+    n = m.sum().clamp(min=1)
+    clipped = ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float()
+    return loss, {"kl": float((k3.detach() * m).sum() / n), "clip_frac": float((clipped * m).sum() / n)}
+
+
+def token_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, tokens: MementoTokens) -> torch.Tensor:
+    """[N, T-1] log-probs of ids[:, 1:] under the memento mask of the rows' own tokens (the
+    stage-2 mask, §4), from one forward (the chunked next-token loss; 0 where labels[:, 1:] is
+    IGNORE_INDEX). `model` may be wrapped (DDP/FSDP)."""
+    return -model(ids, mask_from=build_mask_from(ids, tokens, MementoConfig(0)), labels=labels)
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+def rollouts(model, tok, problems: list[Problem], args, step_seed: int) -> list[dict]:
+    """G rollouts of each problem through one Engine with compaction, the sampling log-probs
+    recorded; returns one dict per rollout, problem-major: prompt/response ids, old log-probs,
+    reward, group, and the trace's KV and block figures."""
+    T = MementoTokens.from_tokenizer(tok)
+    eng = Engine(model, tok, MementoConfig(0), sampling=SampleConfig(args.temperature, 1.0, 0),
+                 max_block_tokens=args.max_block_tokens, max_num_seqs=args.max_num_seqs, record_logprobs=True)
+    toy_cap = toy_max_new_tokens(tok)
+    seqs = [(p, eng.add(tok.encode(tok.chat_prompt(p.prompt)), seed=sample_seed(step_seed, i, k),
+                        max_new_tokens=min(args.max_new_tokens, toy_cap) if p.kind == "toy" else args.max_new_tokens))
+            for i, p in enumerate(problems) for k in range(args.group_size)]
+    eng.run()
+    out = []
+    for j, (p, s) in enumerate(seqs):
+        verdict = grading.grade(tok.decode(s.tokens), p.gold, p.kind, prompt=p.prompt)
+        out.append({"prompt": s.prompt, "response": s.tokens, "old_logp": s.logprobs, "group": j // args.group_size,
+                    "reward": float(verdict["correct"]), "peak_kv": max(s.curve) if s.curve else 0,
+                    **trace_stats(s.tokens, T)})
+    return out
+
+
+def collate(rows: list[dict], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [N, T], labels [N, T] (IGNORE_INDEX but on sampled response tokens), old log-probs
+    [N, T-1] aligned with the forward's output, mask [N, T-1] of the sampled tokens)."""
+    T = max(len(r["prompt"]) + len(r["response"]) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.int64)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.int64)
+    old = torch.zeros(len(rows), T - 1)
+    for n, r in enumerate(rows):
+        a, seq = len(r["prompt"]), r["prompt"] + r["response"]
+        ids[n, :len(seq)] = torch.tensor(seq)
+        lp = torch.tensor(r["old_logp"], dtype=torch.float32)
+        sampled = ~torch.isnan(lp)  # tokens the engine forced are not the policy's actions
+        labels[n, a:len(seq)] = torch.where(sampled, torch.tensor(r["response"]), IGNORE_INDEX)
+        old[n, a - 1:len(seq) - 1] = torch.nan_to_num(lp)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return ids, labels, old, mask
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args) -> dict:
+    """Run RL; returns the final metrics (also written to metrics.jsonl and checkpoints)."""
+    train_sft.PROG = "train_rl.py"
+    rank, world, device = setup_distributed(args.device)
+    if args.prompts_per_step % world:
+        train_sft._fail(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
+    run = Path(args.out)
+    resume_from = prepare_run(args, run) if rank == 0 else None
+    if world > 1:
+        box = [str(resume_from) if resume_from else None]
+        dist.broadcast_object_list(box)
+        resume_from = Path(box[0]) if box[0] else None
+    try:
+        init = resolve_checkpoint(args.init_from)
+        ref = Qwen3.from_pretrained(init).to(device).eval().requires_grad_(False)
+        model = Qwen3.from_pretrained(resume_from or init).to(device)
+        from tokenizer import Tokenizer
+        tok = Tokenizer.from_dir(resume_from or init)
+        tokens = MementoTokens.from_tokenizer(tok)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        train_sft._fail(f"cannot load --init-from {args.init_from}: {e}")
+    if args.data == "toy":
+        pool, skipped = None, []
+    else:
+        try:
+            pool, skipped = load_problems(args.data, args.problem_key, args.answer_key)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            train_sft._fail(str(e))
+        if not pool:
+            train_sft._fail(f"--data {args.data}: no row with a problem and an answer")
+    start, log, opt_state = 0, [], None
+    if resume_from is not None:
+        start, log, saved, opt_state = load_training_state(resume_from, model)
+        train_sft.check_resume_args(args, world, saved, RUN_DEFINING)
+    wrapped = parallelize(model, world, device, args.fsdp, args.cpu_offload)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    if opt_state is not None:
+        load_optimizer_state(model, opt, opt_state)
+    pad = tok.token_id("<|endoftext|>")
+    if rank == 0:
+        print(f"RL: {sum(p.numel() for p in model.parameters()):,} parameters, {args.max_steps} steps of "
+              f"{args.prompts_per_step} prompts x {args.group_size} rollouts, data {args.data}"
+              f"{f' ({len(skipped)} rows without problem or answer skipped: rows {skipped[:10]})' if skipped else ''}, "
+              f"{world} process(es), run {run}", flush=True)
+    metrics_out = train_sft._metrics_file(run, start) if rank == 0 else None
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, dynamic_ncols=True,
+               disable=rank != 0 or args.no_progress)
+    t0 = time.perf_counter()
+    with StopRequest() as stop:
+        for step in bar:
+            rng = random.Random(f"rl:{args.seed}:{step}")
+            problems = ([Problem(i, p.prompt, None, "toy") for i, p in enumerate(toy_problems(args.prompts_per_step,
+                                                                                           rng.randrange(2**31)))]
+                        if pool is None else [Problem(i, p.prompt, p.gold, p.kind)
+                                              for i, p in enumerate(rng.sample(pool, min(len(pool), args.prompts_per_step)))])
+            model.eval()
+            rows = rollouts(model, tok, problems, args, step_seed=args.seed * 1_000_003 + step)
+            model.train()
+            rewards = torch.tensor([r["reward"] for r in rows]).view(len(problems), args.group_size)
+            adv = group_advantages(rewards).flatten()
+            lr = lr_at(step, args.max_steps, args.lr, args.warmup_frac)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            mine = list(range(len(problems)))[rank::world]  # this process's groups
+            stats = {"kl": 0.0, "clip_frac": 0.0, "loss": 0.0}
+            for mb in range(args.minibatches):
+                groups = mine[mb::args.minibatches]
+                idx = [g * args.group_size + k for g in groups for k in range(args.group_size)]
+                ids, labels, old, mask = collate([rows[i] for i in idx], pad)
+                ids, labels, old, mask = ids.to(device), labels.to(device), old.to(device), mask.to(device)
+                with torch.no_grad():
+                    ref_logp = token_logprobs(ref, ids, labels, tokens)
+                with grad_sync(wrapped, args.fsdp, world, last=True):
+                    logp = token_logprobs(wrapped, ids, labels, tokens)
+                    loss, st = cispo_loss(logp, old, ref_logp, adv[idx].to(device), mask,
+                                          torch.tensor([rows[i]["group"] for i in idx], device=device),
+                                          args.eps_low, args.eps_high, args.beta)
+                    loss.backward()
+                grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                for k in ("kl", "clip_frac"):
+                    stats[k] += st[k] / args.minibatches
+                stats["loss"] += float(loss.detach()) / args.minibatches
+            n = len(rows)
+            entry = {"step": step + 1, "reward": sum(r["reward"] for r in rows) / n, "lr": lr, "grad_norm": grad_norm,
+                     "response_tokens": sum(len(r["response"]) for r in rows) / n,
+                     "blocks": sum(r["blocks"] for r in rows) / n,
+                     "block_tokens": sum(r["mean_block_tokens"] for r in rows) / n,
+                     "peak_kv_tokens": sum(r["peak_kv"] for r in rows) / n, **stats,
+                     "seconds": time.perf_counter() - t0}
+            entry["accuracy"] = entry["reward"]  # the reward is 1 exactly when the answer is right
+            bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{entry['kl']:.4f}", blocks=f"{entry['blocks']:.1f}")
+            last = step + 1 == args.max_steps
+            if args.eval_samples and args.data == "toy" and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
+                recs = eval_run(model, tok, toy_problems(args.eval_samples, args.seed + 10_000), ["memento"], 1,
+                                seed=args.seed + 10_000, cfg=MementoConfig(0), max_num_seqs=args.max_num_seqs)
+                entry["eval_accuracy"] = sum(r["correct"] for r in recs) / len(recs)
+                if rank == 0:
+                    tqdm.write(f"step {step + 1}: reward {entry['reward']:.3f}, held-out accuracy with compaction "
+                               f"{entry['eval_accuracy']:.3f} ({len(recs)} prompts)")
+            log.append(entry)
+            if metrics_out:
+                metrics_out.write(json.dumps(entry) + "\n")
+            stopping = stop.requested(world, device)
+            if last or stopping or (args.save_every and (step + 1) % args.save_every == 0):
+                weights, state = full_state(model, opt)
+                if rank == 0:
+                    save_checkpoint(args.out, model, tok, weights, state, step + 1, args, log, None, world)
+                if world > 1:
+                    dist.barrier()
+            if stopping:
+                break
+    if metrics_out:
+        metrics_out.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return {"log": log, "seconds": time.perf_counter() - t0, "stopped": stop.name}
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
