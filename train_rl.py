@@ -56,6 +56,8 @@ RUN_DEFINING = ("init_from", "data", "problem_key", "answer_key", "seed", "promp
 
 
 def parse_args(argv=None):
+    """The command line (defaults: the toy run from out/stage1). One line and exit 2 for a
+    group of 1, more minibatches than prompts, or --fsdp without torchrun."""
     ap = ArgumentParser(prog="train_rl.py", description=__doc__)
     ap.add_argument("--init-from", default="out/stage1", help="checkpoint, training run or hub id (policy and reference)")
     ap.add_argument("--data", default="toy", help="'toy', or a .jsonl/.parquet file or hub id with problems and answers")
@@ -315,6 +317,7 @@ def train(args) -> dict:
 
 
 def main(argv=None):
+    """Parse the command line and run RL (train)."""
     train(parse_args(argv))
 
 
