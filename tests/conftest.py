@@ -80,3 +80,23 @@ def memento_text(rng, n_blocks=3, end_mid_block=False, block_len=(3, 12), mement
     if end_mid_block:
         return out + "<|block_start|>" + words(*block_len)
     return out + "</think>\n" + words(2, 6)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 1-layer random Qwen3 (tiny_model) saved with the byte-level tokenizer: a checkpoint
+    directory for the command-line tests."""
+    from tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("ckpt")
+    tiny_model(layers=1).save_pretrained(d)
+    Tokenizer.byte_level().save(d)
+    return d
+
+
+def run_generate(*args):
+    """`python generate.py ARGS` from the repository root; the CompletedProcess (text)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, memento_text, tiny_model
+from conftest import REPO, memento_text, run_generate, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -187,34 +187,21 @@ def test_engine_edge_cases():
         Engine(model, TOK, cfg).add([])
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    tiny_model(layers=1).save_pretrained(d)
-    TOK.save(d)
-    return d
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
-
-
 def test_cli_many_prompts_and_budget_errors(checkpoint, tmp_path):
     import json
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("sum 3 blocks from 1\n\n" + json.dumps({"problem": "sum 4 blocks from 2"}) + "\n")
-    r = _cli("--checkpoint", str(checkpoint), "--prompts-file", str(prompts), "--num-samples", "3", "--max-new-tokens", "20",
+    r = run_generate("--checkpoint", str(checkpoint), "--prompts-file", str(prompts), "--num-samples", "3", "--max-new-tokens", "20",
              "--json", "--max-num-seqs", "2", "--kv-cache-tokens", "512", "--page-size", "8")
     assert r.returncode == 0, r.stderr
     out = [json.loads(l) for l in r.stdout.splitlines()]
     assert len(out) == 6 and [o["name"] for o in out][:3] == [f"{prompts}:1#{k}" for k in range(3)]
     assert len({tuple(o["token_ids"]) for o in out[:3]}) > 1  # three samples, three seeds
     for flag, value in (("--kv-cache-tokens", "0"), ("--page-size", "-1"), ("--max-num-seqs", "0"), ("--kv-cache-gib", "0")):
-        r = _cli("--checkpoint", str(checkpoint), "--prompt", "x", flag, value)
+        r = run_generate("--checkpoint", str(checkpoint), "--prompt", "x", flag, value)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and flag in r.stderr, (flag, r.stderr)
-    r = _cli("--checkpoint", str(checkpoint), "--prompt", "x", "--kv-cache-tokens", "8", "--page-size", "16")
+    r = run_generate("--checkpoint", str(checkpoint), "--prompt", "x", "--kv-cache-tokens", "8", "--page-size", "16")
     assert r.returncode == 2 and "hold no page" in r.stderr
 
 

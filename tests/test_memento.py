@@ -5,12 +5,10 @@ same logits as ONE full forward with the dense memento mask (no cache at all).
 """
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, memento_text, tiny_model
+from conftest import memento_text, run_generate, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -292,20 +290,8 @@ def test_replay_sample_traces(shared_data):
 
 # ------------------------------------------------------------------ the command line
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    tiny_model(layers=1).save_pretrained(d)
-    TOK.save(d)
-    return d
-
-
-def _run(*args):
-    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
 def test_cli_prompt_json_and_replay_errors(checkpoint, tmp_path):
-    r = _run("--checkpoint", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "40", "--json", "--seed", "1")
+    r = run_generate("--checkpoint", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "40", "--json", "--seed", "1")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     for key in ("tokens", "peak_kv_tokens", "final_kv_tokens", "kv_auc", "blocks_completed", "peak_kv_bytes",
@@ -315,7 +301,7 @@ def test_cli_prompt_json_and_replay_errors(checkpoint, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = json.dumps({"problem": "p", "response": "<think>\n<|block_start|>ab<|block_end|><|summary_start|>c<|summary_end|></think>d"})
     bad.write_text("not json\n" + json.dumps({"problem": "no response"}) + "\n" + good + "\n")
-    r = _run("--checkpoint", str(checkpoint), "--replay", str(bad), "--json")
+    r = run_generate("--checkpoint", str(checkpoint), "--replay", str(bad), "--json")
     assert r.returncode == 0, r.stderr
     assert "bad.jsonl:1: not JSON" in r.stderr and "bad.jsonl:2: no 'response'" in r.stderr
     recs = [json.loads(l) for l in r.stdout.splitlines()]
@@ -323,7 +309,7 @@ def test_cli_prompt_json_and_replay_errors(checkpoint, tmp_path):
 
 
 def test_cli_bad_input(checkpoint):
-    r = _run("--checkpoint", "/no/such/dir", "--prompt", "x")
+    r = run_generate("--checkpoint", "/no/such/dir", "--prompt", "x")
     assert r.returncode != 0 and "cannot load --checkpoint: '/no/such/dir': no such directory" in r.stderr
-    r = _run("--checkpoint", str(checkpoint), "--prompt", "x" * 41000)
+    r = run_generate("--checkpoint", str(checkpoint), "--prompt", "x" * 41000)
     assert r.returncode != 0 and "max_position_embeddings" in r.stderr and "Traceback" not in r.stderr
