@@ -2,9 +2,12 @@
 (paper §6.2 probing experiment.)
 
     python experiments/probe_kv.py [--json] [--n 4000] [--work-dir /tmp/memento_probe]
+    python experiments/probe_kv.py --design cumulative      # mementos that must read each other
 
 1. Data: experiments/digits.py traces, 10 blocks of 5 random digits with running-sum
-   mementos "b{i}={sum}", in the OpenMementos schema (a .jsonl under --work-dir).
+   mementos "b{i}={sum}", in the OpenMementos schema (a .jsonl under --work-dir); with
+   --design cumulative, blocks with local partial sums and mementos holding the three-digit
+   sum of all digits so far (results in probe_kv_cumulative.json, no plots by default).
 2. Toy model: a 4-layer Qwen3, hidden 128, 4 query heads, 2 KV heads (head dim 32), byte-level
    tokenizer, trained from scratch with train_sft.py: stage 1 (full causal attention) then
    stage 2 (memento attention, keep_last_n_blocks=0), with a stage-2 checkpoint every
@@ -280,7 +283,7 @@ def train_toy(args, work: Path) -> dict:
     """
     import train_sft
 
-    data = digits.write_jsonl(work / "data.jsonl", args.train_examples, args.seed)
+    data = digits.write_jsonl(work / "data.jsonl", args.train_examples, args.seed, design=args.design)
     common = ["--data", str(data), "--batch-size", str(args.train_batch), "--no-progress", "--seed", str(args.seed),
               "--eval-samples", "0", "--overwrite"]
     size = ["--layers", "4", "--hidden", "128", "--heads", "4", "--kv-heads", "2"]
@@ -298,16 +301,16 @@ def train_toy(args, work: Path) -> dict:
 
 
 @torch.no_grad()
-def task_metrics(model, tok, n: int, seed: int) -> dict:
+def task_metrics(model, tok, n: int, seed: int, design: str = "restate") -> dict:
     """Task accuracy (sampled generation, paper sampling, compaction on, digits.check_trace)
     and teacher-forced memento accuracy (argmax of each memento's sum digit; compaction on)
     on n fresh problems. Returns {task_accuracy, task_n, memento_sum_accuracy}."""
     rng = random.Random(f"task:{seed}")
-    samples = [digits.sample(rng) for _ in range(n)]
+    samples = [digits.sample(rng, design=design) for _ in range(n)]
     prompts = [tok.encode(tok.chat_prompt(p.prompt)) for p, _, _ in samples]
     ok = 0
     for i in range(0, n, 100):  # generate's eviction costs O(batch) per block; 100 is a middle ground
-        seqs, _ = generate(model, tok, prompts[i:i + 100], MementoConfig(0), max_new_tokens=400,
+        seqs, _ = generate(model, tok, prompts[i:i + 100], MementoConfig(0), max_new_tokens=400 if design == "restate" else 600,
                            sampling=SampleConfig(), seed=seed + i)
         ok += sum(digits.check_trace(p, tok.decode(s.tokens))["correct"] for (p, _, _), s in zip(samples[i:i + 100], seqs))
     T = MementoTokens.from_tokenizer(tok)
@@ -326,7 +329,10 @@ def task_metrics(model, tok, n: int, seed: int) -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work-dir", default="/tmp/memento_probe", help="data and checkpoints (outside the repo)")
+    ap.add_argument("--design", choices=digits.DESIGNS, default="restate",
+                    help="restate: each block restates the running sum (mementos never need each other); "
+                         "cumulative: mementos state the sum of all digits so far (each needs the previous one)")
+    ap.add_argument("--work-dir", default=None, help="data and checkpoints (outside the repo; default /tmp/memento_probe[_DESIGN])")
     ap.add_argument("--reuse", action="store_true", help="reuse the checkpoints in --work-dir if present")
     ap.add_argument("--train-examples", type=int, default=4000)
     ap.add_argument("--train-batch", type=int, default=16)
@@ -341,10 +347,15 @@ def parse_args(argv=None):
     ap.add_argument("--task-n", type=int, default=100, help="problems per checkpoint for task accuracy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS / "probe_kv.json"))
-    ap.add_argument("--plots", default=str(RESULTS), help="directory for the PNGs ('' = none)")
+    ap.add_argument("--out", default=None, help="JSON results (default experiments/results/probe_kv[_DESIGN].json)")
+    ap.add_argument("--plots", default=None, help="directory for the PNGs ('' = none; default: results, restate design only)")
     ap.add_argument("--json", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    suffix = "" if args.design == "restate" else f"_{args.design}"
+    args.work_dir = args.work_dir or f"/tmp/memento_probe{suffix}"
+    args.out = str(RESULTS / f"probe_kv{suffix}.json") if args.out is None else args.out
+    args.plots = (str(RESULTS) if args.design == "restate" else "") if args.plots is None else args.plots
+    return args
 
 
 def main(argv=None) -> dict:
@@ -363,7 +374,7 @@ def main(argv=None) -> dict:
     from common import load_checkpoint
 
     rng = random.Random(f"probe:{args.seed}")
-    samples = [digits.sample(rng) for _ in range(args.n)]
+    samples = [digits.sample(rng, design=args.design) for _ in range(args.n)]
     prompts = [p.prompt for p, _, _ in samples]
     responses = [r for _, r, _ in samples]
     Y = np.array([d[PASSCODE_BLOCK - 1] for _, _, d in samples])
@@ -393,7 +404,7 @@ def main(argv=None) -> dict:
         # the last snapshot holds the final stage-2 weights: its features are already computed
         last = step == train_info["stage2"]["steps"]
         F = final_normal if last else memento_kv(cm, ctok, prompts, responses, restart=False, features=args.features)
-        row = {"name": name, "step": step, **task_metrics(cm, ctok, args.task_n, args.seed)}
+        row = {"name": name, "step": step, **task_metrics(cm, ctok, args.task_n, args.seed, args.design)}
         for m in (2, 3):
             row[f"probe_M{m}_all"] = train_probe(F[:, m - 1].reshape(len(F), -1), Y, split, seed=args.seed)["test_acc"]
         checkpoints.append(row)
@@ -405,7 +416,7 @@ def main(argv=None) -> dict:
                      "features": args.features,
                      "features_per_layer": int(2 * FEATURE_TOKENS[args.features] * model.config.num_key_value_heads
                                                * model.config.head_dim)},
-           "train": train_info, "text_only_bayes_digit_accuracy": digits.text_only_digit_accuracy(),
+           "train": train_info, "text_only_bayes_digit_accuracy": digits.text_only_digit_accuracy(design=args.design),
            "chance": 0.1, "split_sizes": [len(s) for s in split], "probes": probes, "checkpoints": checkpoints,
            "machine": machine_info(), "wall_seconds": time.perf_counter() - t0}
     if args.out:

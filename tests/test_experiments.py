@@ -1,5 +1,6 @@
 """Tests of experiments/ (issue 6): the probing pipeline's causal structure (§6.2.1), its
 label-unique split, the text-only bound, the probe itself, and the restart-ablation output."""
+import itertools
 import json
 import random
 import sys
@@ -21,11 +22,11 @@ from tokenizer import Tokenizer  # noqa: E402
 TOK = Tokenizer.byte_level()
 
 
-def pair_with_same_m2_text(seed=0):
+def pair_with_same_m2_text(seed=0, design="restate"):
     """Two traces that differ only in T2's digits, with the same T2 digit sum, so every
     memento's text (and every token outside T2) is identical."""
     rng = random.Random(seed)
-    prob, _, d = digits.sample(rng)
+    prob, _, d = digits.sample(rng, design=design)
     a = [list(x) for x in d]
     b = [list(x) for x in d]
     a[1] = [1, 2, 3, 4, 5]
@@ -179,3 +180,43 @@ def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_cumulative_design_traces_and_checker():
+    rng = random.Random(11)
+    for _ in range(20):
+        prob, resp, d = digits.sample(rng, design="cumulative")
+        assert digits.check_trace(prob, resp)["correct"] and digits.parse_prompt(prob.prompt) == prob
+        total = sum(map(sum, d))
+        assert resp.endswith(f"</think>\n{total:03d}") and f"b10={total:03d}" in resp
+        assert "from" not in resp  # no block restates the previous memento
+    m2 = f"b2={sum(map(sum, d[:2])):03d}"
+    wrong = [resp.replace(m2, "b2=999"), resp[:-3] + "000", resp.replace(f"{d[0][0]}:{d[0][0]:02d}", f"{d[0][0]}:99", 1),
+             resp.replace("<|block_end|>", "", 1)]
+    for w in wrong:
+        assert w != resp and not digits.check_trace(prob, w)["correct"]
+
+
+def test_cumulative_text_only_bound_by_counting():
+    """Per-digit Bayes accuracy given T2's exact digit sum, counted a second way: the number of
+    passcodes with digit i = x and sum t is the number of 4-digit tails summing to t - x."""
+    tails = [0] * 37
+    for combo in itertools.product(range(10), repeat=4):
+        tails[sum(combo)] += 1
+    best = sum(max(tails[t - x] if 0 <= t - x <= 36 else 0 for x in range(10)) for t in range(46))
+    want = best / 10 ** 5  # the same for each of the 5 digit positions
+    assert digits.text_only_digit_accuracy(design="cumulative") == pytest.approx(want)
+    assert 0.15 < want < 0.17
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cumulative_restart_features_independent_of_t2(seed):
+    """Restart mode makes M2 and every later memento's K/V bitwise independent of T2's digits
+    given the same memento texts, in the cumulative design too; normal mode does not."""
+    torch.manual_seed(0)
+    model = tiny_model(layers=3, seed=seed)
+    prompt, ra, rb, _ = pair_with_same_m2_text(seed, design="cumulative")
+    Fn = probe_kv.memento_kv(model, TOK, [prompt, prompt], [ra, rb], restart=False)
+    Fr = probe_kv.memento_kv(model, TOK, [prompt, prompt], [ra, rb], restart=True)
+    assert np.array_equal(Fn[0, 0], Fn[1, 0]) and not np.array_equal(Fn[0, 1, 1:], Fn[1, 1, 1:])
+    assert np.array_equal(Fr[0, 1:], Fr[1, 1:])
