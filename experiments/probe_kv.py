@@ -80,18 +80,25 @@ PASSCODE_BLOCK = 2  # T2
 
 # ----------------------------------------------------------------------------- features
 
-FEATURE_TOKENS = {"memento": 6, "last-text": 1}
+FEATURE_TOKENS = {"memento": 6, "last-text": 1}  # "block": every content token of the block (design-dependent)
 
 
 def feature_positions(ids: list[int], tokens: MementoTokens, features: str = "memento") -> list[list[int]]:
     """Positions whose K/V form each completed memento's probe feature, in block order.
 
     features: "memento" = the memento's last 6 tokens ending at <|summary_end|> (the whole
-    memento for "b{i}={sum}", i < 10); "last-text" = the token before <|summary_end|>.
+    memento for "b{i}={sum}", i < 10); "last-text" = the token before <|summary_end|>;
+    "block" = the block's own content tokens (between <|block_start|> and <|block_end|>: the
+    direct probe, an upper bound on what the model holds about the block).
     Returns one list of ints per memento. Raises KeyError for another `features` value.
     """
     if features == "last-text":
         return [[p] for p in memento_positions(ids, tokens)]
+    if features == "block":
+        tr = BlockTracker(tokens, MementoConfig(0))
+        for t in ids:
+            tr.step(t)
+        return [list(range(b.s + 1, b.e)) for b in tr.completed]
     n = FEATURE_TOKENS[features]
     tr = BlockTracker(tokens, MementoConfig(0))
     for t in ids:
@@ -180,6 +187,52 @@ def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart:
             feats = [torch.cat([k[l][pos].flatten(1), v[l][pos].flatten(1)], -1) for l in range(k.shape[0])]
             out.append(torch.stack(feats, 1).numpy())  # [M, L, F]
     return np.stack(out).astype(np.float32)
+
+
+@torch.no_grad()
+def attention_mass(model, tok, prompts: list[str], responses: list[str], *, src: int = 3, dst: int = 2,
+                   cfg: MementoConfig = MementoConfig(0)) -> list[float]:
+    """Mean attention probability that memento M{src}'s tokens put on memento M{dst}'s tokens
+    (<|summary_start|> .. <|summary_end|>), per layer, under the memento mask (normal mode),
+    averaged over query heads, M{src}'s tokens and the sequences: how much a memento reads an
+    earlier one. One full forward per sequence with the attention probabilities recomputed
+    from the q, k the model's layers produce (cfg: the mask; tests compare keep_last_n_blocks
+    -1 with transformers' attention probabilities). Returns [L] floats in [0, 1]."""
+    import model as model_module
+    from memento_attention import visible_mask
+
+    T = MementoTokens.from_tokenizer(tok)
+    orig, seen = model_module.attention, []
+
+    def record(q, k, v, mask_from=None, **kw):
+        seen.append((q, k, mask_from))
+        return orig(q, k, v, mask_from, **kw)
+
+    total = None
+    model_module.attention = record
+    try:
+        for p, r in zip(prompts, responses):
+            ids_list = tok.encode(tok.chat_prompt(p)) + tok.encode(r)
+            tr = BlockTracker(T, MementoConfig(0))
+            for t in ids_list:
+                tr.step(t)
+            b_src, b_dst = tr.completed[src - 1], tr.completed[dst - 1]
+            qs, ks = list(range(b_src.e + 1, b_src.z + 1)), list(range(b_dst.e + 1, b_dst.z + 1))
+            ids = torch.tensor([ids_list])
+            seen.clear()
+            model(ids, mask_from=build_mask_from(ids, T, cfg))
+            masses = []
+            for q, k, mf in seen:
+                pos = torch.arange(ids.shape[1])[None]
+                vis = visible_mask(pos, pos, mf)[:, None]  # [1, 1, T, T]
+                rep = q.shape[1] // k.shape[1]
+                scores = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2)) / q.shape[-1] ** 0.5
+                probs = torch.softmax(scores.masked_fill(~vis, float("-inf")), -1)  # [1, H, T, T]
+                masses.append(float(probs[0][:, qs][:, :, ks].sum(-1).mean()))
+            total = masses if total is None else [a + b for a, b in zip(total, masses)]
+    finally:
+        model_module.attention = orig
+    return [m / len(prompts) for m in total]
 
 
 # ----------------------------------------------------------------------------- probes
@@ -344,6 +397,7 @@ def parse_args(argv=None):
     ap.add_argument("--features", choices=sorted(FEATURE_TOKENS), default="memento",
                     help="memento tokens whose K/V are probed (see the module docstring)")
     ap.add_argument("--max-k", type=int, default=7, help="largest distance k for M(2+k)")
+    ap.add_argument("--attention-n", type=int, default=200, help="sequences for the M3 -> M2 attention mass")
     ap.add_argument("--task-n", type=int, default=100, help="problems per checkpoint for task accuracy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -397,6 +451,19 @@ def main(argv=None) -> dict:
                 probes.append({"mode": mode, "memento": m, "k": m - 2, "layer": l, **r})
                 log(f"{mode} M{m} layer {l}: test {r['test_acc']:.3f} (val {r['val_acc']:.3f}, {r['epochs']} ep)")
 
+    # the direct probe: T2's own tokens (their K/V are the same in both modes: the block's
+    # tokens were computed with the block visible), an upper bound for the memento probes
+    FB = memento_kv(model, tok, prompts, responses, restart=False, features="block")[:, PASSCODE_BLOCK - 1]
+    direct = []
+    for l in list(range(L)) + ["all"]:
+        r = train_probe(FB.reshape(len(FB), -1) if l == "all" else FB[:, l], Y, split, seed=args.seed)
+        direct.append({"layer": l, **r})
+        log(f"direct T{PASSCODE_BLOCK} layer {l}: test {r['test_acc']:.3f}")
+    del FB
+    # does a memento read the previous one? attention of M3's tokens on M2's, normal mode
+    attn = attention_mass(model, tok, prompts[:args.attention_n], responses[:args.attention_n])
+    log(f"attention M3 -> M2 per layer: {attn}")
+
     checkpoints = []
     snaps = run_checkpoints(work / "stage2")
     for name, path, step in [("stage1", work / "stage1", 0)] + [(f"step{int(s.name[5:])}", s, int(s.name[5:])) for s in snaps]:
@@ -417,7 +484,8 @@ def main(argv=None) -> dict:
                      "features_per_layer": int(2 * FEATURE_TOKENS[args.features] * model.config.num_key_value_heads
                                                * model.config.head_dim)},
            "train": train_info, "text_only_bayes_digit_accuracy": digits.text_only_digit_accuracy(design=args.design),
-           "chance": 0.1, "split_sizes": [len(s) for s in split], "probes": probes, "checkpoints": checkpoints,
+           "chance": 0.1, "split_sizes": [len(s) for s in split], "probes": probes, "direct_probe": direct,
+           "attention_m3_on_m2": attn, "checkpoints": checkpoints,
            "machine": machine_info(), "wall_seconds": time.perf_counter() - t0}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

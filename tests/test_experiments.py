@@ -220,3 +220,26 @@ def test_cumulative_restart_features_independent_of_t2(seed):
     Fr = probe_kv.memento_kv(model, TOK, [prompt, prompt], [ra, rb], restart=True)
     assert np.array_equal(Fn[0, 0], Fn[1, 0]) and not np.array_equal(Fn[0, 1, 1:], Fn[1, 1, 1:])
     assert np.array_equal(Fr[0, 1:], Fr[1, 1:])
+
+
+def test_attention_mass_equals_transformers_attention_probabilities(tmp_path):
+    """The M3 -> M2 attention mass, computed from the q, k our layers produce, equals the one
+    read from transformers' own attention probabilities (eager attention, plain causal mask:
+    keep_last_n_blocks -1, where both models see the same keys)."""
+    from conftest import tiny_hf_model
+    from model import Qwen3
+
+    hf = tiny_hf_model(seed=3, attn_implementation="eager")
+    hf.save_pretrained(tmp_path)
+    ours = Qwen3.from_pretrained(tmp_path).eval()
+    prob, resp, _ = digits.sample(random.Random(4))
+    got = probe_kv.attention_mass(ours, TOK, [prob.prompt], [resp], cfg=probe_kv.MementoConfig(-1))
+    ids = TOK.encode(TOK.chat_prompt(prob.prompt)) + TOK.encode(resp)
+    tr = probe_kv.BlockTracker(MementoTokens.from_tokenizer(TOK), probe_kv.MementoConfig(0))
+    for t in ids:
+        tr.step(t)
+    m2, m3 = tr.completed[1], tr.completed[2]
+    with torch.no_grad():
+        att = hf(torch.tensor([ids]), output_attentions=True).attentions  # L x [1, H, T, T]
+    want = [float(a[0][:, m3.e + 1:m3.z + 1, m2.e + 1:m2.z + 1].sum(-1).mean()) for a in att]
+    assert got == pytest.approx(want, abs=1e-5) and min(want) > 0
