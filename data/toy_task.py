@@ -97,6 +97,20 @@ def parse_prompt(prompt: str) -> Problem | None:
     return Problem(int(m.group(1)), int(m.group(2))) if m else None
 
 
+def split_response(text: str) -> tuple[str, str] | dict:
+    """(the reasoning between "<think>\\n" and "\\n</think>\\n", the answer after it) of a
+    response, chat end tokens dropped; or a failed check {"correct": False, "reason",
+    "blocks": 0} when it does not open with <think> or never closes it. Every checker of this
+    format starts here (paper §3 trace format)."""
+    text = text.replace("<|im_end|>", "").replace("<|endoftext|>", "")
+    if not text.startswith("<think>\n"):
+        return {"correct": False, "reason": "does not open with <think>", "blocks": 0}
+    body, sep, answer = text[len("<think>\n"):].partition("\n</think>\n")
+    if not sep:
+        return {"correct": False, "reason": "no </think>", "blocks": 0}
+    return body, answer
+
+
 def check_trace(problem: Problem, text: str, per_block: int = DIGITS_PER_BLOCK) -> dict:
     """Verify a generated response against the task's rules, from the text alone.
 
@@ -112,12 +126,10 @@ def check_trace(problem: Problem, text: str, per_block: int = DIGITS_PER_BLOCK) 
     Returns:
         {"correct": bool, "reason": str, "blocks": int}; reason names the first error.
     """
-    text = text.replace("<|im_end|>", "").replace("<|endoftext|>", "")
-    if not text.startswith("<think>\n"):
-        return {"correct": False, "reason": "does not open with <think>", "blocks": 0}
-    body, sep, answer = text[len("<think>\n"):].partition("\n</think>\n")
-    if not sep:
-        return {"correct": False, "reason": "no </think>", "blocks": 0}
+    parts = split_response(text)
+    if isinstance(parts, dict):
+        return parts
+    body, answer = parts
     pos, s, n = 0, problem.start, 0
     while pos < len(body):
         m = BLOCK_RE.match(body, pos)

@@ -133,12 +133,10 @@ def check_trace(problem: Problem, text: str) -> dict:
     Returns {"correct": bool, "reason": str, "blocks": int}."""
     if problem.design != "cumulative":
         return toy_task.check_trace(problem, text, per_block=problem.per_block)
-    text = text.replace("<|im_end|>", "").replace("<|endoftext|>", "")
-    if not text.startswith("<think>\n"):
-        return {"correct": False, "reason": "does not open with <think>", "blocks": 0}
-    body, sep, answer = text[len("<think>\n"):].partition("\n</think>\n")
-    if not sep:
-        return {"correct": False, "reason": "no </think>", "blocks": 0}
+    parts = toy_task.split_response(text)
+    if isinstance(parts, dict):
+        return parts
+    body, answer = parts
     pos, total, n = 0, 0, 0
     while pos < len(body):
         m = _CUM_BLOCK_RE.match(body, pos)
