@@ -121,11 +121,11 @@ def kv_cache_tokens(ap: ArgumentParser, args, model_config) -> int | None:
     token for this model and --dtype); None = unbounded. ap.error if it holds no page."""
     import torch
 
+    from kv_cache import kv_bytes_per_token
+
     tokens = args.kv_cache_tokens
     if args.kv_cache_gib is not None:
-        c = model_config
-        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
-        tokens = int(args.kv_cache_gib * 2**30 // (per_token * torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()))
+        tokens = int(args.kv_cache_gib * 2**30 // kv_bytes_per_token(model_config, getattr(torch, args.dtype)))
     if tokens is not None and tokens < args.page_size:
         ap.error(f"--kv-cache-tokens/--kv-cache-gib: {tokens} tokens hold no page of --page-size {args.page_size}")
     return tokens

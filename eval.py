@@ -41,6 +41,7 @@ import torch
 from cli import ArgumentParser, add_generation_args, kv_cache_tokens, masking_config, positive_int
 from data import grading, toy_task
 from engine import Engine, SampleConfig, Sequence
+from kv_cache import kv_bytes_per_token
 from memento_attention import MementoConfig, MementoTokens
 from model import QWEN3_SHAPES, Qwen3Config
 
@@ -66,7 +67,8 @@ class Problem:
 
 
 def sample_seed(seed: int, problem: int, k: int) -> int:
-    """The sampling seed of sample k of problem `problem`, the same in every mode and batch."""
+    """The sampling seed (int >= 0 for seed >= 0) of sample k of problem `problem`, the same
+    in every mode and batch, so modes are compared on the same random streams (§A.2.2)."""
     return (seed * 1_000_003 + problem) * 1_000_003 + k
 
 
@@ -109,7 +111,9 @@ def load_problems(source: str, problem_key: str, answer_key: str) -> tuple[list[
 
 
 def trace_stats(tokens: list[int], T: MementoTokens) -> dict:
-    """Blocks completed, mean block and memento length (tokens between their delimiters)."""
+    """Blocks completed, mean block and memento length in tokens (between their delimiters,
+    paper §3 format) of a response's token ids; {"blocks": int, "mean_block_tokens": float,
+    "mean_memento_tokens": float} (0.0 when there is none). Raises nothing."""
     blocks, mementos, start = [], [], None
     for i, t in enumerate(tokens):
         if t in (T.block_start, T.summary_start):
@@ -123,7 +127,10 @@ def trace_stats(tokens: list[int], T: MementoTokens) -> dict:
 
 
 def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, T, bytes_per_token: dict[str, int]) -> dict:
-    """One sample's line: verdict, answer, lengths, and KV figures (§A.3.1) per model shape."""
+    """One sample's results line (a JSON-ready dict): verdict and extracted answer (§A.2.2),
+    token and block counts, peak KV in tokens and KV AUC in token·steps (the sequence's curve,
+    §A.3.1), and for each name in bytes_per_token (bytes per KV token) peak KV in GB (1e9 B)
+    and KV AUC in GB·ktok. Raises ValueError from grading for a toy problem without its prompt."""
     text = tok.decode(s.tokens)
     verdict = grading.grade(text, p.gold, p.kind, prompt=p.prompt)
     curve = s.curve
@@ -139,11 +146,6 @@ def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, T, bytes_
         out[f"kv_auc_gb_ktok@{name}"] = auc * b / GB / 1000
     out["response"] = text
     return out
-
-
-def kv_bytes_per_token(cfg: Qwen3Config, element_size: int) -> int:
-    """§A.3.1: 2 (K and V) x layers x KV heads x head_dim x bytes per element."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element_size
 
 
 def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *, seed: int, cfg: MementoConfig,
@@ -169,8 +171,7 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
     if bad:
         raise ValueError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
     T = MementoTokens.from_tokenizer(tok)
-    elt = next(model.parameters()).element_size()
-    per_token = {"model": kv_bytes_per_token(model.config, elt), **(shapes or {})}
+    per_token = {"model": kv_bytes_per_token(model.config, next(model.parameters()).dtype), **(shapes or {})}
     toy_cap = toy_max_new_tokens(tok)
     jobs, records = {}, []
 
@@ -380,7 +381,7 @@ def main(argv=None) -> dict:
 
         new = run(model, tok, problems, modes, args.n_samples, seed=args.seed, cfg=cfg,
                   sampling=SampleConfig(args.temperature, args.top_p, args.top_k), max_new_tokens=args.max_new_tokens,
-                  shapes={s: kv_bytes_per_token(Qwen3Config.released(s), 2) for s in shapes}, done=done,
+                  shapes={s: kv_bytes_per_token(Qwen3Config.released(s), torch.bfloat16) for s in shapes}, done=done,
                   on_record=write, progress=not args.no_progress and sys.stderr.isatty(),
                   max_num_seqs=args.max_num_seqs, kv_cache_tokens=kv_tokens, page_size=args.page_size,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_block_tokens=args.max_block_tokens)

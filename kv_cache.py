@@ -32,6 +32,13 @@ from memento_attention import NEVER
 EMPTY = -1  # mask_from of a slot that holds no token: pos[j] <= q < -1 never holds, no query sees it
 
 
+def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token holds (paper §A.3.1): 2 (K and V) x layers x KV heads x
+    head_dim x bytes per element of `dtype`. model_config: a model.Qwen3Config. Returns int."""
+    c = model_config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
 class OutOfPages(RuntimeError):
     """The bounded pool has no free page for an append (the engine preempts before this)."""
 
@@ -65,9 +72,7 @@ class PagedKVCache:
         self.n_layers, self.n_kv_heads, self.head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
         self.page_size, self.bounded = page_size, num_pages is not None
         self.dtype, self.device = dtype, torch.device(device)
-        elt = torch.tensor([], dtype=dtype).element_size()
-        # 2 (K and V) x layers x kv heads x head_dim x bytes per element (§A.3.1)
-        self.bytes_per_token = 2 * self.n_layers * self.n_kv_heads * self.head_dim * elt
+        self.bytes_per_token = kv_bytes_per_token(model_config, dtype)
         self.num_pages = 0
         self.k = self.v = self.pos = self.mask_from = None
         self.free_pages: list[int] = []
