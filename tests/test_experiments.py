@@ -243,3 +243,34 @@ def test_attention_mass_equals_transformers_attention_probabilities(tmp_path):
         att = hf(torch.tensor([ids]), output_attentions=True).attentions  # L x [1, H, T, T]
     want = [float(a[0][:, m3.e + 1:m3.z + 1, m2.e + 1:m2.z + 1].sum(-1).mean()) for a in att]
     assert got == pytest.approx(want, abs=1e-5) and min(want) > 0
+
+
+def test_train_toy_reuse_skips_finished_stages(tmp_path):
+    """--reuse keeps a stage whose final checkpoint came from the same arguments, retrains a
+    changed stage and everything after it, and rewrites the data when its settings change."""
+    def args(**kw):
+        a = probe_kv.parse_args(["--design", "cumulative", "--work-dir", str(tmp_path), "--train-examples", "8",
+                                 "--train-batch", "2", "--stage1-steps", "2", "--stage2-steps", "2",
+                                 "--snapshot-every", "1", "--reuse", "--threads", "1"])
+        for k, v in kw.items():
+            setattr(a, k, v)
+        return a
+
+    def mtimes():
+        return {s: (tmp_path / s / "step-000002" / "model.safetensors").stat().st_mtime_ns for s in ("stage1", "stage2")}
+
+    first = probe_kv.train_toy(args(), tmp_path)
+    assert first["stage1"]["steps"] == 2 and first["stage2"]["steps"] == 2
+    t1 = mtimes()
+    probe_kv.train_toy(args(), tmp_path)
+    assert mtimes() == t1, "nothing changed: nothing retrained"
+    probe_kv.train_toy(args(stage2_lr=5e-4), tmp_path)
+    t2 = mtimes()
+    assert t2["stage1"] == t1["stage1"] and t2["stage2"] != t1["stage2"], "only stage 2 changed"
+    data = (tmp_path / "data.jsonl").read_text()
+    probe_kv.train_toy(args(train_examples=9), tmp_path)
+    t3 = mtimes()
+    assert len((tmp_path / "data.jsonl").read_text().splitlines()) == 9 != len(data.splitlines())
+    assert t3["stage1"] != t2["stage1"] and t3["stage2"] != t2["stage2"], "new data: both stages retrained"
+    probe_kv.train_toy(args(reuse=False, train_examples=9), tmp_path)
+    assert mtimes()["stage1"] != t3["stage1"], "without --reuse everything is retrained"
