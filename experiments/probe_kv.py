@@ -331,8 +331,10 @@ def train_probe(X: np.ndarray, Y: np.ndarray, split, *, epochs: int = 60, patien
 # ----------------------------------------------------------------------------- toy model
 
 def stage_argv(args, work: Path) -> dict:
-    """train_sft.py's arguments for each stage of the toy model: {"stage1": [...], "stage2": [...]}
-    (lists of str). The stage-2 run keeps every snapshot: the checkpoint series reads them all."""
+    """train_sft.py's arguments for each stage of the toy model (paper §4's two stages, on the
+    toy of §6.2): {"stage1": [str, ...], "stage2": [str, ...]}, from args (parse_args) and the
+    work directory. The stage-2 run keeps every snapshot: the checkpoint series reads them all.
+    Raises nothing; train_sft.parse_args checks the values."""
     common = ["--data", str(work / "data.jsonl"), "--batch-size", str(args.train_batch), "--no-progress",
               "--seed", str(args.seed), "--eval-samples", "0", "--overwrite"]
     size = ["--layers", "4", "--hidden", "128", "--heads", "4", "--kv-heads", "2"]
@@ -412,13 +414,14 @@ DEFAULTS = {"restate": {"train_examples": 4000, "stage1_steps": 400, "stage2_ste
             "cumulative": {"train_examples": 40000, "stage1_steps": 5000, "stage2_steps": 450, "snapshot_every": 150,
                            "n": 6000}}
 
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--design", choices=digits.DESIGNS, default="restate",
                     help="restate: each block restates the running sum (mementos never need each other); "
                          "cumulative: mementos state the sum of all digits so far (each needs the previous one)")
     ap.add_argument("--work-dir", default=None, help="data and checkpoints (outside the repo; default /tmp/memento_probe[_DESIGN])")
-    ap.add_argument("--reuse", action="store_true", help="reuse the checkpoints in --work-dir if present")
+    ap.add_argument("--reuse", action="store_true", help="skip each training stage whose final checkpoint in --work-dir came from the same data and arguments")
     ap.add_argument("--train-examples", type=int, default=None, help="training traces (default: see DEFAULTS)")
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--stage1-steps", type=int, default=None)
