@@ -54,6 +54,7 @@ positive_float = _number(float, 0.0, low_open=True, what="use a number > 0")
 fraction = _number(float, 0.0, 1.0, high_open=True, what="use a number in [0, 1)")
 probability = _number(float, 0.0, 1.0, low_open=True, what="use a number in (0, 1]")
 temperature = _number(float, 0.0, what="use a number >= 0 (0 = greedy)")
+unit_interval = _number(float, 0.0, 1.0, what="use a number in [0, 1]")
 
 
 def check_device(ap: ArgumentParser, device: str) -> str:
@@ -76,7 +77,7 @@ def add_generation_args(ap: ArgumentParser, max_new_tokens: int) -> None:
     """The flags of every script that generates through engine.Engine (generate.py, eval.py):
     masking with the official engine's names (paper §4), sampling with the paper's defaults
     (§6.1), the engine's serving options with vLLM's names, device and dtype. Read them back
-    with `masking_config` and `kv_cache_tokens`."""
+    with `engine_config` (and `sampling_params`)."""
     import torch
 
     ap.add_argument("--keep-last-n-blocks", type=int, default=0, help="-1 never mask, 0 mask at the memento's end, N keep N")
@@ -87,45 +88,69 @@ def add_generation_args(ap: ArgumentParser, max_new_tokens: int) -> None:
     ap.add_argument("--temperature", type=temperature, default=0.6, help="0 = greedy")
     ap.add_argument("--top-p", type=probability, default=0.95, help="nucleus mass kept")
     ap.add_argument("--top-k", type=nonnegative_int, default=20, help="candidates kept (0 = all)")
+    ap.add_argument("--min-p", type=unit_interval, default=0.0, help="drop tokens below min-p x the top probability")
     ap.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (the same tokens on CPU and CUDA, in any batch)")
     ap.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences decoded together")
     budget = ap.add_mutually_exclusive_group()
-    budget.add_argument("--kv-cache-tokens", type=positive_int, default=None, help="KV pool size in tokens (default: unbounded)")
+    budget.add_argument("--kv-cache-tokens", type=positive_int, default=None,
+                        help="KV pool size in tokens (default: --gpu-memory-utilization of the GPU, or 4 GiB on the CPU)")
     budget.add_argument("--kv-cache-gib", type=positive_float, default=None, help="KV pool size in GiB")
+    budget.add_argument("--unbounded-kv-cache", action="store_true", help="no KV budget: the pool grows as needed")
+    ap.add_argument("--gpu-memory-utilization", type=probability, default=0.9,
+                    help="share of GPU memory for weights, activations and the KV pool (default pool size on CUDA)")
     ap.add_argument("--page-size", type=positive_int, default=16, help="token slots per KV page")
     ap.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
-                    help="prompt tokens per prefill forward (chunked prefill; exact; memory vs speed)")
+                    help="tokens per engine step, decode and prefill chunks together (>= --max-num-seqs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     default="bfloat16" if torch.cuda.is_available() else "float32", help="weights and KV cache dtype")
 
 
-def masking_config(ap: ArgumentParser, args, restart: bool):
-    """The masking options of add_generation_args as a memento_attention.MementoConfig, after
-    checking them (and the device); ap.error with one line when they contradict each other
-    or restart mode (`restart`: the script will run it) is asked for where it is undefined."""
+def engine_config(ap: ArgumentParser, args, mode: str = "memento", **overrides):
+    """The engine.EngineConfig of add_generation_args' flags (checked there, once), for `mode`;
+    ap.error with its one line when the options contradict each other. --kv-cache-gib is
+    converted to tokens later, by `kv_cache_budget`, once the model's shape is known. Also
+    checks --device."""
+    from engine import EngineConfig
     from memento_attention import MementoConfig
 
     try:
-        cfg = MementoConfig(args.keep_last_n_blocks, args.mask_delimiters, args.keep_last_block_for_answer)
+        masking = MementoConfig(args.keep_last_n_blocks, args.mask_delimiters, args.keep_last_block_for_answer)
+        config = EngineConfig(masking, mode, sampling_params(args), max_block_tokens=args.max_block_tokens,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
+                              unbounded_kv_cache=args.unbounded_kv_cache,
+                              gpu_memory_utilization=args.gpu_memory_utilization, **overrides)
     except ValueError as e:
-        ap.error(f"--keep-last-n-blocks: {e}")
-    if restart and (cfg.keep_last_n_blocks != 0 or cfg.keep_last_block_for_answer):
-        ap.error("restart mode is defined for --keep-last-n-blocks 0 without --keep-last-block-for-answer")
+        ap.error(str(e))
     args.device = check_device(ap, args.device)
-    return cfg
+    return config
 
 
-def kv_cache_tokens(ap: ArgumentParser, args, model_config) -> int | None:
-    """The KV pool size in tokens from --kv-cache-tokens or --kv-cache-gib (§A.3.1 bytes per
-    token for this model and --dtype); None = unbounded. ap.error if it holds no page."""
+def sampling_params(args, **overrides):
+    """engine.SamplingParams from add_generation_args' sampling flags (--max-new-tokens is
+    max_tokens; --seed is per request, see generate.request_seed)."""
+    from engine import SamplingParams
+
+    kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+              max_tokens=args.max_new_tokens)
+    kw.update(overrides)
+    return SamplingParams(**kw)
+
+
+def kv_cache_budget(ap: ArgumentParser, args, config, model_config):
+    """config with --kv-cache-gib turned into tokens (§A.3.1 bytes per token for this model and
+    --dtype); ap.error if that holds no page."""
+    import dataclasses
+
     import torch
 
     from kv_cache import kv_bytes_per_token
 
-    tokens = args.kv_cache_tokens
-    if args.kv_cache_gib is not None:
-        tokens = int(args.kv_cache_gib * 2**30 // kv_bytes_per_token(model_config, getattr(torch, args.dtype)))
-    if tokens is not None and tokens < args.page_size:
-        ap.error(f"--kv-cache-tokens/--kv-cache-gib: {tokens} tokens hold no page of --page-size {args.page_size}")
-    return tokens
+    if args.kv_cache_gib is None:
+        return config
+    tokens = int(args.kv_cache_gib * 2**30 // kv_bytes_per_token(model_config, getattr(torch, args.dtype)))
+    try:
+        return dataclasses.replace(config, kv_cache_tokens=tokens)
+    except ValueError as e:
+        ap.error(f"--kv-cache-gib {args.kv_cache_gib:g} = {tokens} tokens: {e}")

@@ -1,222 +1,495 @@
 """The serving loop: continuous batching over a paged, compacting KV cache (paper §6.1, §6.2.1).
 
-Requests wait in a queue; a request is admitted when the pool has pages for its prompt (plus
-a small watermark) and fewer than `max_num_seqs` sequences run. Admission prefills it; then
-every step decodes all running sequences together, one token each (a teacher-forced replay
-may feed a chunk). Before a token is fed, the block tracker reads it and whatever its arrival
-masks is evicted from the cache (the official engine evicts as soon as <|summary_end|> is
-sampled); in restart mode the memento's K/V are then recomputed without the block. A
-finished sequence frees its pages at once and the next request joins. When the pool cannot
-hold the next step, the most recently admitted sequence is preempted: its pages are freed and
-it goes back to the front of the queue with what it has generated; re-admitted, it is
-prefilled again with its whole token stream, so blocks evicted before are evicted again.
+Requests wait in a queue and run in a set, as in vLLM V1. Every step is scheduled from a token
+budget (`max_num_batched_tokens`): first each running sequence gets its work in the order it
+was admitted (one token for a sequence that is decoding, a chunk for one that is still being
+prefilled), with the pages it needs; when the pool is short, the most recently admitted
+sequence is preempted. Then waiting requests are admitted with what is left, while the pool
+holds their prefill's footprint plus a watermark. All scheduled tokens run in as few model
+forwards as padding allows; a long prompt is spread over several steps while the others keep
+decoding. After the forwards, every sequence whose tokens are all fed samples its next token;
+one that sampled a stop token or reached its length finishes at once, before it asks for a slot.
 
-    eng = Engine(model, tok, MementoConfig(0), max_num_seqs=64, kv_cache_tokens=65536)
-    seqs = [eng.add(prompt_ids) for prompt_ids in prompts]
-    eng.run()          # seqs[i].tokens, .curve (KV tokens after each token), .stop_reason
+The mechanism (§6.1): before a token is fed, the block tracker reads it and whatever its
+arrival masks is evicted from the cache (the official engine evicts as soon as
+<|summary_end|> is sampled); in restart mode (§6.2.1) the block goes with its delimiters and
+the memento's tokens are fed again, at their own positions, without it. A chunk never crosses
+a position where a mask starts, so the cache holds only visible tokens and plain causal
+attention over it is exact. A preempted sequence frees its pages and waits first in line with
+what it generated; re-admitted, its whole token stream is prefilled again with its block
+structure, so blocks evicted before are evicted again, and its footprint is what the cache
+will hold then (its compacted peak), not the length of its stream.
+
+    eng = Engine(model, tok, EngineConfig(MementoConfig(0), max_num_seqs=64, kv_cache_tokens=65536))
+    seqs = [eng.add(prompt_ids, SamplingParams(max_tokens=512, seed=i)) for i, prompt_ids in enumerate(prompts)]
+    eng.run()          # seqs[i].tokens, .curve (KV tokens after each token), .stop_reason, .metrics()
 
 Sampling (paper §6.1 defaults): each request has its own CPU generator, seeded from its
-`seed`, that draws one uniform number per decode step of that request; the token is the
-inverse CDF of the filtered distribution at that number. A request therefore gets the same
-tokens whatever else runs beside it, however it is batched or preempted, on CPU or CUDA.
+`seed`, that draws one uniform number per sampled token; the token is the inverse CDF of the
+filtered distribution at that number. A request therefore gets the same tokens whatever else
+runs beside it, however it is batched or preempted, on CPU or CUDA.
 """
 from __future__ import annotations
 
+import enum
+import logging
+import math
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from kv_cache import EMPTY, PagedKVCache
+from kv_cache import EMPTY, PagedKVCache, kv_bytes_per_token
 from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens
 
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end of turn and end of text: the model's EOS tokens
+log = logging.getLogger("memento.engine")
 
 
-@dataclass
-class SampleConfig:
-    """Sampling (the paper's evaluation defaults, §6.1): temperature 0 means greedy."""
+class Mode(str, enum.Enum):
+    """How a request uses its KV cache (paper Table 1, §6.2.1).
+
+    MEMENTO: a block is evicted when its mask starts (keep_last_n_blocks decides when).
+    FULL: nothing is evicted (the vanilla full-cache baseline on the same weights).
+    RESTART: memento, and each memento's K/V are recomputed without its block (the ablation).
+    """
+
+    MEMENTO = "memento"
+    FULL = "full"
+    RESTART = "restart"
+
+
+def check_mode(mode, masking: MementoConfig) -> Mode:
+    """The Mode named by `mode` (a Mode or its value), checked against the masking options.
+    Raises ValueError for an unknown name, or restart mode where it is undefined (§6.2.1: it
+    recomputes a memento right after its block is evicted, so keep_last_n_blocks must be 0
+    without keep_last_block_for_answer)."""
+    try:
+        mode = Mode(mode)
+    except ValueError:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(m.value for m in Mode)}") from None
+    if mode is Mode.RESTART and (masking.keep_last_n_blocks != 0 or masking.keep_last_block_for_answer):
+        raise ValueError("restart mode is defined for keep_last_n_blocks=0 without keep_last_block_for_answer")
+    return mode
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops; vLLM's names and meanings (paper §6.1 defaults).
+
+    temperature: >= 0; 0 is greedy (argmax, no randomness drawn).
+    top_p: nucleus mass kept, in (0, 1]. top_k: candidates kept (0 or -1: all).
+    min_p: drop tokens below min_p x the most likely token's probability, in [0, 1].
+    max_tokens: response tokens at most; None: as many as max_position_embeddings allows.
+    stop: strings that end the response; matched on the decoded text across token
+        boundaries, and the returned `Sequence.text` excludes them.
+    stop_token_ids: token ids that end the response (the token is kept).
+    ignore_eos: do not stop at the end-of-turn / end-of-text tokens (STOP_TOKENS).
+    seed: the request's own random stream (None: torch's global CPU generator).
+    logprobs: None: none; 0: the sampled token's log-probability (under the model's raw
+        distribution, before temperature and filtering); k > 0: also the k most likely tokens'.
+    Raises ValueError naming the field for a value out of range.
+    """
 
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 20
+    min_p: float = 0.0
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bad = []
+        if not self.temperature >= 0:
+            bad.append(f"temperature={self.temperature} (use >= 0; 0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            bad.append(f"top_p={self.top_p} (use a number in (0, 1])")
+        if self.top_k < -1:
+            bad.append(f"top_k={self.top_k} (use >= 1, or 0 / -1 for all tokens)")
+        if not 0 <= self.min_p <= 1:
+            bad.append(f"min_p={self.min_p} (use a number in [0, 1])")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad.append(f"max_tokens={self.max_tokens} (use >= 1)")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad.append(f"stop={list(self.stop)!r} (use non-empty strings)")
+        if self.logprobs is not None and self.logprobs < 0:
+            bad.append(f"logprobs={self.logprobs} (use >= 0)")
+        if bad:
+            raise ValueError(f"SamplingParams: {'; '.join(bad)}")
 
 
-def sample(logits: torch.Tensor, sc: SampleConfig, gens: list) -> torch.Tensor:
-    """Draw one token per row (paper §6.1 sampling): temperature, then top-k, then top-p (nucleus).
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every option of the engine, checked once here (paper §6.1; vLLM's names where they exist).
+
+    masking: the block-masking options (MementoConfig, the official engine's names).
+    mode: the default Mode of a request (Engine.add may choose another per request).
+    sampling: the default SamplingParams of a request.
+    max_block_tokens: force <|block_end|> once an open block holds this many tokens (§5).
+    max_num_seqs: sequences running at once.
+    max_num_batched_tokens: tokens per step, decode and prefill together (>= max_num_seqs,
+        so that every running sequence gets a token each step).
+    replay_chunk: teacher-forced response tokens per sequence per step (exact for any value).
+    page_size: token slots per KV page.
+    kv_cache_tokens: the KV pool in tokens; None: the default budget (default_kv_cache_tokens:
+        on CUDA gpu_memory_utilization of the device, on the CPU cpu_kv_cache_gib).
+    unbounded_kv_cache: no budget at all; the pool grows as needed (never preempts).
+    gpu_memory_utilization: share of the device's memory the engine may use (vLLM's name).
+    cpu_kv_cache_gib: the default KV budget on the CPU, GiB (vLLM's CPU backend also uses 4).
+    watermark: share of the pool (at least one page) kept free when admitting a request
+        while others run, so that running sequences can grow.
+    keep_logits: store every position's logits in Sequence.logits (tests).
+    keep_cache: do not free a finished sequence's pages (tests read its K/V).
+    Raises ValueError naming the option for a size < 1, a share out of range, a pool that
+    holds no page, max_num_batched_tokens < max_num_seqs, or restart mode where undefined.
+    """
+
+    masking: MementoConfig = MementoConfig()
+    mode: Mode = Mode.MEMENTO
+    sampling: SamplingParams = SamplingParams()
+    max_block_tokens: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    replay_chunk: int = 1
+    page_size: int = 16
+    kv_cache_tokens: int | None = None
+    unbounded_kv_cache: bool = False
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 4.0
+    watermark: float = 0.01
+    keep_logits: bool = False
+    keep_cache: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", check_mode(self.mode, self.masking))
+        sizes = dict(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                     replay_chunk=self.replay_chunk, page_size=self.page_size, kv_cache_tokens=self.kv_cache_tokens,
+                     max_block_tokens=self.max_block_tokens)
+        bad = [f"{k}={v}" for k, v in sizes.items() if v is not None and v < 1]
+        if bad:
+            raise ValueError(f"EngineConfig: sizes must be >= 1: {', '.join(bad)}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
+            raise ValueError(f"EngineConfig: kv_cache_tokens={self.kv_cache_tokens} holds no page of "
+                             f"page_size={self.page_size} tokens")
+        if self.kv_cache_tokens is not None and self.unbounded_kv_cache:
+            raise ValueError("EngineConfig: give kv_cache_tokens or unbounded_kv_cache, not both")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"EngineConfig: max_num_batched_tokens={self.max_num_batched_tokens} is below "
+                             f"max_num_seqs={self.max_num_seqs}; every running sequence needs a token per step")
+        if not 0 < self.gpu_memory_utilization <= 1 or not self.cpu_kv_cache_gib > 0 or not 0 <= self.watermark < 1:
+            raise ValueError(f"EngineConfig: gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1], "
+                             f"cpu_kv_cache_gib={self.cpu_kv_cache_gib} > 0, watermark={self.watermark} in [0, 1)")
+
+
+# ----------------------------------------------------------------------------- the KV budget
+
+
+def gpu_kv_budget_bytes(total: int, free: int, reserved: int, peak_allocated: int, utilization: float) -> int:
+    """Bytes left for the KV pool on a GPU, as vLLM sizes it: utilization x total memory, minus
+    the peak torch allocated while profiling (weights and one forward's activations), minus what
+    other processes and non-torch allocations hold (total - free - reserved). May be <= 0."""
+    non_torch = max(0, total - free - reserved)
+    return int(utilization * total) - peak_allocated - non_torch
+
+
+@torch.no_grad()
+def default_kv_cache_tokens(model, config: EngineConfig) -> tuple[int, str]:
+    """The default KV budget in tokens and a line describing it (paper §A.3.1 bytes per token).
+
+    CUDA: gpu_kv_budget_bytes after one profiling forward of max_num_batched_tokens tokens
+    through a throwaway cache (the largest step the scheduler makes) and the LM head on
+    max_num_seqs rows. CPU: config.cpu_kv_cache_gib. Raises ValueError when the GPU has no
+    room left for a single page.
+    """
+    p = next(model.parameters())
+    per_token = kv_bytes_per_token(model.config, p.dtype)
+    if p.device.type != "cuda":
+        budget = int(config.cpu_kv_cache_gib * 2**30)
+        tokens = budget // per_token
+        return tokens, (f"KV cache: {config.cpu_kv_cache_gib:g} GiB = {tokens:,} tokens at {per_token:,} B/token "
+                        "(the CPU default; --kv-cache-tokens or --kv-cache-gib to change)")
+    torch.cuda.synchronize(p.device)
+    torch.cuda.reset_peak_memory_stats(p.device)
+    n = config.max_num_batched_tokens
+    cache = PagedKVCache(model.config, p.dtype, p.device, page_size=config.page_size)
+    cache.add(0)
+    h = model.hidden_states(torch.zeros(1, n, dtype=torch.int64, device=p.device),
+                            torch.arange(n, device=p.device)[None], None, cache.batch([0]))
+    model.logits(h[0, -1:].expand(config.max_num_seqs, -1))
+    del h, cache
+    torch.cuda.synchronize(p.device)
+    free, total = torch.cuda.mem_get_info(p.device)
+    budget = gpu_kv_budget_bytes(total, free, torch.cuda.memory_reserved(p.device),
+                                 torch.cuda.max_memory_allocated(p.device), config.gpu_memory_utilization)
+    torch.cuda.empty_cache()
+    tokens = max(0, budget) // per_token
+    if tokens < config.page_size:
+        raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={config.gpu_memory_utilization} "
+                         f"({total / 2**30:.1f} GiB device); raise it or lower max_num_batched_tokens")
+    return tokens, (f"KV cache: {budget / 2**30:.2f} GiB = {tokens:,} tokens at {per_token:,} B/token "
+                    f"({config.gpu_memory_utilization:.0%} of {total / 2**30:.1f} GiB, minus weights and activations)")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list) -> torch.Tensor:
+    """Draw one token per row (paper §6.1 sampling), each row with its own parameters:
+    temperature, then top-k, min-p and top-p (nucleus), then inverse-CDF sampling.
 
     Args:
         logits: [B, V] float logits on any device.
-        sc: temperature (<= 0: greedy argmax, no randomness drawn), top_k (0: all tokens),
-            top_p (1.0: no nucleus cut).
+        params: B SamplingParams (temperature <= 0: greedy argmax, no randomness drawn).
         gens: B CPU torch.Generators (None: torch's global CPU generator), one per row.
     Returns:
         [B] int64 token ids on logits' device.
 
     Seed semantics, the same on every device: each call draws exactly one uniform number
-    u ~ U[0, 1) per row from that row's generator on the CPU; the token is the first
+    u ~ U[0, 1) per sampled row from that row's generator on the CPU; the token is the first
     candidate, in descending probability, at which the cumulative filtered probability
-    exceeds u times their total (inverse-CDF sampling, done on logits' device). The same
-    generator state and logits therefore give the same token on CPU and CUDA (up to float
-    rounding of the logits themselves), and a CUDA run never needs a CUDA generator.
+    exceeds u times their total. The same generator state and logits therefore give the same
+    token on CPU and CUDA (up to float rounding of the logits themselves).
     """
-    if sc.temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / sc.temperature
     V = logits.shape[-1]
-    if 0 < sc.top_k < V:
-        cand, idx = torch.topk(logits, sc.top_k, dim=-1)  # sorted, largest first
+    dev = logits.device
+    out = logits.argmax(-1)
+    rows = [r for r, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return out
+    sub = [params[r] for r in rows]
+    ks = [p.top_k if 0 < p.top_k < V else V for p in sub]
+    temp = torch.tensor([p.temperature for p in sub], device=dev)[:, None]
+    z = logits[rows].float() / temp
+    kmax = max(ks)
+    if kmax < V:
+        cand, idx = torch.topk(z, kmax, dim=-1)  # sorted, largest first
     else:
-        cand, idx = logits.sort(-1, descending=True)
+        cand, idx = z.sort(-1, descending=True)
+    if min(ks) < kmax:  # rows with a smaller top_k drop their tail
+        cand = cand.masked_fill(torch.arange(kmax, device=dev)[None] >= torch.tensor(ks, device=dev)[:, None], float("-inf"))
     probs = torch.softmax(cand, -1)
-    if sc.top_p < 1.0:
-        drop = probs.cumsum(-1) - probs > sc.top_p  # keep the smallest prefix reaching top_p
-        probs = probs.masked_fill(drop, 0.0)
+    # top-p and min-p each keep a prefix of the sorted candidates; both apply (the shorter wins)
+    top_p = torch.tensor([p.top_p for p in sub], device=dev)[:, None]
+    drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+    min_p = torch.tensor([p.min_p for p in sub], device=dev)[:, None]
+    probs = probs.masked_fill((drop & (top_p < 1.0)) | (probs < min_p * probs[:, :1]), 0.0)
     cdf = probs.cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g) for g in gens])[:, None].to(logits.device)
+    u = torch.cat([torch.rand(1, generator=gens[r]) for r in rows])[:, None].to(dev)
     choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     # u * total can round up to the total itself: fall back to the last kept candidate.
     choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)
-    return idx.gather(-1, choice).squeeze(-1)
+    out[rows] = idx.gather(-1, choice).squeeze(-1)
+    return out
+
+
+# ----------------------------------------------------------------------------- requests
 
 
 @dataclass
 class Sequence:
     """One request: what it asked for, its state while it runs, and its results.
 
-    tokens: the response so far (sampled, or taken from `forced` when replaying); curve: KV
-    tokens held after each token of prompt + response was fed (§A.3.1; peak = max, AUC = sum);
-    logits: each position's logits [V] (fp32, CPU) when the engine keeps them (tests).
+    tokens: the response so far (sampled, or taken from `forced` when replaying). text: the
+    decoded response when it finished, cut before a matched stop string. curve: KV tokens held
+    after each token of prompt + response was fed (§A.3.1; peak = max, AUC = sum). logits:
+    each position's logits [V] (fp32, CPU) with keep_logits. logprobs: per sampled token with
+    params.logprobs set (NaN for a token the engine forced); top_logprobs: {id: logprob} per
+    token when params.logprobs > 0. Times are time.perf_counter() seconds; see `metrics`.
     """
 
     id: int
     prompt: list[int]
+    params: SamplingParams
+    mode: Mode
     forced: list[int] | None = None
-    max_new_tokens: int = 1024
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
+    text: str | None = None
     done: bool = False
     stop_reason: str = ""
     curve: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict] = field(default_factory=list)
     preemptions: int = 0
     blocks_completed: int = 0
-    logprobs: list[float] = field(default_factory=list)  # per response token with record_logprobs (nan: forced)
-    compaction: bool = True
-    restart: bool = False
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    itl: list[float] = field(default_factory=list)        # seconds between consecutive response tokens
     # running state
+    last_token_time: float | None = None
+    last: torch.Tensor | None = None                      # logits [V] of the last fed token, to sample from
     tracker: BlockTracker | None = None
-    events: set = field(default_factory=set)
-    last: torch.Tensor | None = None
+    events: set = field(default_factory=set)              # positions where a mask starts
+    footprint: int = 0                                    # pages its (re-)prefill will hold at most
+    computed: int = 0                                     # positions < computed are in the cache (or evicted)
+    out_bytes: bytearray = field(default_factory=bytearray)  # the decoded response, for stop strings
 
     @property
-    def position(self) -> int:
-        """Logical position of the next token."""
+    def length(self) -> int:
+        """Tokens known: prompt + response."""
         return len(self.prompt) + len(self.tokens)
+
+    @property
+    def max_tokens(self) -> int:
+        """The response length at which it stops (a replay: its trace's)."""
+        return len(self.forced) if self.forced is not None else self.params.max_tokens
+
+    def ids(self, start: int, stop: int) -> list[int]:
+        """Token ids at positions start..stop-1 of prompt + response."""
+        P = len(self.prompt)
+        if stop <= P:
+            return self.prompt[start:stop]
+        if start >= P:
+            return self.tokens[start - P:stop - P]
+        return self.prompt[start:] + self.tokens[:stop - P]
+
+    def metrics(self) -> dict:
+        """Per-request figures, seconds and KV tokens (§A.3.1): queue time (arrival to first
+        scheduled), time to first token, mean / median / max inter-token latency, end-to-end
+        latency, preemptions, peak and final KV tokens. None where not reached."""
+        def since(t):
+            return None if t is None else t - self.arrival_time
+        itl = sorted(self.itl)
+        return {"queue_time": since(self.first_scheduled_time), "ttft": since(self.first_token_time),
+                "itl_mean": sum(itl) / len(itl) if itl else None, "itl_median": itl[len(itl) // 2] if itl else None,
+                "itl_max": itl[-1] if itl else None, "e2e_latency": since(self.finished_time),
+                "preemptions": self.preemptions, "peak_kv_tokens": max(self.curve, default=0),
+                "final_kv_tokens": self.curve[-1] if self.curve else 0}
+
+
+def kv_replay(ids: list[int], fmt: MementoTokens, masking: MementoConfig, mode: Mode) -> tuple[set[int], list[int]]:
+    """Replay the block tracker over token ids as the engine feeds them (§6.1, §A.3.1).
+
+    Returns (events, curve): the positions at which some mask starts (a chunk must begin there;
+    empty in full mode), and the tokens the cache holds after each token is fed. A prefill of
+    the first L tokens holds at most max(curve[:L]) whatever its chunking: no chunk crosses an
+    event, so within a chunk the count only grows and at its end equals the token-by-token
+    count. That peak is what admitting a (preempted) sequence needs, not L.
+    """
+    tr = BlockTracker(fmt, masking)
+    held = bytearray(len(ids))
+    n = 0
+    events, curve = set(), []
+    for p, t in enumerate(ids):
+        blocks = tr.step(t)
+        if blocks and mode is not Mode.FULL:
+            events.add(p)
+            for b in blocks:
+                lo, hi = (b.s, b.z - 1) if mode is Mode.RESTART else b.span(masking.mask_delimiters)
+                n -= sum(held[lo:hi + 1])
+                held[lo:hi + 1] = bytes(hi - lo + 1)
+                if mode is Mode.RESTART:  # the memento's tokens come back, recomputed
+                    held[b.e + 1:b.z] = b"\x01" * (b.z - 1 - b.e)
+                    n += b.z - 1 - b.e
+        held[p] = 1
+        n += 1
+        curve.append(n)
+    return events, curve
+
+
+# ----------------------------------------------------------------------------- the engine
 
 
 class Engine:
-    """Continuous batching over a PagedKVCache with memento compaction (§6.1).
+    """Continuous batching over a PagedKVCache with memento compaction (§6.1, §6.2.1).
 
     Args:
         model: a model.Qwen3 (eval). tok: a tokenizer.Tokenizer with the memento tokens.
-        cfg: masking options (memento_attention.MementoConfig).
-        compaction: False keeps every token (the full-cache baseline; no mask applied).
-        restart: restart mode (§6.2.1): at each memento's end evict its block with the
-            delimiters and recompute the memento tokens' K/V at the same positions without it.
-            Both are defaults: a request may choose its own (Engine.add), so the modes of an
-            evaluation share one batch.
-        sampling: SampleConfig. max_block_tokens: force <|block_end|> once an open block
-            holds this many tokens (§5 of the official engine options).
-        max_num_seqs: sequences running at once. kv_cache_tokens: the pool's size in tokens
-            (rounded down to pages); None = unbounded (grows). page_size: slots per page.
-        max_num_batched_tokens: prompt tokens per prefill forward (chunked prefill).
-        replay_chunk: teacher-forced response tokens per decode forward (chunks never cross
-            a position where a mask starts, so any value gives the same result).
-        watermark: share of the pool kept free at admission, so running sequences can grow.
-        keep_logits: store every position's logits in Sequence.logits (tests).
-        keep_cache: do not free finished sequences (tests read their K/V).
-        on_token: callback(seq_id, token_id, kind) per response token; kind is one of
-            "block", "memento", "delimiter", "text".
+        config: EngineConfig (every option; checked there).
+        on_token: callback(seq_id, token_id, kind) per response token as it is produced;
+            kind is one of "block", "memento", "delimiter", "text".
         on_finish: callback(Sequence) when a request finishes (its curve and stop_reason set).
-        record_logprobs: keep in Sequence.logprobs the log-probability under the model's full
-            distribution (log_softmax of the raw logits, before temperature and filtering) of
-            each sampled token; NaN for a token the engine forced (max_block_tokens). RL's
-            old-policy log-probs (train_rl.py).
+    The KV budget is logged once (logger "memento.engine") and kept in `kv_cache_note`.
     Raises:
-        ValueError for restart with options it does not define, or a size < 1.
+        KeyError if the tokenizer lacks a memento token; ValueError from default_kv_cache_tokens.
     """
 
-    def __init__(self, model, tok, cfg: MementoConfig, *, compaction: bool = True, restart: bool = False,
-                 sampling: SampleConfig = SampleConfig(), max_block_tokens: int | None = None, max_num_seqs: int = 256,
-                 kv_cache_tokens: int | None = None, page_size: int = 16, max_num_batched_tokens: int = 2048,
-                 replay_chunk: int = 1, watermark: float = 0.01, keep_logits: bool = False, keep_cache: bool = False,
-                 on_token=None, on_finish=None, record_logprobs: bool = False):
-        _check_restart(restart, cfg)
-        sizes = dict(max_num_seqs=max_num_seqs, page_size=page_size, max_num_batched_tokens=max_num_batched_tokens,
-                     replay_chunk=replay_chunk, kv_cache_tokens=kv_cache_tokens or 1, max_block_tokens=max_block_tokens or 1)
-        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
-        if bad:
-            raise ValueError(f"engine sizes must be >= 1: {', '.join(bad)}")
-        if kv_cache_tokens is not None and kv_cache_tokens < page_size:
-            raise ValueError(f"kv_cache_tokens={kv_cache_tokens} holds no page of {page_size} tokens")
-        self.model, self.tok, self.cfg = model, tok, cfg
-        self.compaction, self.restart, self.sampling = compaction, restart, sampling
-        self.max_block_tokens, self.max_num_seqs = max_block_tokens, max_num_seqs
-        self.max_num_batched_tokens, self.replay_chunk = max_num_batched_tokens, replay_chunk
-        self.keep_logits, self.keep_cache, self.on_token, self.on_finish = keep_logits, keep_cache, on_token, on_finish
-        self.record_logprobs = record_logprobs
+    def __init__(self, model, tok, config: EngineConfig = EngineConfig(), *, on_token=None, on_finish=None):
+        self.model, self.tok, self.config = model, tok, config
+        self.on_token, self.on_finish = on_token, on_finish
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        num_pages = None if kv_cache_tokens is None else kv_cache_tokens // page_size
-        self.cache = PagedKVCache(model.config, self.dtype, self.device, page_size=page_size, num_pages=num_pages)
-        self.watermark_pages = int(watermark * num_pages) if num_pages else 0
-        self.T = MementoTokens.from_tokenizer(tok)
-        self.stop_ids = {tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids}
+        budget = config.kv_cache_tokens
+        if config.unbounded_kv_cache:
+            self.kv_cache_note = "KV cache: unbounded (grows as needed; nothing is ever preempted)"
+        elif budget is None:
+            budget, self.kv_cache_note = default_kv_cache_tokens(model, config)
+        else:
+            self.kv_cache_note = (f"KV cache: {budget:,} tokens = {budget * kv_bytes_per_token(model.config, self.dtype) / 2**30:.3g}"
+                                  " GiB (as configured)")
+        log.info(self.kv_cache_note)
+        num_pages = None if budget is None else budget // config.page_size
+        self.cache = PagedKVCache(model.config, self.dtype, self.device, page_size=config.page_size, num_pages=num_pages)
+        self.watermark_pages = max(1, int(config.watermark * num_pages)) if num_pages else 0
+        self.format = MementoTokens.from_tokenizer(tok)
+        self.eos_ids = frozenset(tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids)
         self.vocab = tok.n_vocab
         self.max_pos = model.config.max_position_embeddings
         self.sequences: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        # steps: decode steps; forwards: every model forward (prefill chunks, restart recomputation)
-        self.stats = {"steps": 0, "forwards": 0, "preemptions": 0, "rejected": 0, "batch_size_sum": 0, "max_running": 0}
+        # steps: scheduler iterations that ran a forward; forwards: model forwards; tokens: fed tokens
+        self.stats = {"steps": 0, "forwards": 0, "tokens": 0, "preemptions": 0, "rejected": 0,
+                      "batch_size_sum": 0, "max_running": 0}
 
     # ------------------------------------------------------------------------- requests
 
-    def add(self, prompt: list[int], forced: list[int] | None = None, max_new_tokens: int = 1024,
-            seed: int | None = None, compaction: bool | None = None, restart: bool | None = None) -> Sequence:
-        """Queue a request: prompt ids (ChatML applied), an optional teacher-forced response,
-        a sampling seed, and its mode (None: the engine's compaction / restart). Returns its
-        Sequence (filled in by run()). A prompt longer than the pool can ever hold is rejected
-        at once (stop_reason says so); the others run. Raises ValueError for an empty prompt,
-        one that does not fit max_position_embeddings, max_new_tokens < 1, or restart mode
-        with masking options it does not define."""
+    def add(self, prompt: list[int], params: SamplingParams | None = None, *, forced: list[int] | None = None,
+            mode: Mode | str | None = None) -> Sequence:
+        """Queue a request and return its Sequence (filled in by step()/run()).
+
+        prompt: token ids (ChatML applied). params: SamplingParams (None: the engine's).
+        forced: a response to teacher-force instead of sampling (replay). mode: its Mode
+        (None: the engine's). Everything is checked before the engine changes: ValueError
+        for an empty prompt, an id outside the vocabulary, a prompt plus forced response or
+        max_tokens beyond max_position_embeddings, or restart mode where it is undefined.
+        A request whose footprint (§A.3.1 peak of its prefill, or of its whole replay) can
+        never fit the KV pool is not queued: it finishes at once, stop_reason naming the figures.
+        """
+        params = params or self.config.sampling
+        mode = self.config.mode if mode is None else check_mode(mode, self.config.masking)
         if not prompt:
             raise ValueError("an empty prompt has no last token to continue from; give at least one token")
-        if len(prompt) >= self.max_pos:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_position_embeddings={self.max_pos}; shorten it")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        compaction = self.compaction if compaction is None else compaction
-        restart = self.restart if restart is None else restart
-        _check_restart(restart, self.cfg)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        s = Sequence(len(self.sequences), list(prompt), None if forced is None else list(forced), max_new_tokens, gen,
-                     compaction=compaction, restart=restart)
+        stream = list(prompt) + list(forced or [])
+        n_embed = self.model.config.vocab_size
+        bad = [t for t in stream if not (isinstance(t, int) and 0 <= t < n_embed)]
+        if bad:
+            raise ValueError(f"token id {bad[0]!r} is outside the model's vocabulary (0..{n_embed - 1})")
+        if forced is None:
+            room = self.max_pos - len(prompt)
+            if room < 1:
+                raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_position_embeddings={self.max_pos}; "
+                                 "shorten it")
+            if params.max_tokens is None:
+                params = replace(params, max_tokens=room)
+            elif params.max_tokens > room:
+                raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
+                                 f"max_position_embeddings={self.max_pos}; lower max_tokens to {room} or less")
+        elif len(stream) > self.max_pos:
+            raise ValueError(f"prompt + forced response = {len(stream)} tokens exceeds max_position_embeddings="
+                             f"{self.max_pos}; truncate the trace")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        s = Sequence(len(self.sequences), list(prompt), params, mode, None if forced is None else list(forced), gen,
+                     arrival_time=time.perf_counter())
         self.sequences.append(s)
-        need = self.cache.pages_for(len(prompt) + 1)
-        if self.cache.bounded and need > self.cache.num_pages:
-            self._reject(s, f"rejected: the prompt needs {need} pages of {self.cache.page_size} tokens, "
-                            f"the KV pool holds {self.cache.num_pages}")
-        else:
-            self.waiting.append(s)
+        self._enqueue(s, front=False)
         return s
 
     def run(self, progress: bool = False) -> list[Sequence]:
         """Run until every request finished; returns all sequences in the order added."""
         bar = None
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # optional: only for the progress bar
 
             bar = tqdm(total=len(self.sequences), dynamic_ncols=True, desc="sequences")
         while self.waiting or self.running:
@@ -224,8 +497,7 @@ class Engine:
             if bar is not None:
                 st = self.cache.stats()
                 bar.n = sum(s.done for s in self.sequences)
-                bar.set_postfix(running=len(self.running), pool=f"{st['held_pages']}/{st['pages']} pages",
-                                refresh=False)
+                bar.set_postfix(running=len(self.running), pool=f"{st['held_pages']}/{st['pages']} pages", refresh=False)
                 bar.refresh()
         if bar is not None:
             bar.close()
@@ -233,27 +505,107 @@ class Engine:
 
     @torch.no_grad()  # generation never needs autograd; without this every KV write grows a graph
     def step(self) -> None:
-        """One scheduler iteration: admit what fits, then one decode step for all running."""
-        self._admit()
-        if self.running:
-            self._decode()
+        """One scheduler iteration: schedule running sequences, then admit waiting ones, run
+        the scheduled tokens, sample for every sequence whose tokens are all fed."""
+        rows = self._schedule()
+        if not rows:
+            return
+        for group in _forward_groups(rows):
+            self._forward(group)
+        self.stats["steps"] += 1
+        self.stats["batch_size_sum"] += len(rows)
+        self.stats["max_running"] = max(self.stats["max_running"], len(rows))
+        self._sample([s for s, _, _ in rows if not s.done and s.forced is None and s.computed == s.length])
 
     # ------------------------------------------------------------------------- scheduling
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            s = self.waiting[0]
-            need = self.cache.pages_for(s.position + 1) + (self.watermark_pages if self.running else 0)
-            if need > self.cache.free_page_count():
-                if self.running:
-                    return  # wait for running sequences to give pages back
-                self.waiting.popleft()  # nothing will give pages back: it can never run
-                self._reject(s, f"KV pool full: {need} pages needed, {self.cache.free_page_count()} free")
+    def _enqueue(self, s: Sequence, front: bool) -> None:
+        """Queue s (a new request, or a preempted one first in line) with the footprint of its
+        prefill; finish it at once if that can never fit the pool."""
+        known = s.ids(0, s.length) + (s.forced[len(s.tokens):] if s.forced is not None else [])
+        s.events, curve = kv_replay(known, self.format, self.config.masking, s.mode)
+        L = s.length  # the prefill feeds what is known; then the next token needs a slot
+        s.footprint = self.cache.pages_for(max(max(curve[:L]), curve[L - 1] + 1))
+        never = max(curve) if s.forced is not None else max(curve[:L]) + 1  # a replay's whole trace is known
+        if self.cache.bounded and self.cache.pages_for(never) > self.cache.num_pages:
+            what = "its replay" if s.forced is not None else "its prefill and first token"
+            self._end(s, f"rejected: {what} holds up to {never:,} KV tokens ({self.cache.pages_for(never)} pages of "
+                         f"{self.cache.page_size}), the KV pool holds {self.cache.num_pages} pages")
+            self.stats["rejected"] += 1
+            return
+        if front:
+            self.waiting.appendleft(s)
+        else:
+            self.waiting.append(s)
+
+    def _schedule(self) -> list[tuple[Sequence, int, int]]:
+        """This step's work as (sequence, first position, tokens) rows, pages reserved: running
+        sequences first, oldest first, each leaving one token of the budget for every later
+        one; a short pool preempts the newest. Then admissions with what is left."""
+        budget, promised, rows = self.config.max_num_batched_tokens, 0, []
+        i = 0
+        while i < len(self.running):
+            s = self.running[i]
+            start, n = self._plan(s, budget - (len(self.running) - i - 1))
+            need = self.cache.pages_to_append(s.id, n)
+            while need > self.cache.free_page_count() - promised and self.running[-1] is not s:
+                self._preempt(self.running[-1])
+            if need > self.cache.free_page_count() - promised:
+                if i == 0:  # alone in the pool and still short: it can never grow here
+                    keep = max(0, len(s.curve) - len(s.prompt))  # tokens not fed are dropped
+                    del s.tokens[keep:], s.logprobs[keep:], s.top_logprobs[keep:]
+                    self._end(s, f"KV pool full: the sequence alone outgrew it ({self.cache.num_pages} pages)")
+                else:
+                    self._preempt(s)
                 continue
+            rows.append((s, start, n))
+            promised += need
+            budget -= n
+            i += 1
+        while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
+            s = self.waiting[0]
+            free = self.cache.free_page_count() - promised
+            if s.footprint + (self.watermark_pages if self.running else 0) > free:
+                if not self.running and not rows:  # nothing will give pages back (only with keep_cache)
+                    self.waiting.popleft()
+                    self.stats["rejected"] += 1
+                    self._end(s, f"KV pool full: {s.footprint} pages needed, {free} free")
+                    continue
+                break
             self.waiting.popleft()
-            self._prefill(s)
-            if not s.done:
-                self.running.append(s)
+            self._start(s)
+            start, n = self._plan(s, budget)
+            rows.append((s, start, n))
+            promised += self.cache.pages_to_append(s.id, n)
+            budget -= n
+            self.running.append(s)
+        return rows
+
+    def _start(self, s: Sequence) -> None:
+        """Give an admitted sequence an empty cache entry and a fresh tracker; its whole token
+        stream will be fed again (curve and logits are counted again, identically)."""
+        self.cache.add(s.id)
+        s.tracker, s.computed, s.curve, s.logits = BlockTracker(self.format, self.config.masking), 0, [], []
+        if s.first_scheduled_time is None:
+            s.first_scheduled_time = time.perf_counter()
+
+    def _plan(self, s: Sequence, limit: int) -> tuple[int, int]:
+        """The chunk s feeds this step, at most `limit` tokens: (first position, length). Reads
+        the chunk's new tokens with the tracker, evicting what their arrival masks (only the
+        first may start a mask: a chunk never crosses an event)."""
+        if s.forced is not None and s.computed == s.length:  # a replay takes its next forced tokens
+            k = len(s.tokens)
+            n = _chunk_length(s.length, len(s.prompt) + len(s.forced), min(limit, self.config.replay_chunk), s.events)
+            for t in s.forced[k:k + n]:
+                self._emit(s, t)
+                self._read(s, t)
+        if s.tracker.pos == s.computed:
+            self._read(s, s.ids(s.computed, s.computed + 1)[0])  # restart mode may move s.computed back
+        start = s.computed
+        n = _chunk_length(start, s.length, limit, s.events, read=s.tracker.pos)
+        for t in s.ids(s.tracker.pos, start + n):
+            self._read(s, t)
+        return start, n
 
     def _preempt(self, s: Sequence) -> None:
         """Free a running sequence's pages and queue it again, first in line, with its tokens."""
@@ -261,181 +613,170 @@ class Engine:
         self.cache.free(s.id)
         s.preemptions += 1
         self.stats["preemptions"] += 1
-        self.waiting.appendleft(s)
+        self._enqueue(s, front=True)
 
-    def _reject(self, s: Sequence, reason: str) -> None:
-        s.done, s.stop_reason = True, reason
-        self.stats["rejected"] += 1
-        if self.on_finish:
-            self.on_finish(s)
-
-    def _finish(self, s: Sequence, reason: str) -> None:
-        s.done, s.stop_reason = True, reason
-        s.curve = list(self.cache.curve(s.id))
-        s.blocks_completed = len(s.tracker.completed)
-        s.last = None
+    def _end(self, s: Sequence, reason: str) -> None:
+        """Finish s: results set, pages freed (unless keep_cache), on_finish called."""
+        s.done, s.stop_reason, s.finished_time = True, reason, time.perf_counter()
+        if s.tracker is not None:
+            s.blocks_completed = len(s.tracker.completed)
+        if s.text is None:
+            s.text = self.tok.decode(s.tokens)
         if s in self.running:
             self.running.remove(s)
-        if not self.keep_cache:
+        if s.id in self.cache.seqs and not self.config.keep_cache:
             self.cache.free(s.id)
         if self.on_finish:
             self.on_finish(s)
 
-    # ------------------------------------------------------------------------- prefill
+    # ------------------------------------------------------------------------- forwards and sampling
 
-    def _prefill(self, s: Sequence) -> None:
-        """Start a sequence in the cache and feed prompt + tokens generated so far (after a
-        preemption), teacher-forced, in chunks of max_num_batched_tokens that never cross a
-        position where a mask starts: evictions and restart recomputation happen exactly
-        as during decoding. Logits only for the last token (all of them with keep_logits)."""
-        self.cache.add(s.id)
-        s.tracker, s.logits = BlockTracker(self.T, self.cfg), []
-        stream = s.prompt + s.tokens
-        s.events = _mask_events(stream + (s.forced[len(s.tokens):] if s.forced else []), self.T, self.cfg)
-        start = 0
-        while start < len(stream):
-            n = _chunk_length(stream, start, self.max_num_batched_tokens, s.events)
-            for p in range(start, start + n):
-                self._read(s, stream[p])
-            h = self._forward([s], [stream[start:start + n]], [start])
-            if self.keep_logits:
-                s.logits.extend(self.model.logits(h[0, :n]).cpu())
-            start += n
-        s.last = self.model.logits(h[0, n - 1])
-        self._check_done(s)
+    def _forward(self, rows: list[tuple[Sequence, int, int]]) -> None:
+        """One model forward of these rows' chunks through the cache (right-padded; padding is
+        stored nowhere); counts the KV curve of first-time tokens and keeps the logits each
+        row needs."""
+        B, W = len(rows), max(n for _, _, n in rows)
+        ids = torch.zeros(B, W, dtype=torch.int64)
+        pos = torch.zeros(B, W, dtype=torch.int64)
+        mf = torch.full((B, W), EMPTY, dtype=torch.int64)
+        held = []
+        for r, (s, a, n) in enumerate(rows):
+            ids[r, :n] = torch.tensor(s.ids(a, a + n), dtype=torch.int64)
+            pos[r, :n] = torch.arange(a, a + n)
+            mf[r, :n] = NEVER
+            held.append(self.cache.length(s.id))
+        view = self.cache.batch([s.id for s, _, _ in rows])
+        h = self.model.hidden_states(ids.to(self.device), pos.to(self.device), mf.to(self.device), view)
+        self.stats["forwards"] += 1
+        self.stats["tokens"] += sum(n for _, _, n in rows)
+        need_last = [r for r, (s, a, n) in enumerate(rows) if s.forced is None and a + n == s.length]
+        if need_last:
+            last = self.model.logits(h[need_last, [rows[r][2] - 1 for r in need_last]])
+        for r, (s, a, n) in enumerate(rows):
+            first = len(s.curve)  # positions fed before are recomputed (restart mode): not counted again
+            if a + n > first:
+                s.curve.extend(held[r] + p - a + 1 for p in range(max(a, first), a + n))
+                if self.config.keep_logits:
+                    s.logits.extend(self.model.logits(h[r, max(a, first) - a:n]).cpu())
+            s.computed = a + n
+            if r in need_last:
+                s.last = last[need_last.index(r)]
+            if s.forced is not None and s.computed == len(s.prompt) + len(s.forced):
+                self._end(s, "end of trace")
 
-    # ------------------------------------------------------------------------- decode
-
-    def _decode(self) -> None:
-        sampled = [s for s in self.running if s.forced is None]
-        if sampled:
-            last = torch.stack([s.last for s in sampled])
-            raw = torch.log_softmax(last.float(), -1) if self.record_logprobs else None
-            last[:, self.vocab:] = float("-inf")  # the embedding may be padded beyond the tokenizer
-            picks = sample(last, self.sampling, [s.generator for s in sampled])
-            if raw is not None:
-                lps = dict(zip((s.id for s in sampled), raw.gather(-1, picks[:, None]).squeeze(-1).tolist()))
-            choice = dict(zip((s.id for s in sampled), picks.tolist()))
-        chunks = {}
-        for s in list(self.running):
-            if s.forced is not None:
-                k = len(s.tokens)
-                chunk = s.forced[k:k + _chunk_length(s.forced, k, self.replay_chunk, s.events, offset=len(s.prompt))]
-            else:
-                ob = s.tracker.open_block_start
-                forced = bool(self.max_block_tokens and ob is not None and s.position - ob - 1 >= self.max_block_tokens)
-                chunk = [self.T.block_end] if forced else [choice[s.id]]
-                if self.record_logprobs:
-                    s.logprobs.append(float("nan") if forced else lps[s.id])
-            for t in chunk:
-                kind = _kind(s.tracker, t, self.T)
-                self._read(s, t)
-                s.tokens.append(t)
-                if self.on_token:
-                    self.on_token(s.id, t, kind)
-            chunks[s.id] = chunk
-        batch = self._make_room([s for s in self.running], chunks)
-        if not batch:
+    def _sample(self, ready: list[Sequence]) -> None:
+        """Sample the next token of every ready sequence in one call, then stop the ones done."""
+        if not ready:
             return
-        h = self._forward(batch, [chunks[s.id] for s in batch], [s.position - len(chunks[s.id]) for s in batch])
-        rows = [len(chunks[s.id]) - 1 for s in batch]
-        last = self.model.logits(h[torch.arange(len(batch)), rows])
-        self.stats["steps"] += 1
-        self.stats["batch_size_sum"] += len(batch)
-        self.stats["max_running"] = max(self.stats["max_running"], len(batch))
-        for r, s in enumerate(batch):
-            if self.keep_logits:
-                s.logits.extend(self.model.logits(h[r, :len(chunks[s.id])]).cpu())
-            s.last = last[r]
-            self._check_done(s)
+        last = torch.stack([s.last for s in ready])
+        want_lp = [r for r, s in enumerate(ready) if s.params.logprobs is not None]
+        if want_lp:  # the model's full distribution, as a training forward computes it
+            lp = torch.log_softmax(last[want_lp].float(), -1)
+            top_k = max(ready[r].params.logprobs for r in want_lp)
+            top = lp.topk(top_k, dim=-1) if top_k else None
+        last[:, self.vocab:] = float("-inf")  # the embedding may be padded beyond the tokenizer
+        picks = sample(last, [s.params for s in ready], [s.generator for s in ready]).tolist()
+        for r, s in enumerate(ready):
+            s.last = None
+            t = picks[r]
+            ob = s.tracker.open_block_start
+            forced = bool(self.config.max_block_tokens and ob is not None and s.length - ob - 1 >= self.config.max_block_tokens)
+            if forced:
+                t = self.format.block_end
+            if s.params.logprobs is not None:
+                j = want_lp.index(r)
+                s.logprobs.append(float("nan") if forced else float(lp[j, t]))
+                if s.params.logprobs:
+                    k = s.params.logprobs
+                    s.top_logprobs.append(dict(zip(top.indices[j, :k].tolist(), top.values[j, :k].tolist())))
+            self._emit(s, t)
+            reason = self._stop_reason(s, t)
+            if reason:
+                self._finish_unfed(s, reason)
 
-    def _make_room(self, batch: list[Sequence], chunks: dict) -> list[Sequence]:
-        """The sequences whose chunks the pool can hold, preempting the most recently
-        admitted ones until the rest fit (a sequence alone that cannot grow ends)."""
-        while True:
-            need = sum(self.cache.pages_to_append(s.id, len(chunks[s.id])) for s in batch)
-            if need <= self.cache.free_page_count():
-                return batch
-            victim = batch[-1]
-            if len(batch) == 1:
-                victim.tokens = victim.tokens[:len(victim.tokens) - len(chunks[victim.id])]
-                victim.logprobs = victim.logprobs[:len(victim.tokens)]
-                self._finish(victim, "KV pool full: the sequence alone outgrew it")
-                return []
-            batch = batch[:-1]
-            self._preempt(victim)
+    def _emit(self, s: Sequence, t: int) -> None:
+        """Append a response token (sampled or forced): timing, stop-string text, on_token."""
+        now = time.perf_counter()
+        if s.first_token_time is None:
+            s.first_token_time = now
+        else:
+            s.itl.append(now - s.last_token_time)
+        s.last_token_time = now
+        if self.on_token:
+            self.on_token(s.id, t, _kind(s.tracker, t, self.format))
+        s.tokens.append(t)
+        if s.params.stop:
+            s.out_bytes += self.tok.decode_bytes([t])
 
-    def _check_done(self, s: Sequence) -> None:
-        if s.forced is not None and len(s.tokens) >= len(s.forced):
-            self._finish(s, "end of trace")
-        elif s.tokens and s.forced is None and s.tokens[-1] in self.stop_ids:
-            self._finish(s, "stop token")
-        elif len(s.tokens) >= s.max_new_tokens:
-            self._finish(s, "max_new_tokens")
-        elif s.position >= self.max_pos:
-            self._finish(s, "max_position_embeddings")
+    def _stop_reason(self, s: Sequence, t: int) -> str:
+        """Why s stops after sampling t ("" if it does not): a stop token, a stop string (the
+        text is cut before it), or its length."""
+        if (t in self.eos_ids and not s.params.ignore_eos) or t in s.params.stop_token_ids:
+            return "stop token"
+        if s.params.stop:
+            tail = max(len(x.encode()) for x in s.params.stop) + len(self.tok.decode_bytes([t]))
+            hits = [i for i in (s.out_bytes.find(x.encode(), max(0, len(s.out_bytes) - tail)) for x in s.params.stop)
+                    if i >= 0]
+            if hits:
+                s.text = bytes(s.out_bytes[:min(hits)]).decode("utf-8", errors="replace")
+                return "stop string"
+        if len(s.tokens) >= s.max_tokens:
+            return "max_tokens"
+        return ""
+
+    def _finish_unfed(self, s: Sequence, reason: str) -> None:
+        """End a sequence whose last token was sampled but is not fed (nothing would read its
+        K/V): the tracker still reads it and its arrival still evicts, and the curve counts
+        what the cache would hold after it (§A.3.1), so every token has its entry."""
+        while s.tracker.pos < s.length:
+            self._read(s, s.ids(s.tracker.pos, s.tracker.pos + 1)[0])
+        s.curve.append(self.cache.length(s.id) + s.length - s.computed)
+        self._end(s, reason)
 
     # ------------------------------------------------------------------------- the mechanism
 
     def _read(self, s: Sequence, token: int) -> None:
-        """Let the tracker read the token about to be fed; evict (or restart-recompute)
-        whatever its arrival masks, before it is fed (§6.1)."""
+        """Let the tracker read the token about to be fed; evict whatever its arrival masks,
+        before it is fed (§6.1). Restart mode (§6.2.1) evicts the block with its delimiters
+        and the memento too, whose tokens are then fed again from s.computed: same text, same
+        positions, K/V recomputed without the block."""
         for b in s.tracker.step(token):
-            if not s.compaction:
+            if s.mode is Mode.FULL:
                 continue
-            if s.restart:
-                self._restart_memento(s, b)
+            if s.mode is Mode.RESTART:
+                self.cache.evict(s.id, b.s, b.z - 1)
+                s.computed = min(s.computed, b.e + 1)
             else:
-                self.cache.evict(s.id, *b.span(self.cfg.mask_delimiters))
-
-    def _restart_memento(self, s: Sequence, b) -> None:
-        """§6.2.1: drop block b with its delimiters, then recompute the K/V of every token
-        between <|block_end|> and <|summary_end|> (the memento and any whitespace before
-        <|summary_start|>) at their own logical positions against what remains, so they no
-        longer carry the block. The memento text is unchanged; nothing is counted twice."""
-        self.cache.evict(s.id, b.s, b.z - 1)
-        stream = s.prompt + s.tokens
-        if b.z - 1 > b.e:
-            self._forward([s], [stream[b.e + 1:b.z]], [b.e + 1], record=False)
-
-    def _forward(self, seqs: list[Sequence], chunks: list[list[int]], starts: list[int], record: bool = True):
-        """One model forward of these sequences' chunks through the cache: hidden states
-        [B, W, hidden] (right-padded; padding is stored nowhere)."""
-        B, W = len(seqs), max(map(len, chunks))
-        ids = torch.zeros(B, W, dtype=torch.int64)
-        pos = torch.zeros(B, W, dtype=torch.int64)
-        mf = torch.full((B, W), EMPTY, dtype=torch.int64)
-        for r, (c, p0) in enumerate(zip(chunks, starts)):
-            ids[r, :len(c)] = torch.tensor(c, dtype=torch.int64)
-            pos[r, :len(c)] = torch.arange(p0, p0 + len(c))
-            mf[r, :len(c)] = NEVER
-        view = self.cache.batch([s.id for s in seqs], record=record)
-        self.stats["forwards"] += 1
-        return self.model.hidden_states(ids.to(self.device), pos.to(self.device), mf.to(self.device), view)
+                self.cache.evict(s.id, *b.span(self.config.masking.mask_delimiters))
 
 
-def _check_restart(restart: bool, cfg: MementoConfig) -> None:
-    if restart and (cfg.keep_last_n_blocks != 0 or cfg.keep_last_block_for_answer):
-        raise ValueError("restart mode is defined for keep_last_n_blocks=0 without keep_last_block_for_answer")
-
-
-def _chunk_length(tokens: list[int], start: int, limit: int, events: set, offset: int = 0) -> int:
-    """How many of tokens[start:] to feed in one forward: at most `limit`, and never past a
-    position where a mask starts (offset + index is a token's logical position)."""
+def _chunk_length(start: int, end: int, limit: int, events: set, read: int | None = None) -> int:
+    """How many positions from `start` (below `end`) one chunk feeds: at most `limit` (>= 1),
+    never past a position where a mask starts. `read`: positions before it were already read
+    by the tracker (their evictions are done), so only events at or after it end a chunk."""
+    read = start + 1 if read is None else max(read, start + 1)
     n = 1
-    while n < limit and start + n < len(tokens) and offset + start + n not in events:
+    while n < limit and start + n < end and not (start + n >= read and start + n in events):
         n += 1
     return n
 
 
-def _mask_events(ids: list[int], T: MementoTokens, cfg: MementoConfig) -> set[int]:
-    """Positions at which some mask starts (a teacher-forced chunk must begin there)."""
-    tr = BlockTracker(T, cfg)
-    return {p for p, t in enumerate(ids) if tr.step(t)}
+def _forward_groups(rows: list) -> list[list]:
+    """Rows split into forwards: longest chunk first, a row joins a forward while the padded
+    size (rows x longest chunk) stays within twice the real tokens (decode rows of one token
+    share one forward; a long prefill chunk runs apart from them)."""
+    groups = []
+    for row in sorted(rows, key=lambda r: -r[2]):
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) + 1) * g[0][2] <= 2 * (sum(r[2] for r in g) + row[2]):
+            g.append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
-def _kind(tracker: BlockTracker, t: int, T: MementoTokens) -> str:
-    if t in (T.block_start, T.block_end, T.summary_start, T.summary_end):
+def _kind(tracker: BlockTracker, t: int, fmt: MementoTokens) -> str:
+    if t in (fmt.block_start, fmt.block_end, fmt.summary_start, fmt.summary_end):
         return "delimiter"
     if tracker.summarizing is not None:
         return "memento"

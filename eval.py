@@ -27,30 +27,29 @@ for a gold answer that is one letter) and the embedded task (data/toy_task.check
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, add_generation_args, kv_cache_tokens, masking_config, positive_int
+from cli import ArgumentParser, add_generation_args, engine_config, kv_cache_budget, positive_int
 from data import grading, toy_task
-from engine import Engine, SampleConfig, Sequence
+from engine import Engine, EngineConfig, Mode, Sequence, check_mode
 from kv_cache import kv_bytes_per_token
-from memento_attention import MementoConfig, MementoTokens
+from memento_attention import MementoTokens
 from model import QWEN3_SHAPES, Qwen3Config
 
-MODES = {"memento": dict(compaction=True, restart=False),
-         "full": dict(compaction=False, restart=False),
-         "restart": dict(compaction=True, restart=True)}
+MODES = [m.value for m in Mode]  # memento, full, restart
 GB = 1e9  # the paper's GB (§A.3.1)
 # Flags whose change makes earlier results incomparable: a rerun with another value is refused.
-RUN_DEFINING = ("checkpoint", "data", "problem_key", "answer_key", "seed", "temperature", "top_p", "top_k",
+RUN_DEFINING = ("checkpoint", "data", "problem_key", "answer_key", "seed", "temperature", "top_p", "top_k", "min_p",
                 "max_new_tokens", "max_block_tokens", "keep_last_n_blocks", "mask_delimiters",
                 "keep_last_block_for_answer", "dtype")
 
@@ -138,7 +137,7 @@ def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, T, bytes_
     out = {"problem": p.id, "mode": mode, "sample": k, "seed": seed, "correct": bool(verdict["correct"]),
            "extracted": verdict.get("extracted"), "gold": p.gold, "tokens": len(s.tokens),
            "stop_reason": s.stop_reason, **trace_stats(s.tokens, T), "peak_kv_tokens": peak, "kv_auc": auc,
-           "preemptions": s.preemptions}
+           "preemptions": s.preemptions, "metrics": s.metrics()}
     if "reason" in verdict:
         out["reason"] = verdict["reason"]
     for name, b in bytes_per_token.items():
@@ -148,20 +147,20 @@ def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, T, bytes_
     return out
 
 
-def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *, seed: int, cfg: MementoConfig,
-        sampling: SampleConfig = SampleConfig(), max_new_tokens: int = 32768, shapes: dict[str, int] | None = None,
-        done: set | frozenset = frozenset(), on_record=None, progress: bool = False, **engine_kw) -> list[dict]:
+def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *, seed: int,
+        config: EngineConfig = EngineConfig(), shapes: dict[str, int] | None = None,
+        done: set | frozenset = frozenset(), on_record=None, progress: bool = False) -> list[dict]:
     """Generate and grade every (problem, mode, sample) not in `done` through one Engine.
 
     Args:
         model, tok: a model.Qwen3 (eval) and its tokenizer.Tokenizer with the memento tokens.
         problems: the Problems; modes: names from MODES; n_samples: samples per problem and mode.
-        seed: base of sample_seed. cfg: masking options (restart needs keep_last_n_blocks 0).
-        sampling, max_new_tokens: as in generate.py (a toy problem is capped at toy_max_new_tokens).
+        seed: base of sample_seed. config: the engine's options; its sampling holds the
+            sampling parameters (max_tokens None: the paper's 32,768, within
+            max_position_embeddings; a toy problem is capped at toy_max_new_tokens).
         shapes: {name: KV bytes per token} reported beside this model's own figures ("model").
         done: (problem id, mode, sample) keys to skip. on_record: callback(record, Sequence)
-            per finished sample, in finishing order. engine_kw: Engine options (max_num_seqs,
-            kv_cache_tokens, page_size, max_num_batched_tokens, max_block_tokens).
+            per finished sample, in finishing order.
     Returns:
         the new records, in finishing order.
     Raises:
@@ -170,6 +169,8 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+    for m in modes:
+        check_mode(m, config.masking)  # restart where it is undefined: one line, before any work
     T = MementoTokens.from_tokenizer(tok)
     per_token = {"model": kv_bytes_per_token(model.config, next(model.parameters()).dtype), **(shapes or {})}
     toy_cap = toy_max_new_tokens(tok)
@@ -194,10 +195,14 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
         if bar is not None:
             bar.update(1)
 
-    eng = Engine(model, tok, cfg, sampling=sampling, on_finish=finished, **engine_kw)
+    eng = Engine(model, tok, config, on_finish=finished)
+    max_tokens = config.sampling.max_tokens or 32768
     for p, m, k in todo:
-        s = eng.add(tok.encode(tok.chat_prompt(p.prompt)), max_new_tokens=min(max_new_tokens, toy_cap) if p.kind == "toy"
-                    else max_new_tokens, seed=sample_seed(seed, p.id, k), **MODES[m])
+        prompt = tok.encode(tok.chat_prompt(p.prompt))
+        cap = min(max_tokens, toy_cap) if p.kind == "toy" else max_tokens
+        params = replace(config.sampling, seed=sample_seed(seed, p.id, k),
+                         max_tokens=max(1, min(cap, model.config.max_position_embeddings - len(prompt))))
+        s = eng.add(prompt, params, mode=m)
         jobs[s.id] = (p, m, k)
         if s.done:  # rejected at once: recorded by the callback before jobs knew it
             finished(s)
@@ -335,7 +340,8 @@ def main(argv=None) -> dict:
     unknown = [s for s in shapes if s not in QWEN3_SHAPES]
     if unknown:
         ap.error(f"--kv-shapes: unknown shape(s) {', '.join(unknown)}; choose from {', '.join(QWEN3_SHAPES)}")
-    cfg = masking_config(ap, args, "restart" in modes)
+    engine = engine_config(ap, args, "restart" if "restart" in modes else "memento")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
 
     if args.data == "toy":
         problems, skipped = toy_problems(args.toy_problems, args.seed), []
@@ -369,7 +375,7 @@ def main(argv=None) -> dict:
 
     wanted = {(p.id, m, k) for p in problems for m in modes for k in range(args.n_samples)}
     done = {(r["problem"], r["mode"], r["sample"]) for r in previous} & wanted
-    kv_tokens = kv_cache_tokens(ap, args, model.config)
+    engine = kv_cache_budget(ap, args, engine, model.config)
     print(f"eval.py: {len(problems)} problems x {args.n_samples} samples x {len(modes)} modes = {len(wanted)} samples, "
           f"{len(done)} already in {out}", file=sys.stderr)
 
@@ -379,12 +385,9 @@ def main(argv=None) -> dict:
             f.write(json.dumps(r) + "\n")
             f.flush()
 
-        new = run(model, tok, problems, modes, args.n_samples, seed=args.seed, cfg=cfg,
-                  sampling=SampleConfig(args.temperature, args.top_p, args.top_k), max_new_tokens=args.max_new_tokens,
+        new = run(model, tok, problems, modes, args.n_samples, seed=args.seed, config=engine,
                   shapes={s: kv_bytes_per_token(Qwen3Config.released(s), torch.bfloat16) for s in shapes}, done=done,
-                  on_record=write, progress=not args.no_progress and sys.stderr.isatty(),
-                  max_num_seqs=args.max_num_seqs, kv_cache_tokens=kv_tokens, page_size=args.page_size,
-                  max_num_batched_tokens=args.max_num_batched_tokens, max_block_tokens=args.max_block_tokens)
+                  on_record=write, progress=not args.no_progress and sys.stderr.isatty())
     seconds = time.perf_counter() - t0
     records = [r for r in previous if (r["problem"], r["mode"], r["sample"]) in wanted] + new
     summary = summarize(records, modes)

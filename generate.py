@@ -13,15 +13,16 @@ streamed, with its KV summary; with many, a progress bar, then one summary (or J
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, add_generation_args, kv_cache_tokens, masking_config, positive_int
-from engine import STOP_TOKENS, Engine, SampleConfig, Sequence, sample  # noqa: F401  (sample: the public sampler)
-from memento_attention import MementoConfig
+from cli import ArgumentParser, add_generation_args, engine_config, kv_cache_budget, positive_int
+from engine import STOP_TOKENS, Engine, EngineConfig, Mode, SamplingParams, Sequence
 
 DEFAULT_CHECKPOINT = "out/stage2"
 
@@ -30,7 +31,7 @@ def generation_config(tok, model_config, base: dict | None = None) -> dict:
     """generation_config.json for a checkpoint (paper §6.1 sampling): `base` (what the checkpoint
     it came from had) with this module's sampling defaults and the tokenizer's stop tokens, so
     that transformers' generate() samples as generate.py does."""
-    sc = SampleConfig()
+    sc = SamplingParams()
     out = dict(base or {})
     out.update(do_sample=True, temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
                eos_token_id=[tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids])
@@ -47,36 +48,31 @@ def request_seed(seed: int | None, i: int) -> int | None:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], cfg: MementoConfig, *, compaction: bool = True,
-             restart: bool = False, max_new_tokens: int = 1024, max_block_tokens: int | None = None,
-             sampling: SampleConfig = SampleConfig(), seed: int | None = None,
-             forced: list[list[int]] | None = None, replay_chunk: int = 1, max_num_batched_tokens: int = 2048,
-             max_num_seqs: int | None = None, kv_cache_tokens: int | None = None, page_size: int = 16,
-             keep_logits: bool = False, keep_cache: bool = False, on_token=None, progress: bool = False):
+def generate(model, tok, prompts: list[list[int]], config: EngineConfig = EngineConfig(),
+             sampling: SamplingParams | list[SamplingParams] | None = None, *, seed: int | None = None,
+             forced: list[list[int]] | None = None, on_token=None, progress: bool = False):
     """Generate (or replay) B requests through one Engine and return them (§6.1).
 
     Args:
         model: a model.Qwen3. tok: a tokenizer.Tokenizer with the memento tokens.
         prompts: B lists of token ids (each already in ChatML, see Tokenizer.chat_prompt).
-        cfg: the masking options (memento_attention.MementoConfig).
-        compaction, restart, max_block_tokens, replay_chunk, max_num_batched_tokens,
-            kv_cache_tokens, page_size, keep_logits, keep_cache, on_token: see engine.Engine
-            (max_num_seqs: default all B at once; kv_cache_tokens: default unbounded).
-        max_new_tokens: response tokens per sequence (a replay stops at its trace's end).
-        sampling: SampleConfig. seed: request i samples with seed request_seed(seed, i).
+        config: the engine's options (engine.EngineConfig: masking, mode, pool, batching).
+        sampling: SamplingParams of every request, or one per prompt (None: config.sampling).
+        seed: request i samples with seed request_seed(seed, i) (None: sampling.seed for all).
         forced: B lists of response ids to teacher-force instead of sampling (replay).
+        on_token: see engine.Engine. progress: a tqdm bar.
     Returns:
         (list[engine.Sequence] in prompt order, engine.Engine: its cache and counters).
     Raises:
-        ValueError for an empty prompt or one at or beyond max_position_embeddings, restart
-        with options it does not define, or a size < 1.
+        ValueError for an empty prompt, one (with its max_tokens or forced response) beyond
+        max_position_embeddings, or an id outside the vocabulary (engine.Engine.add).
     """
-    eng = Engine(model, tok, cfg, compaction=compaction, restart=restart, sampling=sampling,
-                 max_block_tokens=max_block_tokens, max_num_seqs=max_num_seqs or max(1, len(prompts)),
-                 kv_cache_tokens=kv_cache_tokens, page_size=page_size, max_num_batched_tokens=max_num_batched_tokens,
-                 replay_chunk=replay_chunk, keep_logits=keep_logits, keep_cache=keep_cache, on_token=on_token)
-    seqs = [eng.add(p, None if forced is None else forced[i], len(forced[i]) if forced is not None and forced[i]
-                    else max_new_tokens, request_seed(seed, i)) for i, p in enumerate(prompts)]
+    eng = Engine(model, tok, config, on_token=on_token)
+    sampling = sampling or config.sampling
+    params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    if seed is not None:
+        params = [dataclasses.replace(sp, seed=request_seed(seed, i)) for i, sp in enumerate(params)]
+    seqs = [eng.add(p, sp, forced=None if forced is None else forced[i]) for i, (p, sp) in enumerate(zip(prompts, params))]
     eng.run(progress=progress)
     return seqs, eng
 
@@ -100,6 +96,7 @@ def kv_summary(seq: Sequence, bytes_per_token: int) -> dict:
         "bytes_per_token": bytes_per_token,
         "preemptions": seq.preemptions,
         "stop_reason": seq.stop_reason,
+        "metrics": seq.metrics(),
         "kv_curve": curve,
     }
 
@@ -220,9 +217,11 @@ def main(argv=None):
         ap.error("give --prompt TEXT, --prompts-file FILE or --replay FILE.jsonl")
     if args.restart and args.no_compaction:
         ap.error("--restart needs compaction (it recomputes mementos after their block is evicted); drop --no-compaction")
-    cfg = masking_config(ap, args, args.restart)
+    mode = Mode.FULL if args.no_compaction else Mode.RESTART if args.restart else Mode.MEMENTO
+    config = engine_config(ap, args, mode, replay_chunk=args.replay_chunk)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
     model, tok = load(args.checkpoint, args.device, getattr(torch, args.dtype))
-    kv_tokens = kv_cache_tokens(ap, args, model.config)
+    config = kv_cache_budget(ap, args, config, model.config)
 
     # (name, prompt ids, forced response ids or None)
     if args.replay:
@@ -242,6 +241,9 @@ def main(argv=None):
             over = len(prompt) + len(forced) - max_pos
             print(f"{name}: trace is {over} tokens longer than max_position_embeddings; truncated", file=sys.stderr)
             jobs[i] = (name, prompt, forced[:len(forced) - over])
+    # a sampled response stops where positions end (too long a prompt: engine.add says so)
+    params = [dataclasses.replace(config.sampling, max_tokens=max(1, min(config.sampling.max_tokens, max_pos - len(p))))
+              for _, p, _ in jobs]
     stream = not args.json and len(jobs) == 1 and jobs[0][2] is None
     color = stream and sys.stdout.isatty()
 
@@ -251,13 +253,8 @@ def main(argv=None):
         sys.stdout.flush()
 
     try:
-        seqs, eng = generate(model, tok, [p for _, p, _ in jobs], cfg, compaction=not args.no_compaction,
-                             restart=args.restart, max_new_tokens=args.max_new_tokens,
-                             max_block_tokens=args.max_block_tokens,
-                             sampling=SampleConfig(args.temperature, args.top_p, args.top_k), seed=args.seed,
+        seqs, eng = generate(model, tok, [p for _, p, _ in jobs], config, params, seed=args.seed,
                              forced=None if args.replay is None else [f for _, _, f in jobs],
-                             replay_chunk=args.replay_chunk, max_num_batched_tokens=args.max_num_batched_tokens,
-                             max_num_seqs=args.max_num_seqs, kv_cache_tokens=kv_tokens, page_size=args.page_size,
                              on_token=show if stream else None, progress=len(jobs) > 1 and sys.stderr.isatty())
     except ValueError as e:
         sys.exit(f"generate.py: {e}")
@@ -267,7 +264,7 @@ def main(argv=None):
             print(f"generate.py: {name}: {s.stop_reason}", file=sys.stderr)
         summary = kv_summary(s, eng.cache.bytes_per_token)
         curves.append((name, summary["kv_curve"]))
-        text = tok.decode(s.tokens)
+        text = s.text
         verdict = _task_verdict(args.prompt, text) if args.prompt else None
         if args.json:
             out = {"name": name, **summary, "token_ids": s.prompt + s.tokens,

@@ -10,8 +10,10 @@ pages emptied at the end go back to the pool, where another sequence can use the
 That is what a completed block's eviction buys a server: room for more sequences.
 
 RoPE positions stay logical: a token keeps the position it had in the whole sequence,
-whatever slot it sits in. The pool is either bounded (a KV budget: what a server has) or
-grows by doubling (what a single generation wants).
+whatever slot it sits in. The pool has a size in pages (a KV budget: what a server has) or is
+unbounded (it grows by doubling, for experiments that want no limit). A bounded pool is
+allocated at once on CUDA, as vLLM does; on the CPU its memory is allocated as it is first
+used, by doubling up to the budget, so a large default budget costs nothing until it is used.
 
 A forward through the cache goes through a `CacheBatch` (the cache's view of the sequences
 of one forward): `append` reserves and fills the slots of the new tokens once for all
@@ -47,7 +49,6 @@ class OutOfPages(RuntimeError):
 class _Seq:
     pages: list[int] = field(default_factory=list)
     length: int = 0                                       # tokens held
-    curve: list[int] = field(default_factory=list)        # tokens held after each token was fed (§A.3.1)
 
 
 class PagedKVCache:
@@ -57,15 +58,18 @@ class PagedKVCache:
         model_config: a model.Qwen3Config (layers, KV heads, head_dim).
         dtype, device: of the pool.
         page_size: token slots per page (>= 1).
-        num_pages: pool size; None grows the pool by doubling as needed (unbounded).
+        num_pages: pool size in pages (the KV budget); None = unbounded (grows by doubling).
+        preallocate: allocate a bounded pool's memory at once (default: on CUDA, where
+            growing later would fragment device memory); otherwise it grows by doubling up
+            to num_pages as pages are first used.
     Pool tensors: k, v [L, Hkv, slots, D] (each head's keys contiguous, as attention reads
-    them); pos, mask_from [slots] int64 (EMPTY on free slots).
-    Accounting per sequence: `curve(seq)` (tokens held after each token fed: peak = max,
-    AUC = sum, in token.steps; bytes = tokens x bytes_per_token); for the pool `stats()`.
+    them); pos, mask_from [slots] int64 (EMPTY on free slots). Accounting for the pool:
+    `stats()`; per sequence the engine counts tokens held after each token (§A.3.1).
     Raises ValueError for page_size or num_pages < 1.
     """
 
-    def __init__(self, model_config, dtype: torch.dtype, device, *, page_size: int = 16, num_pages: int | None = None):
+    def __init__(self, model_config, dtype: torch.dtype, device, *, page_size: int = 16, num_pages: int | None = None,
+                 preallocate: bool | None = None):
         if page_size < 1 or (num_pages is not None and num_pages < 1):
             raise ValueError(f"PagedKVCache: page_size ({page_size}) and num_pages ({num_pages}) must be >= 1")
         c = model_config
@@ -73,16 +77,20 @@ class PagedKVCache:
         self.page_size, self.bounded = page_size, num_pages is not None
         self.dtype, self.device = dtype, torch.device(device)
         self.bytes_per_token = kv_bytes_per_token(model_config, dtype)
-        self.num_pages = 0
+        self.num_pages = num_pages or 0   # the budget (unbounded: what is allocated)
+        self.allocated = 0                # pages with memory behind them
         self.k = self.v = self.pos = self.mask_from = None
-        self.free_pages: list[int] = []
+        self.free_pages: list[int] = []   # allocated pages that hold nothing
         self.seqs: dict[int, _Seq] = {}
         self.peak_pages = 0
-        self._grow(num_pages or 16)
+        if preallocate is None:
+            preallocate = self.device.type == "cuda"
+        self._grow(num_pages if (preallocate and num_pages) else min(16, num_pages or 16))
 
     # ------------------------------------------------------------------------- pages
 
     def _grow(self, num_pages: int) -> None:
+        """Allocate memory for num_pages pages in all (the old ones keep their index)."""
         slots = num_pages * self.page_size
         k = torch.zeros(self.n_layers, self.n_kv_heads, slots, self.head_dim, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
@@ -91,8 +99,10 @@ class PagedKVCache:
         if self.k is not None:  # page ids stay valid: old slots keep their index
             old = self.k.shape[2]
             k[:, :, :old], v[:, :, :old], pos[:old], mf[:old] = self.k, self.v, self.pos, self.mask_from
-        self.free_pages = list(range(num_pages - 1, self.num_pages - 1, -1)) + self.free_pages
-        self.k, self.v, self.pos, self.mask_from, self.num_pages = k, v, pos, mf, num_pages
+        self.free_pages = list(range(num_pages - 1, self.allocated - 1, -1)) + self.free_pages
+        self.k, self.v, self.pos, self.mask_from, self.allocated = k, v, pos, mf, num_pages
+        if not self.bounded:
+            self.num_pages = num_pages
 
     def pages_for(self, n_tokens: int) -> int:
         """Pages that hold n_tokens."""
@@ -103,18 +113,23 @@ class PagedKVCache:
         s = self.seqs[seq_id]
         return max(0, self.pages_for(s.length + n_tokens) - len(s.pages))
 
+    def held_page_count(self) -> int:
+        """Pages held by sequences."""
+        return self.allocated - len(self.free_pages)
+
     def free_page_count(self) -> int:
-        """Pages available now (unbounded pools always have room: they grow)."""
-        return len(self.free_pages) if self.bounded else 1 << 62
+        """Pages a sequence could take now, within the budget (unbounded pools always have room)."""
+        return self.num_pages - self.held_page_count() if self.bounded else 1 << 62
 
     def _take_pages(self, s: _Seq, n: int) -> None:
         if n > len(self.free_pages):
-            if self.bounded:
-                raise OutOfPages(f"KV pool: need {n} free pages, have {len(self.free_pages)} of {self.num_pages}")
-            self._grow(max(2 * self.num_pages, self.num_pages + n))
+            if self.bounded and n > self.free_page_count():
+                raise OutOfPages(f"KV pool: need {n} free pages, have {self.free_page_count()} of {self.num_pages}")
+            want = max(2 * self.allocated, self.allocated + n - len(self.free_pages))
+            self._grow(min(want, self.num_pages) if self.bounded else want)
         for _ in range(n):
             s.pages.append(self.free_pages.pop())
-        self.peak_pages = max(self.peak_pages, self.num_pages - len(self.free_pages))
+        self.peak_pages = max(self.peak_pages, self.held_page_count())
 
     def _slots(self, s: _Seq, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Slot index of each held token start..stop-1 of a sequence, in order (int64)."""
@@ -141,10 +156,6 @@ class PagedKVCache:
     def length(self, seq_id: int) -> int:
         """Tokens held by a sequence."""
         return self.seqs[seq_id].length
-
-    def curve(self, seq_id: int) -> list[int]:
-        """Tokens held after each token of the sequence was fed (§A.3.1), prompt included."""
-        return self.seqs[seq_id].curve
 
     def read(self, seq_id: int):
         """(positions [n], k [L, n, Hkv, D], v [L, n, Hkv, D], mask_from [n]) of the tokens a
@@ -188,19 +199,17 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------------- forwards
 
-    def batch(self, seq_ids: list[int], record: bool = True) -> "CacheBatch":
-        """The view a model forward uses for these sequences (row r = seq_ids[r]).
-
-        record: count the appended tokens in each sequence's curve (False when restart mode
-        recomputes tokens that were already counted)."""
-        return CacheBatch(self, list(seq_ids), record)
+    def batch(self, seq_ids: list[int]) -> "CacheBatch":
+        """The view a model forward uses for these sequences (row r = seq_ids[r])."""
+        return CacheBatch(self, list(seq_ids))
 
     def stats(self) -> dict:
-        """Pool counters: pages (total, free, held, peak), tokens held, slots allocated but
-        unused (fragmentation), bytes held."""
-        held_pages = self.num_pages - len(self.free_pages)
+        """Pool counters: pages (the budget, free within it, held, peak, allocated), tokens
+        held, slots held but unused (fragmentation), bytes held."""
+        held_pages = self.held_page_count()
         tokens = sum(s.length for s in self.seqs.values())
-        return {"pages": self.num_pages, "free_pages": len(self.free_pages), "held_pages": held_pages,
+        return {"pages": self.num_pages, "free_pages": self.num_pages - held_pages, "held_pages": held_pages,
+                "allocated_pages": self.allocated,
                 "peak_pages": self.peak_pages, "tokens": tokens, "fragmentation": held_pages * self.page_size - tokens,
                 "bytes": tokens * self.bytes_per_token, "sequences": len(self.seqs)}
 
@@ -208,8 +217,8 @@ class PagedKVCache:
 class CacheBatch:
     """One forward's view of the cache: B rows, each a sequence (PagedKVCache.batch)."""
 
-    def __init__(self, cache: PagedKVCache, seq_ids: list[int], record: bool):
-        self.cache, self.seq_ids, self.record = cache, seq_ids, record
+    def __init__(self, cache: PagedKVCache, seq_ids: list[int]):
+        self.cache, self.seq_ids = cache, seq_ids
         self.layers = [_LayerView(self, i) for i in range(cache.n_layers)]
 
     def append(self, positions: torch.Tensor, mask_from: torch.Tensor | None) -> None:
@@ -232,8 +241,6 @@ class CacheBatch:
             c._take_pages(s, c.pages_for(s.length + n) - len(s.pages))
         starts = [s.length for s in seqs]
         for s, n in zip(seqs, n_new):
-            if self.record:
-                s.curve.extend(range(s.length + 1, s.length + n + 1))
             s.length += n
         S = max(s.length for s in seqs)
         self.dense = bool(valid.all())  # no padding: the new K/V need no boolean selection

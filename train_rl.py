@@ -43,7 +43,7 @@ import train_sft
 from checkpoint import resolve_checkpoint
 from cli import ArgumentParser, fraction, nonnegative_int, positive_float, positive_int
 from data import grading
-from engine import Engine, SampleConfig
+from engine import Engine, EngineConfig, SamplingParams
 from eval import Problem, load_problems, run as eval_run, sample_seed, toy_max_new_tokens, toy_problems, trace_stats
 from memento_attention import MementoConfig, MementoTokens, build_mask_from
 from model import IGNORE_INDEX, Qwen3
@@ -160,12 +160,18 @@ def rollouts(model, tok, problems: list[Problem], args, step_seed: int) -> list[
     recorded; returns one dict per rollout, problem-major: prompt/response ids, old log-probs,
     reward, group, and the trace's KV and block figures."""
     T = MementoTokens.from_tokenizer(tok)
-    eng = Engine(model, tok, MementoConfig(0), sampling=SampleConfig(args.temperature, 1.0, 0),
-                 max_block_tokens=args.max_block_tokens, max_num_seqs=args.max_num_seqs, record_logprobs=True)
+    config = EngineConfig(MementoConfig(0), max_block_tokens=args.max_block_tokens, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=max(2048, args.max_num_seqs))
+    eng = Engine(model, tok, config)
     toy_cap = toy_max_new_tokens(tok)
-    seqs = [(p, eng.add(tok.encode(tok.chat_prompt(p.prompt)), seed=sample_seed(step_seed, i, k),
-                        max_new_tokens=min(args.max_new_tokens, toy_cap) if p.kind == "toy" else args.max_new_tokens))
-            for i, p in enumerate(problems) for k in range(args.group_size)]
+    seqs = []
+    for i, p in enumerate(problems):
+        prompt = tok.encode(tok.chat_prompt(p.prompt))
+        cap = min(args.max_new_tokens, toy_cap) if p.kind == "toy" else args.max_new_tokens
+        cap = max(1, min(cap, model.config.max_position_embeddings - len(prompt)))
+        for k in range(args.group_size):  # full distribution, no top-k/top-p: the log-probs are the policy's
+            params = SamplingParams(args.temperature, 1.0, 0, max_tokens=cap, seed=sample_seed(step_seed, i, k), logprobs=0)
+            seqs.append((p, eng.add(prompt, params)))
     eng.run()
     out = []
     for j, (p, s) in enumerate(seqs):
@@ -292,7 +298,8 @@ def train(args) -> dict:
             last = step + 1 == args.max_steps
             if args.eval_samples and args.data == "toy" and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
                 recs = eval_run(model, tok, toy_problems(args.eval_samples, args.seed + 10_000), ["memento"], 1,
-                                seed=args.seed + 10_000, cfg=MementoConfig(0), max_num_seqs=args.max_num_seqs)
+                                seed=args.seed + 10_000, config=EngineConfig(MementoConfig(0), max_num_seqs=args.max_num_seqs,
+                                                                            max_num_batched_tokens=max(2048, args.max_num_seqs)))
                 entry["eval_accuracy"] = sum(r["correct"] for r in recs) / len(recs)
                 if rank == 0:
                     tqdm.write(f"step {step + 1}: reward {entry['reward']:.3f}, held-out accuracy with compaction "

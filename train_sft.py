@@ -393,11 +393,15 @@ def evaluate_toy(model: Qwen3, tok: Tokenizer, n: int, seed: int) -> dict:
     checked by data/toy_task.check_trace: eval.py's code (eval.run, `--data toy --n-samples 1
     --modes memento`), all problems in one batch, each response capped at the longest trace
     the task can have. Returns {"accuracy", "n", "reasons": {first word of the reason: count}}."""
-    from eval import run, toy_problems
+    from engine import EngineConfig
+    from eval import run, toy_max_new_tokens, toy_problems
 
     was_training = model.training
     model.eval()
-    recs = run(model, tok, toy_problems(n, seed), ["memento"], 1, seed=seed, cfg=MementoConfig(0))
+    # a pool for all n traces at their longest: no preemption, and no probe of the device's
+    # memory in the middle of training
+    room = EngineConfig(kv_cache_tokens=n * (toy_max_new_tokens(tok) + 64))
+    recs = run(model, tok, toy_problems(n, seed), ["memento"], 1, seed=seed, config=room)
     model.train(was_training)
     reasons = Counter("ok" if r["correct"] else r["reason"].split(":")[0].split(" ")[0] for r in recs)
     return {"accuracy": sum(r["correct"] for r in recs) / n, "n": n, "reasons": dict(reasons)}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine import EngineConfig  # noqa: E402
 from generate import generate  # noqa: E402
 from memento_attention import MementoConfig  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
@@ -55,8 +56,8 @@ def main():
     records = []
     for compaction in (True, False):
         t0 = time.perf_counter()
-        seqs, eng = generate(model, tok, [prompt], MementoConfig(0), compaction=compaction, forced=[resp],
-                               max_new_tokens=len(resp))
+        seqs, eng = generate(model, tok, [prompt], EngineConfig(MementoConfig(0), mode="memento" if compaction else "full",
+                                                                unbounded_kv_cache=True), forced=[resp])
         dt = time.perf_counter() - t0
         curve = seqs[0].curve
         records.append({"mode": "memento" if compaction else "full cache", "tokens": len(resp), "seconds": dt,
@@ -74,7 +75,7 @@ def main():
         for i, line in enumerate(f.read_text().splitlines(), 1):
             d = json.loads(line)
             p, r = tok.encode(tok.chat_prompt(d["problem"])), tok.encode(d["response"])
-            seqs, _ = generate(model, tok, [p], MementoConfig(0), forced=[r], max_new_tokens=len(r), replay_chunk=512)
+            seqs, _ = generate(model, tok, [p], EngineConfig(MementoConfig(0), replay_chunk=512), forced=[r])
             c, n = seqs[0].curve, len(p) + len(r)
             traces.append({"trace": f"{f.name}:{i}", "domain": d.get("domain"), "tokens": n, "peak_kv_tokens": max(c),
                            "full_peak_kv_tokens": n, "kv_auc": sum(c), "full_kv_auc": n * (n + 1) // 2})

@@ -1,21 +1,26 @@
 """Serving throughput with memento compaction vs a full cache: the paper's Fig. 8 at CPU scale (§6.1).
 
-    python bench/bench_serve.py [--requests 32] [--scale 0.03125] [--rounds 3] [--quick]
+    python bench/bench_serve.py [--requests 32] [--scale 0.03125] [--pools 2,4,8,unbounded] [--rounds 3] [--quick]
 
 A workload of R requests whose responses are teacher-forced traces with the OpenMementos shape
 (a 200-token prompt, ~9 blocks of ~1,150 tokens each followed by a ~194-token memento, then a
 short answer; every length multiplied by --scale so that it runs on a 2-core CPU), served by
-engine.Engine through a fixed KV pool that makes the full cache KV-bound. Memento compaction
-frees each block's pages when its memento ends, so more sequences fit the same pool and every
-decode step (one token per running sequence) serves more of them. For each --max-num-seqs
-point and both modes it reports aggregate tokens/s, batch completion time, mean running batch
-size, preemptions and peak pool use; the modes run interleaved (memento, full, memento, ...)
-for --rounds rounds at the KV-bound point and the median ratio is reported with its spread,
-because a shared machine is noisy. Beside it: the ratio of model forwards (a schedule-only
-count, what the ratio would be if every forward cost the same), the decode step time against
-batch size (how close this CPU is to a GPU's nearly free batching), the same sweep with an
-unlimited pool (no KV pressure: the gain should vanish), and fragmentation against page size.
-Writes bench/results/serve_cpu.txt and, with matplotlib, serve_cpu.png.
+engine.Engine, one token per sequence per step, with every request allowed to run at once:
+only the KV pool limits how many do. Memento compaction frees each block's pages when its
+memento ends, so more sequences fit the same pool and every step serves more of them; the
+full-cache baseline evicts nothing and its prefills are not split at memento events.
+
+For each model shape (--shapes) and each pool size (--pools: multiples of the longest
+request, from KV-bound to unbounded) the two modes run in --rounds rounds that alternate
+which mode goes first; per point the median memento/full throughput ratio with its spread
+(every request finishes in both modes with the same tokens, so the ratio of batch completion
+times is the same measurement), the mean running batch of each mode, and the ratio a
+constant-cost-per-forward model predicts (full forwards / memento forwards: what the ratio
+would be if a forward cost the same whatever its batch and cache; a model, not a bound),
+time to first token and inter-token latency (median and p90 over all requests and tokens).
+Beside it: the decode step time against batch size per shape (how close this CPU is to a
+GPU's nearly free batching) and fragmentation against page size. Writes
+bench/results/serve_cpu.txt.
 """
 from __future__ import annotations
 
@@ -31,9 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import Engine  # noqa: E402
+from engine import Engine, EngineConfig, Mode, kv_replay  # noqa: E402
 from kv_cache import PagedKVCache  # noqa: E402
-from memento_attention import MementoConfig  # noqa: E402
+from memento_attention import MementoConfig, MementoTokens  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -55,6 +60,7 @@ def workload(tok, n: int, scale: float, seed: int = 0) -> list[tuple[list[int], 
 
 
 def build_model(hidden: int, layers: int, heads: int, kv_heads: int) -> Qwen3:
+    """A random fp32 Qwen3 of this shape (byte-level vocabulary, tied embeddings)."""
     cfg = Qwen3Config(vocab_size=272, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                       max_position_embeddings=40960, tie_word_embeddings=True)
@@ -62,20 +68,22 @@ def build_model(hidden: int, layers: int, heads: int, kv_heads: int) -> Qwen3:
 
 
 @torch.no_grad()
-def serve(model, tok, reqs, *, compaction: bool, max_num_seqs: int, kv_cache_tokens: int | None, page_size: int) -> dict:
-    """Run the workload through one Engine; returns its figures."""
-    eng = Engine(model, tok, MementoConfig(0), compaction=compaction, max_num_seqs=max_num_seqs,
-                 kv_cache_tokens=kv_cache_tokens, page_size=page_size)
-    seqs = [eng.add(p, forced=r, max_new_tokens=len(r)) for p, r in reqs]
+def serve(model, tok, reqs, *, mode: Mode, pool_tokens: int | None, page_size: int) -> dict:
+    """Run the workload through one Engine (every request may run at once); its figures."""
+    n = len(reqs)
+    config = EngineConfig(MementoConfig(0), mode=mode, max_num_seqs=n, max_num_batched_tokens=max(2048, n),
+                          page_size=page_size, kv_cache_tokens=pool_tokens, unbounded_kv_cache=pool_tokens is None)
+    eng = Engine(model, tok, config)
+    seqs = [eng.add(p, forced=r) for p, r in reqs]
     t0 = time.perf_counter()
     eng.run()
     wall = time.perf_counter() - t0
-    tokens = sum(len(s.tokens) for s in seqs)
     st = eng.stats
-    return {"mode": "memento" if compaction else "full", "max_num_seqs": max_num_seqs, "pool_tokens": kv_cache_tokens,
-            "tokens": tokens, "seconds": wall, "tok_per_s": tokens / wall, "steps": st["steps"],
-            "forwards": st["forwards"], "mean_batch": st["batch_size_sum"] / max(1, st["steps"]),
-            "preemptions": st["preemptions"], "peak_pool": eng.cache.peak_pages / eng.cache.num_pages if kv_cache_tokens else None,
+    return {"mode": mode.value, "tokens": sum(len(s.tokens) for s in seqs), "seconds": wall,
+            "tok_per_s": sum(len(s.tokens) for s in seqs) / wall, "steps": st["steps"], "forwards": st["forwards"],
+            "mean_batch": st["batch_size_sum"] / max(1, st["steps"]), "preemptions": st["preemptions"],
+            "ttft": [s.metrics()["ttft"] for s in seqs], "itl": [x for s in seqs for x in s.itl],
+            "peak_pool": eng.cache.peak_pages / eng.cache.num_pages if pool_tokens else None,
             "ok": all(s.stop_reason == "end of trace" for s in seqs)}
 
 
@@ -103,19 +111,8 @@ def step_times(model, batches=(1, 4, 8, 16, 32), cache_tokens: int = 256, reps: 
 def fragmentation(tok, reqs, page_sizes=(1, 4, 16, 64)) -> list[dict]:
     """Slots allocated but unused, as a share of allocated slots, when every request holds its
     whole memento-compacted prompt + response at its peak (pages are filled from the front)."""
-    from memento_attention import BlockTracker, MementoTokens
-
-    T = MementoTokens.from_tokenizer(tok)
-    peaks = []
-    for p, r in reqs:
-        tr, held, peak = BlockTracker(T, MementoConfig(0)), 0, 0
-        for t in p + r:
-            for b in tr.step(t):
-                lo, hi = b.span(False)
-                held -= hi - lo + 1
-            held += 1
-            peak = max(peak, held)
-        peaks.append(peak)
+    fmt = MementoTokens.from_tokenizer(tok)
+    peaks = [max(kv_replay(p + r, fmt, MementoConfig(0), Mode.MEMENTO)[1]) for p, r in reqs]
     out = []
     for ps in page_sizes:
         alloc = sum(-(-n // ps) * ps for n in peaks)
@@ -123,32 +120,44 @@ def fragmentation(tok, reqs, page_sizes=(1, 4, 16, 64)) -> list[dict]:
     return out
 
 
+def _q(xs: list[float], q: float) -> float:
+    xs = sorted(x for x in xs if x is not None)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def point(model, tok, reqs, pool_tokens, page_size, rounds: int) -> dict:
+    """Both modes at one pool size, in rounds that alternate which mode runs first."""
+    runs = {Mode.MEMENTO: [], Mode.FULL: []}
+    for r in range(rounds):
+        for mode in ((Mode.MEMENTO, Mode.FULL) if r % 2 == 0 else (Mode.FULL, Mode.MEMENTO)):
+            runs[mode].append(serve(model, tok, reqs, mode=mode, pool_tokens=pool_tokens, page_size=page_size))
+    m, f = runs[Mode.MEMENTO], runs[Mode.FULL]
+    ratios = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(m, f)]
+    return {"pool": pool_tokens, "memento": m, "full": f, "ratio": statistics.median(ratios), "ratio_lo": min(ratios),
+            "ratio_hi": max(ratios), "batch_ratio": m[0]["mean_batch"] / f[0]["mean_batch"],
+            "model_ratio": f[0]["forwards"] / m[0]["forwards"],
+            "same_tokens": all(a["tokens"] == b["tokens"] for a, b in zip(m, f)),
+            "ok": all(x["ok"] for x in m + f)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--scale", type=float, default=1 / 32, help="OpenMementos lengths are multiplied by this")
-    ap.add_argument("--pool-tokens", type=int, default=None,
-                    help="KV pool; default: room for 4 full-cache sequences at their longest")
+    ap.add_argument("--pools", default="2,4,8,unbounded",
+                    help="KV pool sizes as multiples of the longest request ('unbounded' = no limit)")
+    ap.add_argument("--shapes", default="1024x2,512x4", help="model shapes, hidden x layers (64-wide heads, 4 q per kv head)")
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--sweep", default="4,16,all", help="--max-num-seqs points ('all' = --requests)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved memento/full rounds at the KV-bound point")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per point, alternating which mode runs first")
     ap.add_argument("--quick", action="store_true", help="a tiny run to check the script (CI): nothing is written")
     ap.add_argument("--out", default=str(RESULTS / "serve_cpu.txt"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.requests, args.scale, args.rounds, args.sweep = 6, 1 / 64, 1, "2,all"
-        args.hidden, args.layers, args.heads, args.kv_heads = 64, 1, 4, 2
+        args.requests, args.scale, args.rounds, args.pools, args.shapes = 6, 1 / 64, 2, "4", "64x1,32x2"
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tok = Tokenizer.byte_level()
-    model = build_model(args.hidden, args.layers, args.heads, args.kv_heads)
     reqs = workload(tok, args.requests, args.scale)
     longest = max(len(p) + len(r) for p, r in reqs)
-    pool = args.pool_tokens or 4 * longest // args.page_size * args.page_size + args.page_size
-    sweep = [args.requests if x == "all" else int(x) for x in args.sweep.split(",")]
     lines = []
 
     def say(s=""):
@@ -159,97 +168,56 @@ def main(argv=None):
     say(f"# python bench/bench_serve.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     say(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: random Qwen3, {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads, "
-        f"{n_params / 1e6:.1f}M parameters, fp32")
     say(f"workload: {args.requests} requests, OpenMementos shape x {args.scale:g}: prompt ~{round(200 * args.scale)}, "
         f"blocks ~{round(1150 * args.scale)}, mementos ~{round(194 * args.scale)} tokens, 7-11 blocks; "
-        f"{sum(len(r) for _, r in reqs):,} response tokens; longest request {longest} tokens")
-    say(f"KV pool: {pool:,} tokens ({pool // args.page_size} pages of {args.page_size}), "
-        f"{pool / longest:.1f}x the longest request")
+        f"{sum(len(r) for _, r in reqs):,} response tokens; longest request {longest} tokens; all requests may run at "
+        f"once, one response token per sequence per step, page size {args.page_size}")
+    say("the constant-cost model: full forwards / memento forwards, the ratio if every forward cost the same "
+        "(a model of a GPU's nearly free batching, not a bound)")
     say()
-    times = step_times(model)
-    say("decode step time vs batch size (cache of 256 tokens per sequence): " +
-        ", ".join(f"B={b}: {t:.1f} ms" for b, t in times.items()))
-    say()
-
-    def table(rows, title):
-        say(title)
-        say(f"{'mode':8} {'max seqs':>8} {'tok/s':>8} {'complete s':>10} {'mean batch':>10} {'forwards':>8} "
-            f"{'preempt':>7} {'peak pool':>9}")
-        for r in rows:
-            pp = "-" if r["peak_pool"] is None else f"{r['peak_pool']:.0%}"
-            say(f"{r['mode']:8} {r['max_num_seqs']:>8} {r['tok_per_s']:>8.1f} {r['seconds']:>10.1f} {r['mean_batch']:>10.1f} "
-                f"{r['forwards']:>8} {r['preemptions']:>7} {pp:>9}")
+    summary, all_ok = [], True
+    for shape in args.shapes.split(","):
+        hidden, layers = map(int, shape.split("x"))
+        heads = max(1, hidden // 64)
+        model = build_model(hidden, layers, heads, max(1, heads // 4))
+        n_params = sum(p.numel() for p in model.parameters())
+        say(f"== model: random Qwen3, {layers} layers, hidden {hidden}, {heads} q / {max(1, heads // 4)} kv heads, "
+            f"{n_params / 1e6:.1f}M parameters, fp32")
+        times = step_times(model, batches=(1, 4) if args.quick else (1, 4, 8, 16, 32))
+        say("decode step time vs batch size (cache of 256 tokens per sequence): " +
+            ", ".join(f"B={b}: {t:.1f} ms" for b, t in times.items()))
+        say(f"{'pool':>16} {'mode':8} {'tok/s (rounds)':>26} {'mean batch':>10} {'forwards':>8} {'preempt':>7} "
+            f"{'peak pool':>9} {'TTFT p50/p90 s':>15} {'ITL p50/p90 ms':>15}")
+        for x in args.pools.split(","):
+            pool = None if x == "unbounded" else (int(float(x) * longest) // args.page_size * args.page_size)
+            pt = point(model, tok, reqs, pool, args.page_size, args.rounds)
+            all_ok &= pt["ok"]
+            label = "unbounded" if pool is None else f"{pool:,} ({float(x):g}x)"
+            for mode in ("memento", "full"):
+                rs = pt[mode]
+                pp = "-" if rs[0]["peak_pool"] is None else f"{rs[0]['peak_pool']:.0%}"
+                tps = ", ".join(f"{r['tok_per_s']:.0f}" for r in rs)
+                say(f"{label:>16} {mode:8} {tps:>26} {rs[0]['mean_batch']:>10.1f} "
+                    f"{rs[0]['forwards']:>8} {rs[0]['preemptions']:>7} {pp:>9} "
+                    f"{_q([t for r in rs for t in r['ttft']], .5):>7.2f}/{_q([t for r in rs for t in r['ttft']], .9):<7.2f} "
+                    f"{1e3 * _q([t for r in rs for t in r['itl']], .5):>7.1f}/{1e3 * _q([t for r in rs for t in r['itl']], .9):<7.1f}")
+            say(f"{'':>16} memento/full throughput {pt['ratio']:.2f}x (rounds {pt['ratio_lo']:.2f}-{pt['ratio_hi']:.2f}"
+                f"{', = batch completion ratio: same tokens' if pt['same_tokens'] else ''}), mean batch "
+                f"{pt['batch_ratio']:.2f}x, constant-cost model {pt['model_ratio']:.2f}x")
+            summary.append((shape, label, pt))
         say()
-
-    # The KV-bound point: every request may run; only the pool limits how many do.
-    rounds = []
-    for _ in range(args.rounds):
-        pair = {}
-        for compaction in (True, False):
-            pair[compaction] = serve(model, tok, reqs, compaction=compaction, max_num_seqs=args.requests,
-                                     kv_cache_tokens=pool, page_size=args.page_size)
-        rounds.append(pair)
-    table([r[c] for r in rounds for c in (True, False)], f"KV-bound point (max-num-seqs {args.requests}), "
-                                                         f"{args.rounds} interleaved rounds:")
-    tp = [r[True]["tok_per_s"] / r[False]["tok_per_s"] for r in rounds]
-    done = [r[False]["seconds"] / r[True]["seconds"] for r in rounds]
-    ideal = rounds[0][False]["forwards"] / rounds[0][True]["forwards"]
-    say(f"memento / full: throughput {statistics.median(tp):.2f}x (rounds {min(tp):.2f}-{max(tp):.2f}), batch completion "
-        f"{statistics.median(done):.2f}x faster ({min(done):.2f}-{max(done):.2f}); schedule-only upper bound (forwards, "
-        f"constant cost each) {ideal:.2f}x; paper (Qwen3-8B, one B200): 1.75x throughput, 1.58x completion")
-    say()
-    rows = []
-    for m in sweep:
-        if m == args.requests:
-            rows += [rounds[0][True], rounds[0][False]]
-            continue
-        for compaction in (True, False):
-            rows.append(serve(model, tok, reqs, compaction=compaction, max_num_seqs=m, kv_cache_tokens=pool,
-                              page_size=args.page_size))
-    table(rows, f"--max-num-seqs sweep, KV pool {pool:,} tokens:")
-    free = []
-    for m in sweep:
-        for compaction in (True, False):
-            free.append(serve(model, tok, reqs, compaction=compaction, max_num_seqs=m, kv_cache_tokens=None,
-                              page_size=args.page_size))
-    table(free, "the same sweep with an unlimited pool (no KV pressure):")
+    say("summary, memento / full (paper, Qwen3-8B on one B200: 1.75x throughput, 1.58x batch completion):")
+    say(f"{'shape':>8} {'pool':>16} {'throughput':>22} {'mean batch':>10} {'constant-cost model':>19}")
+    for shape, label, pt in summary:
+        say(f"{shape:>8} {label:>16} {pt['ratio']:>6.2f}x ({pt['ratio_lo']:.2f}-{pt['ratio_hi']:.2f}) "
+            f"{pt['batch_ratio']:>9.2f}x {pt['model_ratio']:>18.2f}x")
     say("fragmentation (allocated but unused slots at every request's peak, memento): " +
         ", ".join(f"page {f['page_size']}: {f['fragmentation']:.1%}" for f in fragmentation(tok, reqs)))
-    say(f"wall {time.perf_counter() - t_start:.0f} s; all requests finished: "
-        f"{all(r['ok'] for r in [*rows, *free, *[x for p in rounds for x in p.values()]])}")
+    say(f"wall {time.perf_counter() - t_start:.0f} s; all requests finished: {all_ok}")
     if args.quick:
         return
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
-    _plot(rows, free, Path(args.out).with_suffix(".png"))
-
-
-def _plot(rows, free, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no matplotlib: no plot)")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for rs, style, label in ((rows, "-", "KV pool"), (free, ":", "unlimited")):
-        for mode, color in (("memento", "tab:blue"), ("full", "tab:orange")):
-            pts = [r for r in rs if r["mode"] == mode]
-            xs = [r["max_num_seqs"] for r in pts]
-            axes[0].plot(xs, [r["tok_per_s"] for r in pts], style, color=color, marker="o", label=f"{mode}, {label}")
-            axes[1].plot(xs, [r["seconds"] for r in pts], style, color=color, marker="o", label=f"{mode}, {label}")
-    axes[0].set_ylabel("tokens/s")
-    axes[1].set_ylabel("batch completion (s)")
-    for ax in axes:
-        ax.set_xlabel("--max-num-seqs")
-        ax.set_xscale("log", base=2)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

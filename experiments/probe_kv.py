@@ -73,7 +73,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from checkpoint import run_checkpoints  # noqa: E402
-from generate import SampleConfig, generate  # noqa: E402
+from engine import EngineConfig, SamplingParams  # noqa: E402
+from generate import generate  # noqa: E402
 from kv_cache import EMPTY, PagedKVCache  # noqa: E402
 from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from  # noqa: E402
 
@@ -389,8 +390,8 @@ def task_metrics(model, tok, n: int, seed: int, design: str = "restate") -> dict
     prompts = [tok.encode(tok.chat_prompt(p.prompt)) for p, _, _ in samples]
     ok = 0
     for i in range(0, n, 100):  # generate's eviction costs O(batch) per block; 100 is a middle ground
-        seqs, _ = generate(model, tok, prompts[i:i + 100], MementoConfig(0), max_new_tokens=400 if design == "restate" else 600,
-                           sampling=SampleConfig(), seed=seed + i)
+        seqs, _ = generate(model, tok, prompts[i:i + 100], EngineConfig(MementoConfig(0)),
+                           SamplingParams(max_tokens=400 if design == "restate" else 600), seed=seed + i)
         ok += sum(digits.check_trace(p, tok.decode(s.tokens))["correct"] for (p, _, _), s in zip(samples[i:i + 100], seqs))
     T = MementoTokens.from_tokenizer(tok)
     hit, tot, width = 0, 0, 3 if design == "cumulative" else 1  # digits in a memento's sum

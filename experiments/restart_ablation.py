@@ -53,7 +53,7 @@ from common import RESULTS, pyplot, load_checkpoint, machine_info, mcnemar_exact
 
 import torch  # noqa: E402
 
-from engine import SampleConfig  # noqa: E402
+from engine import EngineConfig, SamplingParams  # noqa: E402
 from eval import run as eval_run, toy_problems  # noqa: E402
 from memento_attention import MementoConfig  # noqa: E402
 
@@ -115,9 +115,10 @@ def run_model(model, tok, problems, modes: list[str], args) -> list[dict]:
     the logits differ, which is the point of the comparison). Returns one row per mode,
     without model/checkpoint."""
     t0 = time.perf_counter()
-    recs = eval_run(model, tok, problems, modes, 1, seed=args.seed, cfg=MementoConfig(keep_last_n_blocks=0),
-                    sampling=SampleConfig(args.temperature, args.top_p, args.top_k),
-                    max_new_tokens=args.max_new_tokens, max_num_seqs=args.max_num_seqs)
+    config = EngineConfig(MementoConfig(keep_last_n_blocks=0), max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=max(2048, args.max_num_seqs),
+                          sampling=SamplingParams(args.temperature, args.top_p, args.top_k, max_tokens=args.max_new_tokens))
+    recs = eval_run(model, tok, problems, modes, 1, seed=args.seed, config=config)
     seconds = time.perf_counter() - t0
     rows = []
     for mode in modes:

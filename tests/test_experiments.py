@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 import digits  # noqa: E402
 import probe_kv  # noqa: E402
 import restart_ablation  # noqa: E402
+from engine import EngineConfig  # noqa: E402
 from generate import generate  # noqa: E402
 from memento_attention import MementoConfig, MementoTokens  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -77,8 +78,9 @@ def test_prefill_features_equal_generate_cache():
             F = probe_kv.memento_kv(model, TOK, prompts, resp, restart=restart, features=features)
             p_ids = [TOK.encode(TOK.chat_prompt(p)) for p in prompts]
             f_ids = [TOK.encode(r) for r in resp]
-            seqs, eng = generate(model, TOK, p_ids, MementoConfig(0), restart=restart, forced=f_ids,
-                                 max_new_tokens=1000, replay_chunk=4096, keep_cache=True)
+            config = EngineConfig(MementoConfig(0), mode="restart" if restart else "memento", replay_chunk=4096,
+                                  max_num_batched_tokens=4096, keep_cache=True)
+            seqs, eng = generate(model, TOK, p_ids, config, forced=f_ids)
             for r in range(2):
                 held, k, v, _ = eng.cache.read(seqs[r].id)
                 for m, pos in enumerate(probe_kv.feature_positions(p_ids[r] + f_ids[r], T, features)):

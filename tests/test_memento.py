@@ -12,6 +12,7 @@ from conftest import memento_text, run_generate, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine import EngineConfig
 from generate import generate
 from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from
 from tokenizer import Tokenizer
@@ -50,8 +51,7 @@ def test_cache_decoding_equals_full_forward(cfg, variant):
                              nested=variant == "nested")
     ref = _full_forward_logits(model, prompt + resp, cfg)
     chunk = 7 if variant == "chunked_replay" else 1  # 1 = true token-by-token decoding
-    seqs, cache = generate(model, TOK, [prompt], cfg, forced=[resp], max_new_tokens=len(resp), keep_logits=True,
-                           replay_chunk=chunk)
+    seqs, cache = generate(model, TOK, [prompt], EngineConfig(cfg, keep_logits=True, replay_chunk=chunk), forced=[resp])
     got = torch.stack(seqs[0].logits)
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 1e-4
@@ -73,8 +73,8 @@ def test_chunked_prefill_of_a_continued_response_equals_full_forward(cfg):
     cut = [i for i, t in enumerate(resp) if t == IDS.summary_end][2] + 3  # three blocks done
     rows = [(prompt + resp[:cut], resp[cut:]), (prompt + resp[:cut - 9], resp[cut - 9:])]  # two prompt lengths
     for chunk in (1, 5, 16, 2048):
-        seqs, eng = generate(model, TOK, [p for p, _ in rows], cfg, forced=[r for _, r in rows],
-                             max_new_tokens=len(resp), keep_logits=True, max_num_batched_tokens=chunk, keep_cache=True)
+        config = EngineConfig(cfg, keep_logits=True, max_num_batched_tokens=chunk, max_num_seqs=min(2, chunk), keep_cache=True)
+        seqs, eng = generate(model, TOK, [p for p, _ in rows], config, forced=[r for _, r in rows])
         for (p, r), s in zip(rows, seqs):
             ref = _full_forward_logits(model, p + r, cfg)
             assert (torch.stack(s.logits) - ref).abs().max().item() <= 1e-4, chunk
@@ -89,8 +89,8 @@ def test_batched_rows_of_different_lengths_match_single_rows():
     model = tiny_model(seed=2)
     cfg = MementoConfig(0)
     pairs = [_sequence(s, n_blocks=n) for s, n in [(1, 2), (2, 5), (3, 1)]]
-    seqs, _ = generate(model, TOK, [p for p, _ in pairs], cfg, forced=[r for _, r in pairs],
-                       max_new_tokens=max(len(r) for _, r in pairs), keep_logits=True, replay_chunk=4)
+    seqs, _ = generate(model, TOK, [p for p, _ in pairs], EngineConfig(cfg, keep_logits=True, replay_chunk=4),
+                       forced=[r for _, r in pairs])
     for (p, r), s in zip(pairs, seqs):
         ref = _full_forward_logits(model, p + r, cfg)
         assert (torch.stack(s.logits) - ref).abs().max().item() <= 1e-4
@@ -124,8 +124,7 @@ def test_cache_really_shrinks_and_counts(mask_delimiters):
     cfg = MementoConfig(0, mask_delimiters=mask_delimiters)
     prompt, resp = _sequence(11, n_blocks=12)
     ids = prompt + resp
-    seqs, eng = generate(model, TOK, [prompt], cfg, forced=[resp], max_new_tokens=len(resp), keep_cache=True,
-                         page_size=5)
+    seqs, eng = generate(model, TOK, [prompt], EngineConfig(cfg, keep_cache=True, page_size=5), forced=[resp])
     curve = seqs[0].curve
     assert curve == _independent_curve(ids, cfg)
     pos, k, v, mf = eng.cache.read(seqs[0].id)  # stored K/V equals the bookkeeping
@@ -148,8 +147,8 @@ def test_restart_mode_kv_equals_forward_without_completed_blocks():
     ids = prompt + resp
     z_positions = [i for i, t in enumerate(ids) if t == IDS.summary_end and i >= len(prompt)]
     for z in z_positions:  # stop right after each memento completes
-        seqs, eng = generate(model, TOK, [prompt], cfg, forced=[ids[len(prompt):z + 1]], restart=True,
-                             max_new_tokens=z + 1 - len(prompt), keep_cache=True)
+        seqs, eng = generate(model, TOK, [prompt], EngineConfig(cfg, mode="restart", keep_cache=True),
+                             forced=[ids[len(prompt):z + 1]])
         # reference: one plain forward over the sequence with every completed block removed
         mf = build_mask_from(torch.tensor([ids[:z + 1]]), IDS, MementoConfig(0, mask_delimiters=True))[0]
         keep = [j for j in range(z + 1) if int(mf[j]) == NEVER]
@@ -160,8 +159,8 @@ def test_restart_mode_kv_equals_forward_without_completed_blocks():
     # and restart really changes the memento K/V compared with normal compaction
     kv = {}
     for restart in (False, True):
-        seqs, eng = generate(model, TOK, [prompt], cfg, forced=[resp], max_new_tokens=len(resp), restart=restart,
-                             keep_cache=True)
+        seqs, eng = generate(model, TOK, [prompt], EngineConfig(cfg, mode="restart" if restart else "memento",
+                                                                keep_cache=True), forced=[resp])
         pos, k, _, _ = eng.cache.read(seqs[0].id)
         kv[restart] = {p: k[-1, i] for i, p in enumerate(pos.tolist())}
     common = set(kv[False]) & set(kv[True])
@@ -177,8 +176,9 @@ def test_restart_of_a_block_completed_inside_the_prompt():
     cut = [i for i, t in enumerate(resp) if t == IDS.summary_end][0] + 2  # block 1 complete in the prompt
     ids = prompt + resp
     for chunk in (3, 2048):
-        seqs, eng = generate(model, TOK, [prompt + resp[:cut]], cfg, forced=[resp[cut:]], restart=True,
-                             max_new_tokens=len(resp), keep_cache=True, max_num_batched_tokens=chunk)
+        seqs, eng = generate(model, TOK, [prompt + resp[:cut]], EngineConfig(cfg, mode="restart", keep_cache=True,
+                                                                             max_num_batched_tokens=chunk, max_num_seqs=1),
+                             forced=[resp[cut:]])
         mf = build_mask_from(torch.tensor([ids]), IDS, MementoConfig(0, mask_delimiters=True))[0]
         keep = [j for j in range(len(ids)) if int(mf[j]) == NEVER]
         _, ref_k, ref_v = _prefill_kv(model, [ids[j] for j in keep], keep)
@@ -186,8 +186,7 @@ def test_restart_of_a_block_completed_inside_the_prompt():
         assert pos.tolist() == keep
         assert (k - ref_k).abs().max().item() <= 1e-4 and (v - ref_v).abs().max().item() <= 1e-4
         # the same as decoding the whole response
-        whole, eng2 = generate(model, TOK, [prompt], cfg, forced=[resp], restart=True, max_new_tokens=len(resp),
-                               keep_cache=True)
+        whole, eng2 = generate(model, TOK, [prompt], EngineConfig(cfg, mode="restart", keep_cache=True), forced=[resp])
         assert whole[0].curve == seqs[0].curve
 
 
@@ -282,7 +281,7 @@ def test_replay_sample_traces(shared_data):
     lines = [json.loads(l) for l in (shared_data / "memento_traces.jsonl").read_text().splitlines() if l.strip()]
     prompts = [TOK.encode(TOK.chat_prompt(d["problem"])) for d in lines]
     forced = [TOK.encode(d["response"]) for d in lines]
-    seqs, _ = generate(model, TOK, prompts, cfg, forced=forced, max_new_tokens=max(map(len, forced)), replay_chunk=512)
+    seqs, _ = generate(model, TOK, prompts, EngineConfig(cfg, replay_chunk=512), forced=forced)
     for p, f, s in zip(prompts, forced, seqs):
         assert s.curve == _independent_curve(p + f, cfg)
         assert max(s.curve) < 0.6 * len(p + f)

@@ -16,7 +16,8 @@ from conftest import memento_text, tiny_model
 import memento_attention
 import train_sft
 from data import openmementos, toy_task
-from generate import SampleConfig, generate, sample
+from engine import EngineConfig, SamplingParams, sample
+from generate import generate
 from kernels import memento_flash
 from memento_attention import KERNEL_MIN_QUERIES, MementoConfig, MementoTokens, build_mask_from
 from model import IGNORE_INDEX
@@ -137,12 +138,12 @@ def test_generate_triton_bf16_matches_fp32_reference(monkeypatch, precision):
         ref = model(ids, mask_from=build_mask_from(ids, IDS, cfg))[0].cpu()
     calls = _count_calls(monkeypatch)
     monkeypatch.setenv("MEMENTO_ATTN_BACKEND", "triton")
-    kw = dict(forced=[resp], max_new_tokens=len(resp), keep_logits=True, replay_chunk=32, max_num_batched_tokens=24)
+    config = EngineConfig(cfg, keep_logits=True, replay_chunk=32, max_num_batched_tokens=24, max_num_seqs=1)
     if precision == "autocast":
         with torch.autocast(DEV, dtype=torch.bfloat16):
-            seqs, _ = generate(model, TOK, [prompt], cfg, **kw)
+            seqs, _ = generate(model, TOK, [prompt], config, forced=[resp])
     else:
-        seqs, _ = generate(model.to(torch.bfloat16), TOK, [prompt], cfg, **kw)
+        seqs, _ = generate(model.to(torch.bfloat16), TOK, [prompt], config, forced=[resp])
     got = torch.stack(seqs[0].logits)
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
@@ -159,9 +160,9 @@ def test_no_dense_reference_for_many_queries_on_the_kernel_backend(monkeypatch):
     model = _model(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16)
     prompt, resp = _replay_case(n_blocks=3)
     with torch.no_grad():
-        generate(model, TOK, [prompt], MementoConfig(0), forced=[resp], max_new_tokens=len(resp), replay_chunk=64,
-                 restart=True, max_num_batched_tokens=40)
-        generate(model, TOK, [prompt], MementoConfig(0), max_new_tokens=5, seed=0)
+        generate(model, TOK, [prompt], EngineConfig(MementoConfig(0), mode="restart", replay_chunk=64, max_num_batched_tokens=40,
+                                                    max_num_seqs=1), forced=[resp])
+        generate(model, TOK, [prompt], EngineConfig(MementoConfig(0)), SamplingParams(max_tokens=5), seed=0)
     ids, labels, mask_from = _toy_batch(1)
     model.train()(ids, mask_from=mask_from, labels=labels).sum().backward()
     assert calls["kernel"] and all(n < KERNEL_MIN_QUERIES for n in calls["reference"])
@@ -195,24 +196,24 @@ def _reference_token(row, sc, u):
     return kept[-1][0]
 
 
-@pytest.mark.parametrize("sc", [SampleConfig(), SampleConfig(1.0, 1.0, 0), SampleConfig(0.7, 0.5, 5)], ids=str)
+@pytest.mark.parametrize("sc", [SamplingParams(), SamplingParams(1.0, 1.0, 0), SamplingParams(0.7, 0.5, 5)], ids=str)
 def test_seeded_sampling_is_inverse_cdf_of_one_cpu_uniform_per_row(sc):
     # each row draws one uniform from its own CPU generator (one generator per request)
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(6, 50, generator=g) * 3
     for seed in range(20):
-        got = sample(logits, sc, [torch.Generator().manual_seed(seed * 10 + r) for r in range(6)])
+        got = sample(logits, [sc] * 6, [torch.Generator().manual_seed(seed * 10 + r) for r in range(6)])
         u = [torch.rand(1, generator=torch.Generator().manual_seed(seed * 10 + r)).item() for r in range(6)]
         want = [_reference_token(logits[r].tolist(), sc, u[r]) for r in range(6)]
         assert got.tolist() == want
 
 
 def test_sampling_frequencies_follow_the_filtered_distribution():
-    sc = SampleConfig(temperature=0.8, top_p=0.9, top_k=4)
+    sc = SamplingParams(temperature=0.8, top_p=0.9, top_k=4)
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, 0.5]])
     gen = torch.Generator().manual_seed(0)
     n = 20000
-    draws = torch.stack([sample(logits, sc, [gen]) for _ in range(n)]).flatten()
+    draws = torch.stack([sample(logits, [sc], [gen]) for _ in range(n)]).flatten()
     z = logits[0] / 0.8
     top = z.topk(4)
     p = torch.softmax(top.values, 0)
@@ -228,8 +229,8 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 def test_generate_with_a_seed_is_reproducible_and_seeds_differ():
     model = _model(layers=1)
     prompt = TOK.encode(TOK.chat_prompt("hi"))
-    runs = [generate(model, TOK, [prompt, prompt], MementoConfig(0), max_new_tokens=30,
-                     sampling=SampleConfig(1.0, 1.0, 0), seed=s)[0] for s in (1, 1, 2)]
+    runs = [generate(model, TOK, [prompt, prompt], EngineConfig(MementoConfig(0)), SamplingParams(1.0, 1.0, 0, max_tokens=30),
+                     seed=s)[0] for s in (1, 1, 2)]
     a, b, c = ([s.tokens for s in r] for r in runs)
     assert a == b and a != c
     assert a[0] != a[1]  # two rows of one batch draw different uniforms
