@@ -1,4 +1,4 @@
-"""Compile the memento flash kernels for an NVIDIA target without a GPU, as a real launch would.
+"""Compile the Triton kernels for an NVIDIA target without a GPU, as a real launch would.
 
 Uses Triton's own compiler and the ptxas / cuobjdump bundled with the Triton wheel, so it runs
 on a CPU-only machine. Each kernel is compiled with the default launch config
@@ -9,6 +9,15 @@ whether the main loop is software-pipelined: asynchronous copies in the TTGIR
 (`async_copy_global_to_local`, TMA loads) and LDGSTS / UTMALDG instructions in the SASS.
 
     python bench/compile_check.py [--arch 90] [--dtypes bf16,fp16,fp32] [--dims 64,128] [--json]
+                                  [--page-size 16] [--strict]
+
+Kernels: the memento flash kernels (kernels/memento_flash.py: fwd, fwd_pos, dq, dkdv) and the
+paged-attention kernels (kernels/paged_attention.py), each paged variant with the config
+paged_attention launches: paged_dec (decode: GQA group x query positions <= 16 rows, split
+KV), paged_dec1 (the same without split: the epilogue normalises and stores), paged_chunk
+(prefill chunks: more rows, split KV), paged_chunk1 (no split), and paged_reduce (combines
+the splits; it has no loop, so "pipelined" does not apply to it: n/a; its BM and BN columns
+are the splits tile and D). Paged kernels compile at --page-size tokens per page.
 
 The first row of each (dtype, head dim) is `reference`: a branch-free causal flash forward in
 the style of Triton's fused-attention tutorial (written here, same tiles and stages as our
@@ -35,11 +44,19 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import kernels.memento_flash as mf  # noqa: E402
+import kernels.paged_attention as pa  # noqa: E402
 
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
-_INT_PTRS = {"MF", "KMAX", "KMIN", "KPMIN", "KPMAX", "QPOS", "KPOS", "FULL_NUM", "FULL_IDX", "PART_NUM", "PART_IDX"}
-_F32_PTRS = {"LSE", "DELTA"}
+_INT_PTRS = {"MF", "KMAX", "KMIN", "KPMIN", "KPMAX", "QPOS", "KPOS", "FULL_NUM", "FULL_IDX", "PART_NUM", "PART_IDX",
+             "PT", "CTX", "QLEN"}
+_F32_PTRS = {"LSE", "DELTA", "OP", "MP", "LP"}
+# Strides that a launch does not get 16-divisible in general: the page table's row stride is
+# max_pages, any number.
+_UNALIGNED = {"s_pb"}
+# Paged variants: (query rows per program's (row, kv head) = GROUP * W, SPLIT), as launched.
+_PAGED = {"paged_dec": (8, True), "paged_dec1": (8, False), "paged_chunk": (128, True), "paged_chunk1": (128, False)}
+_NO_LOOP = {"paged_reduce"}  # nothing to pipeline: one load of the partials, one store
 
 
 @triton.jit
@@ -104,7 +121,7 @@ def _signature(fn, ptr_dt, consts):
 def _aligned(fn, sig):
     # What a launch on aligned tensors specializes: 16-byte aligned pointers, strides % 16 == 0.
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if sig[name].startswith("*") or name.startswith("s_")}
+            if sig[name].startswith("*") or (name.startswith("s_") and name not in _UNALIGNED)}
 
 
 def _sass_counts(cubin: bytes) -> dict:
@@ -124,25 +141,41 @@ def _sass_counts(cubin: bytes) -> dict:
     return out
 
 
-def compile_kernel(name: str, dtype: str, D: int, arch: int) -> dict:
-    """Compile one kernel (fwd, fwd_pos, dq, dkdv or reference) for sm_{arch} with its default
-    CUDA config and aligned-launch specialization; returns its figures. Raises what Triton
-    raises if it does not compile."""
-    cfg = mf._config(D, _DT[dtype], True, None, None, arch // 10)
-    fn = {"fwd": mf._fwd_kernel, "fwd_pos": mf._fwd_kernel, "dkdv": mf._bwd_dkdv_kernel, "dq": mf._bwd_dq_kernel,
-          "reference": _reference_causal_fwd}[name]
-    bm, bn, warps, stages = cfg["fwd" if name in ("fwd_pos", "reference") else name]
-    consts = dict(HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn)
-    if name != "reference":
-        consts.update(UPCAST=False, IEEE=dtype == "fp32")
-    if fn is mf._fwd_kernel:
-        consts["HAS_POS"] = name == "fwd_pos"
+def _paged_launch(name: str, dtype: str, D: int, arch: int, page_size: int):
+    # (kernel, constexprs, (BLOCK_M, BLOCK_N, num_warps, num_stages)) as paged_attention launches it.
+    if name == "paged_reduce":
+        consts = dict(HEAD_D=D, SPLITS_PAD=pa.MAX_SPLITS)
+        return pa._paged_reduce_kernel, consts, (pa.MAX_SPLITS, D, pa._REDUCE_WARPS, 1)
+    rows, split = _PAGED[name]
+    bm, bn, warps, stages = pa.config(D, _DT[dtype], True, rows, arch // 10)
+    consts = dict(PAGE=page_size, HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, UPCAST=False, IEEE=dtype == "fp32")
+    return pa._paged_fwd_kernel, consts, (bm, bn, warps, stages)
+
+
+def compile_kernel(name: str, dtype: str, D: int, arch: int, page_size: int = 16) -> dict:
+    """Compile one kernel (fwd, fwd_pos, dq, dkdv, reference, or a paged one: paged_dec,
+    paged_dec1, paged_chunk, paged_chunk1, paged_reduce at page_size) for sm_{arch} with its
+    default CUDA config and aligned-launch specialization; returns its figures. Raises what
+    Triton raises if it does not compile."""
+    if name in _PAGED or name in _NO_LOOP:
+        fn, consts, (bm, bn, warps, stages) = _paged_launch(name, dtype, D, arch, page_size)
+    else:
+        cfg = mf._config(D, _DT[dtype], True, None, None, arch // 10)
+        fn = {"fwd": mf._fwd_kernel, "fwd_pos": mf._fwd_kernel, "dkdv": mf._bwd_dkdv_kernel, "dq": mf._bwd_dq_kernel,
+              "reference": _reference_causal_fwd}[name]
+        bm, bn, warps, stages = cfg["fwd" if name in ("fwd_pos", "reference") else name]
+        consts = dict(HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn)
+        if name != "reference":
+            consts.update(UPCAST=False, IEEE=dtype == "fp32")
+        if fn is mf._fwd_kernel:
+            consts["HAS_POS"] = name == "fwd_pos"
     sig = _signature(fn, dtype, consts)
     t0 = time.time()
     c = triton.compile(ASTSource(fn, sig, consts, attrs=_aligned(fn, sig)), target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=warps, num_stages=stages))
     ttgir = c.asm["ttgir"]
-    return {"kernel": name, "dtype": dtype, "D": D, "arch": arch, "block_m": bm, "block_n": bn, "warps": warps,
+    return {"kernel": name, "dtype": dtype, "D": D, "arch": arch, "page_size": page_size if fn is pa._paged_fwd_kernel
+            else None, "block_m": bm, "block_n": bn, "warps": warps,
             "stages": stages, "smem": c.metadata.shared, **_sass_counts(c.asm["cubin"]),
             "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
             "seconds": round(time.time() - t0, 1)}
@@ -151,6 +184,13 @@ def compile_kernel(name: str, dtype: str, D: int, arch: int) -> dict:
 def pipelined(row: dict) -> bool:
     """The main loop's loads are asynchronous: cp.async / TMA in TTGIR and in the SASS."""
     return row["async_copies"] > 0 and (row["ldgsts"] or 0) + (row["utmaldg"] or 0) > 0
+
+
+def acceptable(row: dict) -> bool:
+    """What --strict demands of a kernel of ours: no spills, within SMEM_LIMIT, and a
+    pipelined main loop (kernels without a loop: only the first two)."""
+    return (row["stack"] == 0 and row["smem"] <= SMEM_LIMIT.get(row["arch"], row["smem"])
+            and (row["kernel"] in _NO_LOOP or pipelined(row)))
 
 
 # Largest tiles first; the search keeps the first that compiles pipelined, without spills, and
@@ -194,45 +234,103 @@ def search(dtype: str, D: int, arch: int) -> dict:
     return picked
 
 
+# Paged kernels: "dec" (BLOCK_N, num_warps, num_stages) with a 16-row query tile, "chunk"
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); larger tiles and deeper pipelines first.
+PAGED_CANDIDATES = {
+    "dec": [(64, 4, 3), (64, 4, 2), (64, 8, 3), (64, 8, 2), (32, 4, 3), (32, 4, 2), (32, 8, 3), (32, 8, 2),
+            (16, 4, 3), (16, 4, 2), (16, 8, 2)],
+    "chunk": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2),
+              (32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 3), (16, 64, 8, 2),
+              (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+}
+PAGED_SEARCH_PAGES = (16, 64)  # tiles of several pages, and part of a page
+
+
+def search_paged(dtype: str, D: int, arch: int) -> dict:
+    """The paged-attention launch configs for (dtype, D, sm_{arch}): for "dec" and "chunk" the
+    first of PAGED_CANDIDATES whose kernel, with and without split, compiles acceptable() at
+    every page size of PAGED_SEARCH_PAGES. How paged_attention._CUDA_CONFIGS was made."""
+    real = pa.config
+    picked = {}
+    try:
+        for kind, cands in PAGED_CANDIDATES.items():
+            picked[kind] = None
+            for cand in cands:
+                if kind == "dec":
+                    pa.config = lambda *a, c=cand, **kw: (16, *c)
+                else:
+                    pa.config = lambda *a, c=cand, **kw: c
+                ok = True
+                for ps in PAGED_SEARCH_PAGES:
+                    for name in (f"paged_{kind}", f"paged_{kind}1"):
+                        try:
+                            ok = acceptable(compile_kernel(name, dtype, D, arch, ps))
+                        except Exception:  # a config Triton cannot compile is simply not a candidate
+                            ok = False
+                        if not ok:
+                            break
+                    if not ok:
+                        break
+                if ok:
+                    picked[kind] = cand
+                    break
+    finally:
+        pa.config = real
+    return picked
+
+
 def main():
     """Compile every kernel config for --arch and print one row per kernel."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 or 90")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--dims", default="16,32,64,128,256")
-    ap.add_argument("--kernels", default="reference,fwd,fwd_pos,dq,dkdv")
+    ap.add_argument("--kernels", default="reference,fwd,fwd_pos,dq,dkdv,paged_dec,paged_dec1,paged_chunk,paged_chunk1,"
+                                         "paged_reduce")
+    ap.add_argument("--page-size", type=int, default=16, help="tokens per page for the paged kernels")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel")
     ap.add_argument("--search", action="store_true", help="print the config table _config holds (slow: minutes)")
-    ap.add_argument("--strict", action="store_true", help="exit 1 if a kernel of ours spills or is not pipelined")
+    ap.add_argument("--search-paged", action="store_true",
+                    help="print the config table kernels/paged_attention._CUDA_CONFIGS holds (slow: minutes)")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 if a kernel of ours spills, exceeds SMEM_LIMIT or has a main loop not pipelined")
     args = ap.parse_args()
     if args.search:
         for dt in args.dtypes.split(","):
             for D in map(int, args.dims.split(",")):
                 print(json.dumps({"dtype": dt, "D": D, "arch": args.arch, **search(dt, D, args.arch)}), flush=True)
         return
-    head = (f"{'dtype':5} {'D':>4} {'kernel':9} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'smem':>7} {'regs':>5} "
-            f"{'stack':>5} {'async':>5} {'LDGSTS':>6} {'UTMALDG':>7} {'pipelined':>9} {'s':>5}")
+    if args.search_paged:
+        for dt in args.dtypes.split(","):
+            for D in map(int, args.dims.split(",")):
+                picked = search_paged(dt, D, args.arch)
+                print(json.dumps({"dtype": dt, "D": D, "arch": args.arch, **picked}), flush=True)
+        return
+    head = (f"{'dtype':5} {'D':>4} {'kernel':12} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'smem':>7} "
+            f"{'regs':>5} {'stack':>5} {'async':>5} {'LDGSTS':>6} {'UTMALDG':>7} {'pipelined':>9} {'s':>5}")
     if not args.json:
-        print(f"sm_{args.arch}, pointers and strides specialized as 16-divisible (an aligned launch)")
+        print(f"sm_{args.arch}, pointers and strides specialized as 16-divisible (an aligned launch); "
+              f"paged kernels at page size {args.page_size}")
         print(head)
     failures = 0
     for dt in args.dtypes.split(","):
         for D in map(int, args.dims.split(",")):
             for name in args.kernels.split(","):
                 try:
-                    r = compile_kernel(name, dt, D, args.arch)
+                    r = compile_kernel(name, dt, D, args.arch, args.page_size)
                 except Exception as e:  # report and go on: one bad config should not hide the rest
                     failures += 1
-                    print(f"{dt:5} {D:>4} {name:9} FAILED: {type(e).__name__}: {str(e)[:300]}")
+                    print(f"{dt:5} {D:>4} {name:12} FAILED: {type(e).__name__}: {str(e)[:300]}")
                     continue
-                if args.strict and name != "reference" and (r["stack"] != 0 or not pipelined(r)):
+                if args.strict and name != "reference" and not acceptable(r):
                     failures += 1
                 if args.json:
                     print(json.dumps(r), flush=True)
                     continue
-                print(f"{dt:5} {D:>4} {name:9} {r['block_m']:>4} {r['block_n']:>4} {r['warps']:>5} {r['stages']:>6} "
+                piped = "n/a" if name in _NO_LOOP else "yes" if pipelined(r) else "NO"
+                print(f"{dt:5} {D:>4} {name:12} {r['block_m']:>4} {r['block_n']:>4} {r['warps']:>5} {r['stages']:>6} "
                       f"{r['smem']:>7} {r['regs']:>5} {r['stack']:>5} {r['async_copies']:>5} {r['ldgsts']:>6} "
-                      f"{r['utmaldg']:>7} {'yes' if pipelined(r) else 'NO':>9} {r['seconds']:>5}", flush=True)
+                      f"{r['utmaldg']:>7} {piped:>9} {r['seconds']:>5}", flush=True)
     sys.exit(1 if failures else 0)
 
 
