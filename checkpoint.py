@@ -12,6 +12,8 @@ trains for hours; a run must survive a kill at any moment):
 
 Anything that takes a checkpoint (`--init-from`, `--checkpoint`) accepts the run directory and
 reads its newest complete checkpoint. Only safetensors and JSON are read: nothing is unpickled.
+Also here: a Qwen3's HF files (config and tensor checks, model.Qwen3.from_pretrained and
+save_pretrained call them) and the memento tokens' vocabulary setup (paper §A.2.1).
 """
 from __future__ import annotations
 
@@ -26,8 +28,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
+from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from blocks import BLOCK_END, BLOCK_START, SUMMARY_END, SUMMARY_START
 
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
                 "tokenizer_config.json", "generation_config.json"]
@@ -82,7 +88,6 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     hub_like = s.count("/") == 1 and not s.startswith((".", "/", "~")) and all(s.split("/"))
     if not hub_like:
         raise FileNotFoundError(f"{s!r}: no such directory")
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS))
@@ -269,3 +274,148 @@ def publish(run: Path, name: str, write: Callable[[Path], None], keep: int) -> P
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return run / name
+
+# ----------------------------------------------------------------------------- HF model files
+
+
+def load_model(model_cls, config_cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """A model.Qwen3 from an HF checkpoint (single or sharded safetensors), a training run or a
+    hub id; what Qwen3.from_pretrained does. model_cls / config_cls: model.Qwen3 and
+    model.Qwen3Config (passed in, so that this module does not import the model).
+
+    Weights are read with safetensors (no pickle) and cast to `dtype`; the config's
+    torch_dtype keeps the dtype they were stored in. Raises FileNotFoundError for an unknown
+    path or id, ValueError for a bad or non-Qwen3 config, an unreadable weights file, a
+    missing tensor, a tensor of the wrong shape or an unexpected tensor.
+    """
+    path = resolve_checkpoint(path_or_hub_id)
+    cfg_file = path / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_file}: not a config object")
+    cfg = config_cls.from_dict(raw, source=str(cfg_file))
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    state = read_safetensors(path)
+    expected = dict(model.state_dict(keep_vars=True))
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)  # some tied checkpoints store a copy
+    for name, p in expected.items():
+        if name not in state:
+            raise ValueError(f"{path}: checkpoint is missing tensor {name!r}")
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                             f"config.json implies {tuple(p.shape)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensor(s) {unexpected[:3]}; is this a Qwen3 checkpoint?")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device)
+
+
+def write_model(model, out_dir: Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
+                state: dict | None = None) -> None:
+    """Write config.json and the weights of a model.Qwen3 into an existing directory (no
+    atomicity here: Qwen3.save_pretrained and training checkpoints wrap it in atomic_dir).
+
+    state: the weights to write, by parameter name (default the model's state_dict; a sharded
+    training run passes the full state it gathered). dtype: the stored dtype; default
+    config.torch_dtype, i.e. the dtype the weights came in (a bf16 hub checkpoint trained in
+    fp32 is saved in bf16, a model built here in fp32 in fp32). With max_shard_bytes, weights
+    are split into model-0000k-of-0000n.safetensors plus model.safetensors.index.json.
+    Raises ValueError for a config.torch_dtype or dtype that is not a float dtype.
+    """
+    if dtype is None:
+        dtype = getattr(torch, str(model.config.torch_dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"save: dtype {dtype!r} is not a floating-point torch dtype (config.torch_dtype="
+                         f"{model.config.torch_dtype!r}); pass dtype=torch.bfloat16 or torch.float32")
+    model.config.torch_dtype = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in (state or model.state_dict()).items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    write_safetensors(state, out_dir, max_shard_bytes)
+
+
+# ----------------------------------------------------------------------------- vocabulary (§A.2.1)
+
+
+def resize_token_embeddings(model, new_vocab: int) -> None:
+    """Grow (never shrink) a model.Qwen3's embedding and untied lm_head to `new_vocab` rows.
+
+    New rows are zero here; `add_memento_tokens` initializes the ones it uses.
+    Raises ValueError when asked to shrink.
+    """
+    old = model.config.vocab_size
+    if new_vocab < old:
+        raise ValueError(f"resize_token_embeddings: cannot shrink vocab from {old} to {new_vocab}")
+    if new_vocab == old:
+        return
+    emb = model.model.embed_tokens.weight
+    new_emb = nn.Embedding(new_vocab, emb.shape[1], device=emb.device, dtype=emb.dtype)
+    with torch.no_grad():
+        new_emb.weight.zero_()
+        new_emb.weight[:old] = emb
+    model.model.embed_tokens = new_emb
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = new_emb.weight
+    else:
+        w = model.lm_head.weight
+        head = nn.Linear(w.shape[1], new_vocab, bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.weight[:old] = w
+        model.lm_head = head
+    model.config.vocab_size = new_vocab
+
+
+# The words each memento token's embedding starts from (paper §A.2.1).
+MEMENTO_TOKEN_SEEDS = {
+    BLOCK_START: ["block", "start", "begin", "section", "step"],
+    BLOCK_END: ["block", "end", "finish", "section", "done"],
+    SUMMARY_START: ["summary", "summarize", "brief", "recap", "overview"],
+    SUMMARY_END: ["summary", "end", "finish", "done", "complete"],
+}
+
+
+def add_memento_tokens(model, tokenizer, noise_std: float = 0.01, seed: int = 0) -> dict[str, int]:
+    """Register the four memento tokens and initialize their rows (paper §A.2.1).
+
+    Each word is encoded in its mid-sentence form " word" (leading space); a word that
+    becomes several tokens contributes the mean of its pieces' rows. A new token's row is
+    the mean over its five words plus N(0, noise_std²) noise, in the input embedding and,
+    when untied, in lm_head (tied models share the row). Tokens the tokenizer already has
+    keep their ids; rows are (re)initialized only for tokens that were missing. The
+    embedding grows if a new id falls beyond vocab_size.
+
+    Args:
+        model: a model.Qwen3 (modified in place).
+        tokenizer: a tokenizer.Tokenizer (modified in place).
+    Returns:
+        {token: id} for the four tokens.
+    """
+    missing = [t for t in MEMENTO_TOKEN_SEEDS if t not in tokenizer.special_ids]
+    ids = tokenizer.add_special_tokens(list(MEMENTO_TOKEN_SEEDS))
+    need = max(ids.values()) + 1
+    if need > model.config.vocab_size:
+        resize_token_embeddings(model, need)
+    g = torch.Generator().manual_seed(seed)
+    tables = [model.model.embed_tokens.weight]
+    if not model.config.tie_word_embeddings:
+        tables.append(model.lm_head.weight)
+    with torch.no_grad():
+        for tok in missing:
+            for table in tables:
+                word_rows = [table[tokenizer.encode(" " + w)].float().mean(0) for w in MEMENTO_TOKEN_SEEDS[tok]]
+                mean = torch.stack(word_rows).mean(0)
+                noise = torch.randn(mean.shape, generator=g) * noise_std
+                table[ids[tok]] = (mean + noise.to(mean.device)).to(table.dtype)
+    return {t: ids[t] for t in MEMENTO_TOKEN_SEEDS}

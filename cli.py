@@ -7,7 +7,18 @@ in --help.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
+
+import torch
+
+from blocks import MementoConfig
+from engine import EngineConfig, load
+from kv_cache import kv_bytes_per_token
+from sampling import SamplingParams
+
+DEFAULT_CHECKPOINT = "out/stage2"  # where `python train_sft.py --stage 2` writes its run
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -59,8 +70,6 @@ unit_interval = _number(float, 0.0, 1.0, what="use a number in [0, 1]")
 
 def check_device(ap: ArgumentParser, device: str) -> str:
     """'cpu', 'cuda' or 'cuda:N' that exists here; otherwise ap.error (one line, exit 2)."""
-    import torch
-
     if device == "cpu":
         return device
     if device == "cuda" or device.startswith("cuda:"):
@@ -78,17 +87,11 @@ def add_generation_args(ap: ArgumentParser, max_new_tokens: int) -> None:
     masking with the official engine's names (paper §4), sampling with the paper's defaults
     (§6.1), the engine's serving options with vLLM's names, device and dtype. Read them back
     with `engine_config` (and `sampling_params`)."""
-    import torch
-
     ap.add_argument("--keep-last-n-blocks", type=int, default=0, help="-1 never mask, 0 mask at the memento's end, N keep N")
     ap.add_argument("--mask-delimiters", action="store_true", help="also evict a block's delimiters")
     ap.add_argument("--keep-last-block-for-answer", action="store_true", help="the last block stays for the answer")
     ap.add_argument("--max-block-tokens", type=positive_int, default=None, help="force <|block_end|> at this block length")
-    ap.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="response tokens per sequence")
-    ap.add_argument("--temperature", type=temperature, default=0.6, help="0 = greedy")
-    ap.add_argument("--top-p", type=probability, default=0.95, help="nucleus mass kept")
-    ap.add_argument("--top-k", type=nonnegative_int, default=20, help="candidates kept (0 = all)")
-    ap.add_argument("--min-p", type=unit_interval, default=0.0, help="drop tokens below min-p x the top probability")
+    add_sampling_args(ap, max_new_tokens)
     ap.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (the same tokens on CPU and CUDA, in any batch)")
     ap.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences decoded together")
     budget = ap.add_mutually_exclusive_group()
@@ -106,14 +109,21 @@ def add_generation_args(ap: ArgumentParser, max_new_tokens: int) -> None:
                     default="bfloat16" if torch.cuda.is_available() else "float32", help="weights and KV cache dtype")
 
 
+def add_sampling_args(ap: ArgumentParser, max_new_tokens: int) -> None:
+    """The sampling flags (paper §6.1 defaults; vLLM's names): --max-new-tokens, --temperature,
+    --top-p, --top-k, --min-p. Read them back with `sampling_params`."""
+    ap.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="response tokens per sequence")
+    ap.add_argument("--temperature", type=temperature, default=0.6, help="0 = greedy")
+    ap.add_argument("--top-p", type=probability, default=0.95, help="nucleus mass kept")
+    ap.add_argument("--top-k", type=nonnegative_int, default=20, help="candidates kept (0 = all)")
+    ap.add_argument("--min-p", type=unit_interval, default=0.0, help="drop tokens below min-p x the top probability")
+
+
 def engine_config(ap: ArgumentParser, args, mode: str = "memento", **overrides):
     """The engine.EngineConfig of add_generation_args' flags (checked there, once), for `mode`;
     ap.error with its one line when the options contradict each other. --kv-cache-gib is
     converted to tokens later, by `kv_cache_budget`, once the model's shape is known. Also
     checks --device."""
-    from engine import EngineConfig
-    from memento_attention import MementoConfig
-
     try:
         masking = MementoConfig(args.keep_last_n_blocks, args.mask_delimiters, args.keep_last_block_for_answer)
         config = EngineConfig(masking, mode, sampling_params(args), max_block_tokens=args.max_block_tokens,
@@ -128,10 +138,8 @@ def engine_config(ap: ArgumentParser, args, mode: str = "memento", **overrides):
 
 
 def sampling_params(args, **overrides):
-    """engine.SamplingParams from add_generation_args' sampling flags (--max-new-tokens is
-    max_tokens; --seed is per request, see generate.request_seed)."""
-    from engine import SamplingParams
-
+    """sampling.SamplingParams from add_sampling_args' flags (--max-new-tokens is
+    max_tokens; --seed is per request, see sampling.request_seed)."""
     kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
               max_tokens=args.max_new_tokens)
     kw.update(overrides)
@@ -141,12 +149,6 @@ def sampling_params(args, **overrides):
 def kv_cache_budget(ap: ArgumentParser, args, config, model_config):
     """config with --kv-cache-gib turned into tokens (§A.3.1 bytes per token for this model and
     --dtype); ap.error if that holds no page."""
-    import dataclasses
-
-    import torch
-
-    from kv_cache import kv_bytes_per_token
-
     if args.kv_cache_gib is None:
         return config
     tokens = int(args.kv_cache_gib * 2**30 // kv_bytes_per_token(model_config, getattr(torch, args.dtype)))
@@ -154,3 +156,15 @@ def kv_cache_budget(ap: ArgumentParser, args, config, model_config):
         return dataclasses.replace(config, kv_cache_tokens=tokens)
     except ValueError as e:
         ap.error(f"--kv-cache-gib {args.kv_cache_gib:g} = {tokens} tokens: {e}")
+
+
+def load_or_exit(prog: str, checkpoint: str, device: str, dtype: torch.dtype):
+    """engine.load, or exit with one line naming the problem (and, for the default checkpoint
+    that is not there yet, how to train it)."""
+    try:
+        if checkpoint == DEFAULT_CHECKPOINT and not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"{checkpoint} does not exist")
+        return load(checkpoint, device, dtype)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        hint = " (train one with `python train_sft.py --stage 1` then `--stage 2`)" if checkpoint == DEFAULT_CHECKPOINT else ""
+        sys.exit(f"{prog}: cannot load --checkpoint: {str(e).strip(chr(34))}{hint}")

@@ -33,17 +33,20 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 import torch
+from tqdm import tqdm
 
-from kv_cache import EMPTY, PagedKVCache, kv_bytes_per_token
-from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens
+from blocks import EMPTY, NEVER, Block, BlockTracker, MementoConfig, MementoTokens
+from checkpoint import resolve_checkpoint
+from kv_cache import PagedKVCache, curve_stats, kv_bytes_per_token
+from model import Qwen3
+from sampling import STOP_TOKENS, SamplingParams, request_seed, sample
+from tokenizer import Tokenizer
 
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end of turn and end of text: the model's EOS tokens
 log = logging.getLogger("memento.engine")
 
 
@@ -72,57 +75,6 @@ def check_mode(mode, masking: MementoConfig) -> Mode:
     if mode is Mode.RESTART and (masking.keep_last_n_blocks != 0 or masking.keep_last_block_for_answer):
         raise ValueError("restart mode is defined for keep_last_n_blocks=0 without keep_last_block_for_answer")
     return mode
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples and when it stops; vLLM's names and meanings (paper §6.1 defaults).
-
-    temperature: >= 0; 0 is greedy (argmax, no randomness drawn).
-    top_p: nucleus mass kept, in (0, 1]. top_k: candidates kept (0 or -1: all).
-    min_p: drop tokens below min_p x the most likely token's probability, in [0, 1].
-    max_tokens: response tokens at most; None: as many as max_position_embeddings allows.
-    stop: strings that end the response; matched on the decoded text across token
-        boundaries, and the returned `Sequence.text` excludes them.
-    stop_token_ids: token ids that end the response (the token is kept).
-    ignore_eos: do not stop at the end-of-turn / end-of-text tokens (STOP_TOKENS).
-    seed: the request's own random stream (None: torch's global CPU generator).
-    logprobs: None: none; 0: the sampled token's log-probability (under the model's raw
-        distribution, before temperature and filtering); k > 0: also the k most likely tokens'.
-    Raises ValueError naming the field for a value out of range.
-    """
-
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    min_p: float = 0.0
-    max_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    seed: int | None = None
-    logprobs: int | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        bad = []
-        if not self.temperature >= 0:
-            bad.append(f"temperature={self.temperature} (use >= 0; 0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            bad.append(f"top_p={self.top_p} (use a number in (0, 1])")
-        if self.top_k < -1:
-            bad.append(f"top_k={self.top_k} (use >= 1, or 0 / -1 for all tokens)")
-        if not 0 <= self.min_p <= 1:
-            bad.append(f"min_p={self.min_p} (use a number in [0, 1])")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad.append(f"max_tokens={self.max_tokens} (use >= 1)")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad.append(f"stop={list(self.stop)!r} (use non-empty strings)")
-        if self.logprobs is not None and self.logprobs < 0:
-            bad.append(f"logprobs={self.logprobs} (use >= 0)")
-        if bad:
-            raise ValueError(f"SamplingParams: {'; '.join(bad)}")
 
 
 @dataclass(frozen=True)
@@ -237,58 +189,6 @@ def default_kv_cache_tokens(model, config: EngineConfig) -> tuple[int, str]:
                     f"({config.gpu_memory_utilization:.0%} of {total / 2**30:.1f} GiB, minus weights and activations)")
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list) -> torch.Tensor:
-    """Draw one token per row (paper §6.1 sampling), each row with its own parameters:
-    temperature, then top-k, min-p and top-p (nucleus), then inverse-CDF sampling.
-
-    Args:
-        logits: [B, V] float logits on any device.
-        params: B SamplingParams (temperature <= 0: greedy argmax, no randomness drawn).
-        gens: B CPU torch.Generators (None: torch's global CPU generator), one per row.
-    Returns:
-        [B] int64 token ids on logits' device.
-
-    Seed semantics, the same on every device: each call draws exactly one uniform number
-    u ~ U[0, 1) per sampled row from that row's generator on the CPU; the token is the first
-    candidate, in descending probability, at which the cumulative filtered probability
-    exceeds u times their total. The same generator state and logits therefore give the same
-    token on CPU and CUDA (up to float rounding of the logits themselves).
-    """
-    V = logits.shape[-1]
-    dev = logits.device
-    out = logits.argmax(-1)
-    rows = [r for r, p in enumerate(params) if p.temperature > 0]
-    if not rows:
-        return out
-    sub = [params[r] for r in rows]
-    ks = [p.top_k if 0 < p.top_k < V else V for p in sub]
-    temp = torch.tensor([p.temperature for p in sub], device=dev)[:, None]
-    z = logits[rows].float() / temp
-    kmax = max(ks)
-    if kmax < V:
-        cand, idx = torch.topk(z, kmax, dim=-1)  # sorted, largest first
-    else:
-        cand, idx = z.sort(-1, descending=True)
-    if min(ks) < kmax:  # rows with a smaller top_k drop their tail
-        cand = cand.masked_fill(torch.arange(kmax, device=dev)[None] >= torch.tensor(ks, device=dev)[:, None], float("-inf"))
-    probs = torch.softmax(cand, -1)
-    # top-p and min-p each keep a prefix of the sorted candidates; both apply (the shorter wins)
-    top_p = torch.tensor([p.top_p for p in sub], device=dev)[:, None]
-    drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
-    min_p = torch.tensor([p.min_p for p in sub], device=dev)[:, None]
-    probs = probs.masked_fill((drop & (top_p < 1.0)) | (probs < min_p * probs[:, :1]), 0.0)
-    cdf = probs.cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=gens[r]) for r in rows])[:, None].to(dev)
-    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    # u * total can round up to the total itself: fall back to the last kept candidate.
-    choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)
-    out[rows] = idx.gather(-1, choice).squeeze(-1)
-    return out
-
-
 # ----------------------------------------------------------------------------- requests
 
 
@@ -360,11 +260,12 @@ class Sequence:
         def since(t):
             return None if t is None else t - self.arrival_time
         itl = sorted(self.itl)
+        kv = curve_stats(self.curve, 0)
         return {"queue_time": since(self.first_scheduled_time), "ttft": since(self.first_token_time),
                 "itl_mean": sum(itl) / len(itl) if itl else None, "itl_median": itl[len(itl) // 2] if itl else None,
                 "itl_max": itl[-1] if itl else None, "e2e_latency": since(self.finished_time),
-                "preemptions": self.preemptions, "peak_kv_tokens": max(self.curve, default=0),
-                "final_kv_tokens": self.curve[-1] if self.curve else 0}
+                "preemptions": self.preemptions, "peak_kv_tokens": kv["peak_kv_tokens"],
+                "final_kv_tokens": kv["final_kv_tokens"]}
 
 
 def kv_replay(ids: list[int], fmt: MementoTokens, masking: MementoConfig, mode: Mode) -> tuple[set[int], list[int]]:
@@ -385,12 +286,13 @@ def kv_replay(ids: list[int], fmt: MementoTokens, masking: MementoConfig, mode: 
         if blocks and mode is not Mode.FULL:
             events.add(p)
             for b in blocks:
-                lo, hi = (b.s, b.z - 1) if mode is Mode.RESTART else b.span(masking.mask_delimiters)
+                lo, hi = _evicted(b, masking, mode)
                 n -= sum(held[lo:hi + 1])
                 held[lo:hi + 1] = bytes(hi - lo + 1)
                 if mode is Mode.RESTART:  # the memento's tokens come back, recomputed
-                    held[b.e + 1:b.z] = b"\x01" * (b.z - 1 - b.e)
-                    n += b.z - 1 - b.e
+                    first, last = b.memento()
+                    held[first:last + 1] = b"\x01" * (last + 1 - first)
+                    n += last + 1 - first
         held[p] = 1
         n += 1
         curve.append(n)
@@ -489,8 +391,6 @@ class Engine:
         """Run until every request finished; returns all sequences in the order added."""
         bar = None
         if progress:
-            from tqdm import tqdm  # optional: only for the progress bar
-
             bar = tqdm(total=len(self.sequences), dynamic_ncols=True, desc="sequences")
         while self.waiting or self.running:
             self.step()
@@ -743,11 +643,15 @@ class Engine:
         for b in s.tracker.step(token):
             if s.mode is Mode.FULL:
                 continue
+            self.cache.evict(s.id, *_evicted(b, self.config.masking, s.mode))
             if s.mode is Mode.RESTART:
-                self.cache.evict(s.id, b.s, b.z - 1)
-                s.computed = min(s.computed, b.e + 1)
-            else:
-                self.cache.evict(s.id, *b.span(self.config.masking.mask_delimiters))
+                s.computed = min(s.computed, b.memento()[0])
+
+
+def _evicted(b: Block, masking: MementoConfig, mode: Mode) -> tuple[int, int]:
+    """The inclusive position range block b's mask removes from the cache: its span, or in
+    restart mode (§6.2.1) everything from <|block_start|> to the memento's last token."""
+    return (b.start, b.summary_end - 1) if mode is Mode.RESTART else b.span(masking.mask_delimiters)
 
 
 def _chunk_length(start: int, end: int, limit: int, events: set, read: int | None = None) -> int:
@@ -783,3 +687,47 @@ def _kind(tracker: BlockTracker, t: int, fmt: MementoTokens) -> str:
     if tracker.open_blocks:
         return "block"
     return "text"
+
+
+# ----------------------------------------------------------------------------- offline use
+
+
+def load(checkpoint: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer) from a checkpoint dir, training run or hub id, checked to
+    hold the memento tokens (paper §3). Raises FileNotFoundError (no such checkpoint),
+    ValueError (not a Qwen3 checkpoint) or KeyError (a memento token missing), one line each."""
+    path = resolve_checkpoint(checkpoint)
+    model = Qwen3.from_pretrained(path, dtype=dtype, device=device).eval()
+    tok = Tokenizer.from_dir(path)
+    MementoTokens.from_tokenizer(tok)
+    return model, tok
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[int]], config: EngineConfig = EngineConfig(),
+             sampling: SamplingParams | list[SamplingParams] | None = None, *, seed: int | None = None,
+             forced: list[list[int]] | None = None, on_token=None, progress: bool = False):
+    """Generate (or replay) B requests through one Engine and return them (§6.1).
+
+    Args:
+        model: a model.Qwen3. tok: a tokenizer.Tokenizer with the memento tokens.
+        prompts: B lists of token ids (each already in ChatML, see Tokenizer.chat_prompt).
+        config: the engine's options (EngineConfig: masking, mode, pool, batching).
+        sampling: SamplingParams of every request, or one per prompt (None: config.sampling).
+        seed: request i samples with seed request_seed(seed, i) (None: each params' seed).
+        forced: B lists of response ids to teacher-force instead of sampling (replay).
+        on_token: see Engine. progress: a tqdm bar.
+    Returns:
+        (list[Sequence] in prompt order, the Engine: its cache and counters).
+    Raises:
+        ValueError for an empty prompt, one (with its max_tokens or forced response) beyond
+        max_position_embeddings, or an id outside the vocabulary (Engine.add).
+    """
+    eng = Engine(model, tok, config, on_token=on_token)
+    sampling = sampling or config.sampling
+    params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    if seed is not None:
+        params = [replace(sp, seed=request_seed(seed, i)) for i, sp in enumerate(params)]
+    seqs = [eng.add(p, sp, forced=None if forced is None else forced[i]) for i, (p, sp) in enumerate(zip(prompts, params))]
+    eng.run(progress=progress)
+    return seqs, eng

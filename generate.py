@@ -21,78 +21,22 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, add_generation_args, engine_config, kv_cache_budget, positive_int
-from engine import STOP_TOKENS, Engine, EngineConfig, Mode, SamplingParams, Sequence
-
-DEFAULT_CHECKPOINT = "out/stage2"
-
-
-def generation_config(tok, model_config, base: dict | None = None) -> dict:
-    """generation_config.json for a checkpoint (paper §6.1 sampling): `base` (what the checkpoint
-    it came from had) with this module's sampling defaults and the tokenizer's stop tokens, so
-    that transformers' generate() samples as generate.py does."""
-    sc = SamplingParams()
-    out = dict(base or {})
-    out.update(do_sample=True, temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
-               eos_token_id=[tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids])
-    if "<|endoftext|>" in tok.special_ids:
-        out.setdefault("pad_token_id", tok.special_ids["<|endoftext|>"])
-    if model_config.bos_token_id is not None:
-        out["bos_token_id"] = model_config.bos_token_id
-    return out
-
-
-def request_seed(seed: int | None, i: int) -> int | None:
-    """The sampling seed of request i of a run seeded with `seed` (None: torch's global RNG)."""
-    return None if seed is None else seed * 1_000_003 + i
-
-
-@torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], config: EngineConfig = EngineConfig(),
-             sampling: SamplingParams | list[SamplingParams] | None = None, *, seed: int | None = None,
-             forced: list[list[int]] | None = None, on_token=None, progress: bool = False):
-    """Generate (or replay) B requests through one Engine and return them (§6.1).
-
-    Args:
-        model: a model.Qwen3. tok: a tokenizer.Tokenizer with the memento tokens.
-        prompts: B lists of token ids (each already in ChatML, see Tokenizer.chat_prompt).
-        config: the engine's options (engine.EngineConfig: masking, mode, pool, batching).
-        sampling: SamplingParams of every request, or one per prompt (None: config.sampling).
-        seed: request i samples with seed request_seed(seed, i) (None: sampling.seed for all).
-        forced: B lists of response ids to teacher-force instead of sampling (replay).
-        on_token: see engine.Engine. progress: a tqdm bar.
-    Returns:
-        (list[engine.Sequence] in prompt order, engine.Engine: its cache and counters).
-    Raises:
-        ValueError for an empty prompt, one (with its max_tokens or forced response) beyond
-        max_position_embeddings, or an id outside the vocabulary (engine.Engine.add).
-    """
-    eng = Engine(model, tok, config, on_token=on_token)
-    sampling = sampling or config.sampling
-    params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-    if seed is not None:
-        params = [dataclasses.replace(sp, seed=request_seed(seed, i)) for i, sp in enumerate(params)]
-    seqs = [eng.add(p, sp, forced=None if forced is None else forced[i]) for i, (p, sp) in enumerate(zip(prompts, params))]
-    eng.run(progress=progress)
-    return seqs, eng
+from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_generation_args, engine_config, kv_cache_budget, load_or_exit,
+                 positive_int)
+from data.toy_task import check_trace, parse_prompt
+from engine import Mode, Sequence, generate
+from kv_cache import curve_stats
 
 
 def kv_summary(seq: Sequence, bytes_per_token: int) -> dict:
-    """The §A.3.1 figures for one sequence: KV tokens after each step, peak, AUC, bytes,
-    and the same for a full cache (every token kept: i + 1 after token i)."""
+    """The §A.3.1 figures for one sequence (kv_cache.curve_stats of its curve, a full cache's
+    beside them), with its token counts, stop reason and metrics."""
     curve = seq.curve
-    n = len(curve)
     return {
         "tokens": len(seq.tokens),
         "prompt_tokens": len(seq.prompt),
         "blocks_completed": seq.blocks_completed,
-        "peak_kv_tokens": max(curve) if curve else 0,
-        "final_kv_tokens": curve[-1] if curve else 0,
-        "kv_auc": sum(curve),
-        "peak_kv_bytes": (max(curve) if curve else 0) * bytes_per_token,
-        "full_cache_peak_kv_tokens": n,
-        "full_cache_kv_auc": n * (n + 1) // 2,
-        "full_cache_peak_kv_bytes": n * bytes_per_token,
+        **curve_stats(curve, bytes_per_token),
         "bytes_per_token": bytes_per_token,
         "preemptions": seq.preemptions,
         "stop_reason": seq.stop_reason,
@@ -105,27 +49,6 @@ def kv_summary(seq: Sequence, bytes_per_token: int) -> dict:
 
 STYLE = {"block": "\033[2m", "memento": "\033[1;36m", "delimiter": "\033[33m", "text": ""}
 RESET = "\033[0m"
-
-
-def load(checkpoint: str, device: str, dtype: torch.dtype):
-    """Model and tokenizer from a checkpoint dir, training run or hub id; exits with one line
-    if missing, incomplete or not a Qwen3 with the memento tokens."""
-    from checkpoint import resolve_checkpoint
-    from memento_attention import MementoTokens
-    from model import Qwen3
-    from tokenizer import Tokenizer
-
-    try:
-        if checkpoint == DEFAULT_CHECKPOINT and not Path(checkpoint).is_dir():
-            raise FileNotFoundError(f"{checkpoint} does not exist")
-        path = resolve_checkpoint(checkpoint)
-        model = Qwen3.from_pretrained(path, dtype=dtype, device=device).eval()
-        tok = Tokenizer.from_dir(path)
-        MementoTokens.from_tokenizer(tok)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        hint = " (train one with `python train_sft.py --stage 1` then `--stage 2`)" if checkpoint == DEFAULT_CHECKPOINT else ""
-        sys.exit(f"generate.py: cannot load --checkpoint: {str(e).strip(chr(34))}{hint}")
-    return model, tok
 
 
 def _read_lines(path: str, flag: str) -> list[str]:
@@ -220,7 +143,7 @@ def main(argv=None):
     mode = Mode.FULL if args.no_compaction else Mode.RESTART if args.restart else Mode.MEMENTO
     config = engine_config(ap, args, mode, replay_chunk=args.replay_chunk)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
-    model, tok = load(args.checkpoint, args.device, getattr(torch, args.dtype))
+    model, tok = load_or_exit("generate.py", args.checkpoint, args.device, getattr(torch, args.dtype))
     config = kv_cache_budget(ap, args, config, model.config)
 
     # (name, prompt ids, forced response ids or None)
@@ -305,10 +228,6 @@ def print_summary(name: str, s: dict, args) -> None:
 
 def _task_verdict(prompt: str, text: str):
     """The embedded task's checker, when the prompt is one of its problems (else None)."""
-    try:
-        from data.toy_task import check_trace, parse_prompt
-    except ImportError:
-        return None
     spec = parse_prompt(prompt)
     return None if spec is None else check_trace(spec, text)
 

@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memento_attention import NEVER
-
-EMPTY = -1  # mask_from of a slot that holds no token: pos[j] <= q < -1 never holds, no query sees it
+from blocks import EMPTY, NEVER
 
 
 def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
@@ -39,6 +37,16 @@ def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
     head_dim x bytes per element of `dtype`. model_config: a model.Qwen3Config. Returns int."""
     c = model_config
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def curve_stats(curve: list[int], bytes_per_token: int) -> dict:
+    """The §A.3.1 figures of a KV curve (tokens held after each token was fed): peak and final
+    tokens, KV AUC (sum, token·steps), peak bytes; and the same for a full cache, which keeps
+    every token (i + 1 after token i). Zeros for an empty curve. Raises nothing."""
+    n, peak = len(curve), max(curve, default=0)
+    return {"peak_kv_tokens": peak, "final_kv_tokens": curve[-1] if curve else 0, "kv_auc": sum(curve),
+            "peak_kv_bytes": peak * bytes_per_token, "full_cache_peak_kv_tokens": n,
+            "full_cache_kv_auc": n * (n + 1) // 2, "full_cache_peak_kv_bytes": n * bytes_per_token}
 
 
 class OutOfPages(RuntimeError):

@@ -2,14 +2,13 @@
 
 Read top to bottom: config, the three building blocks (RMSNorm, RoPE, SwiGLU), attention with
 grouped-query heads and per-head q/k norms, the decoder, the next-token loss computed in chunks
-of rows (so 32K-token training never holds [tokens, vocab] logits), then checkpoint I/O and the
-memento special tokens (paper §A.2.1). All attention goes through `memento_attention.attention`, so the
-same model runs plain causal attention (stage 1), memento attention over a whole sequence
+of rows (so 32K-token training never holds [tokens, vocab] logits), and from_pretrained /
+save_pretrained (the HF file handling and the memento tokens' setup, paper §A.2.1, live in
+checkpoint.py). All attention goes through `memento_attention.attention`, so the same model runs plain causal attention (stage 1), memento attention over a whole sequence
 (stage 2, prefill) and decoding against a compacting KV cache (kv_cache.py).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import atomic_dir, read_safetensors, resolve_checkpoint, write_safetensors
+from checkpoint import atomic_dir, load_model, write_model
 from memento_attention import attention
 
 # ----------------------------------------------------------------------------- config
@@ -364,159 +363,22 @@ class Qwen3(nn.Module):
         """lm_head on hidden states [..., hidden_size] -> [..., vocab_size] float32 logits."""
         return self.lm_head(h).float()
 
-    # ------------------------------------------------------------------------- checkpoints
+    # ------------------------------------------------------------------------- checkpoints (checkpoint.py)
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Qwen3":
-        """Load an HF Qwen3 checkpoint (single or sharded safetensors) from a dir or the hub.
-
-        A directory may be a checkpoint or a training run (its newest complete checkpoint is
-        read, checkpoint.local_checkpoint). A hub id ("Qwen/Qwen3-0.6B") is fetched with
-        huggingface_hub.snapshot_download, config, weights and tokenizer files only. Weights
-        are read with safetensors (no pickle) and cast to `dtype`; config.torch_dtype keeps
-        the dtype the checkpoint was stored in, which save_pretrained writes back by default.
-        Raises FileNotFoundError for an unknown path or id, ValueError for a bad or non-Qwen3
-        config, an unreadable weights file, a missing tensor, a tensor of the wrong shape or
-        an unexpected tensor.
-        """
-        path = resolve_checkpoint(path_or_hub_id)
-        cfg_file = path / "config.json"
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e.msg})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{cfg_file}: not a config object")
-        cfg = Qwen3Config.from_dict(raw, source=str(cfg_file))
-        with torch.device("meta"):
-            model = cls(cfg)
-        state = read_safetensors(path)
-        expected = dict(model.state_dict(keep_vars=True))
-        if cfg.tie_word_embeddings:
-            expected.pop("lm_head.weight", None)
-            state.pop("lm_head.weight", None)  # some tied checkpoints store a copy
-        for name, p in expected.items():
-            if name not in state:
-                raise ValueError(f"{path}: checkpoint is missing tensor {name!r}")
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                                 f"config.json implies {tuple(p.shape)}")
-        unexpected = sorted(set(state) - set(expected))
-        if unexpected:
-            raise ValueError(f"{path}: unexpected tensor(s) {unexpected[:3]}; is this a Qwen3 checkpoint?")
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        return model.to(device)
+        """Load an HF Qwen3 checkpoint from a directory, a training run (its newest complete
+        checkpoint) or a hub id (config, weights and tokenizer files fetched); weights cast
+        to `dtype`. Raises FileNotFoundError / ValueError naming the problem
+        (checkpoint.load_model)."""
+        return load_model(cls, Qwen3Config, path_or_hub_id, dtype, device)
 
     def save_pretrained(self, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         max_shard_bytes: int | None = None) -> None:
-        """Write config.json + safetensors in HF layout into `out_dir`, atomically.
-
-        Files go to a temporary sibling directory which then replaces `out_dir`
-        (checkpoint.atomic_dir), so an interrupted save never leaves a half-written checkpoint
-        where a good one was; other files already in out_dir (a tokenizer) are carried over.
-        See `write_files` for dtype and sharding. Raises ValueError for an unknown dtype.
-        """
+        """Write config.json + safetensors in HF layout into `out_dir`, atomically (a temporary
+        sibling replaces it; files already there, like a tokenizer, are carried over). dtype:
+        default the dtype the weights came in. Raises ValueError for a non-float dtype
+        (checkpoint.write_model)."""
         with atomic_dir(Path(out_dir)) as tmp:
-            self.write_files(tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
-
-    def write_files(self, out_dir: Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
-                    state: dict | None = None) -> None:
-        """Write config.json and the weights into an existing directory (no atomicity here).
-
-        state: the weights to write, by parameter name (default this model's state_dict; a
-        sharded training run passes the full state it gathered).
-
-        dtype: the stored dtype; default config.torch_dtype, i.e. the dtype the weights came
-        in (a bf16 hub checkpoint trained in fp32 is saved in bf16, a model built here in
-        fp32 in fp32). With max_shard_bytes, weights are split into
-        model-0000k-of-0000n.safetensors plus model.safetensors.index.json.
-        Raises ValueError for a config.torch_dtype or dtype that is not a float dtype.
-        """
-        if dtype is None:
-            dtype = getattr(torch, str(self.config.torch_dtype), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"save: dtype {dtype!r} is not a floating-point torch dtype (config.torch_dtype="
-                             f"{self.config.torch_dtype!r}); pass dtype=torch.bfloat16 or torch.float32")
-        self.config.torch_dtype = str(dtype).removeprefix("torch.")
-        (out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in (state or self.state_dict()).items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        write_safetensors(state, out_dir, max_shard_bytes)
-
-    # ------------------------------------------------------------------------- vocabulary
-
-    def resize_token_embeddings(self, new_vocab: int) -> None:
-        """Grow (never shrink) the embedding and an untied lm_head to `new_vocab` rows.
-
-        New rows are zero here; `add_memento_tokens` initializes the ones it uses.
-        Raises ValueError when asked to shrink.
-        """
-        old = self.config.vocab_size
-        if new_vocab < old:
-            raise ValueError(f"resize_token_embeddings: cannot shrink vocab from {old} to {new_vocab}")
-        if new_vocab == old:
-            return
-        emb = self.model.embed_tokens.weight
-        new_emb = nn.Embedding(new_vocab, emb.shape[1], device=emb.device, dtype=emb.dtype)
-        with torch.no_grad():
-            new_emb.weight.zero_()
-            new_emb.weight[:old] = emb
-        self.model.embed_tokens = new_emb
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = new_emb.weight
-        else:
-            w = self.lm_head.weight
-            head = nn.Linear(w.shape[1], new_vocab, bias=False, device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                head.weight.zero_()
-                head.weight[:old] = w
-            self.lm_head = head
-        self.config.vocab_size = new_vocab
-
-
-# The words each memento token's embedding starts from (paper §A.2.1).
-MEMENTO_TOKEN_SEEDS = {
-    "<|block_start|>": ["block", "start", "begin", "section", "step"],
-    "<|block_end|>": ["block", "end", "finish", "section", "done"],
-    "<|summary_start|>": ["summary", "summarize", "brief", "recap", "overview"],
-    "<|summary_end|>": ["summary", "end", "finish", "done", "complete"],
-}
-
-
-def add_memento_tokens(model: Qwen3, tokenizer, noise_std: float = 0.01, seed: int = 0) -> dict[str, int]:
-    """Register the four memento tokens and initialize their rows (paper §A.2.1).
-
-    Each word is encoded in its mid-sentence form " word" (leading space); a word that
-    becomes several tokens contributes the mean of its pieces' rows. A new token's row is
-    the mean over its five words plus N(0, noise_std²) noise, in the input embedding and,
-    when untied, in lm_head (tied models share the row). Tokens the tokenizer already has
-    keep their ids; rows are (re)initialized only for tokens that were missing. The
-    embedding grows if a new id falls beyond vocab_size.
-
-    Args:
-        model: a Qwen3 (modified in place).
-        tokenizer: a tokenizer.Tokenizer (modified in place).
-    Returns:
-        {token: id} for the four tokens.
-    """
-    missing = [t for t in MEMENTO_TOKEN_SEEDS if t not in tokenizer.special_ids]
-    ids = tokenizer.add_special_tokens(list(MEMENTO_TOKEN_SEEDS))
-    need = max(ids.values()) + 1
-    if need > model.config.vocab_size:
-        model.resize_token_embeddings(need)
-    g = torch.Generator().manual_seed(seed)
-    tables = [model.model.embed_tokens.weight]
-    if not model.config.tie_word_embeddings:
-        tables.append(model.lm_head.weight)
-    with torch.no_grad():
-        for tok in missing:
-            for table in tables:
-                word_rows = [table[tokenizer.encode(" " + w)].float().mean(0) for w in MEMENTO_TOKEN_SEEDS[tok]]
-                mean = torch.stack(word_rows).mean(0)
-                noise = torch.randn(mean.shape, generator=g) * noise_std
-                table[ids[tok]] = (mean + noise.to(mean.device)).to(table.dtype)
-    return {t: ids[t] for t in MEMENTO_TOKEN_SEEDS}
+            write_model(self, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)

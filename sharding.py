@@ -21,6 +21,10 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -52,7 +56,6 @@ def parallelize(model, world: int, device: torch.device, fsdp: bool, cpu_offload
     if not dist.is_initialized():
         raise RuntimeError("--fsdp shards over processes: launch with torchrun, e.g. "
                            "`torchrun --nproc_per_node 8 train_sft.py ... --fsdp`")
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kw = {}
     if device.type == "cuda":
@@ -85,8 +88,6 @@ def full_state(model, opt) -> tuple[dict, dict]:
     """(model state, optimizer state), unsharded, on CPU, keyed by parameter name: a collective
     under FSDP (every process must call it; rank 0 gets the tensors, the others may get empty
     dicts). Works unsharded too."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
     sharded = dist.is_initialized() and _is_fsdp(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
@@ -95,8 +96,6 @@ def full_state(model, opt) -> tuple[dict, dict]:
 def load_optimizer_state(model, opt, state: dict) -> None:
     """Load a full optimizer state (as full_state returns it) into `opt`, sharding it when the
     model is sharded (every process passes the same full state)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -112,6 +111,4 @@ def local_bytes(model, opt) -> tuple[int, int]:
 
 
 def _is_fsdp(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import tiktoken
 
+from blocks import MEMENTO_TOKENS, THINK_END, THINK_START
+
 # The pre-tokenizer regex of Qwen2/Qwen3 (the same split as cl100k, single digits).
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-MEMENTO_TOKENS = ["<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>"]
+CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", THINK_START, THINK_END]
 
 # ChatML as a Hugging Face chat template: the messages as given, no default system prompt,
 # and the opening of the assistant turn (the same text as Tokenizer.chat_prompt).
@@ -123,7 +124,7 @@ class Tokenizer:
         tokens (<|endoftext|>, <|im_start|>, <|im_end|>, <think>, </think>) and the four
         memento tokens, ids 256-264."""
         b2u = bytes_to_unicode()
-        specials = CHAT_TOKENS + MEMENTO_TOKENS
+        specials = CHAT_TOKENS + list(MEMENTO_TOKENS)
         data = {
             "version": "1.0",
             "added_tokens": [_added(t, 256 + i) for i, t in enumerate(specials)],
@@ -205,7 +206,7 @@ class Tokenizer:
             return self.special_ids[name]
         except KeyError:
             raise KeyError(f"tokenizer has no special token {name!r}; "
-                           "add the memento tokens with model.add_memento_tokens") from None
+                           "add the memento tokens with checkpoint.add_memento_tokens") from None
 
     def chat_prompt(self, problem: str) -> str:
         """ChatML for one user turn, no system prompt, opening the assistant turn (§2)."""

@@ -8,7 +8,7 @@ A rollout's reward is 1 if data/grading.py accepts its answer, else 0; its advan
 reward minus its group's mean, divided by the standard deviation of all advantages of the
 step (batch-level normalization, §A.2.3). The policy's log-probs of the sampled tokens come
 from ONE training forward over prompt + response under the stage-2 mask built from the
-rollout's own tokens (memento_attention.build_mask_from): what the policy saw while
+rollout's own tokens (blocks.build_mask_from): what the policy saw while
 generating, so the gradient matches generation (tests/test_rl.py checks that these log-probs
 equal the engine's sampling log-probs). The loss per token t of rollout i (CISPO, with r the
 ratio of the current to the sampling policy's probability):
@@ -22,33 +22,35 @@ leaves the clip range keeps its gradient (only the weight is clipped). pi_ref is
 --init-from model. Each step's rollouts are split into --minibatches optimizer steps (the
 first on-policy, r = 1; later ones off by the earlier updates).
 
-Checkpoints, --resume, --overwrite and signals are those of train_sft.py (the same run
-directory layout and atomic HF checkpoints); --fsdp shards through sharding.py, with every
+Checkpoints, --resume, --overwrite and signals are training.py's, as for train_sft.py (the
+same run directory layout and atomic HF checkpoints); --fsdp shards through sharding.py, with every
 process generating the step's rollouts (a sharded model generates only in lockstep) and
 training on its share of the groups.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
+import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import train_sft
+from blocks import MementoConfig, MementoTokens, build_mask_from, trace_stats
 from checkpoint import resolve_checkpoint
-from cli import ArgumentParser, fraction, nonnegative_int, positive_float, positive_int
+from cli import ArgumentParser, nonnegative_int, positive_float, positive_int
 from data import grading
-from engine import Engine, EngineConfig, SamplingParams
-from eval import Problem, load_problems, run as eval_run, sample_seed, toy_max_new_tokens, toy_problems, trace_stats
-from memento_attention import MementoConfig, MementoTokens, build_mask_from
+from engine import Engine, EngineConfig
+from evaluation import Problem, load_problems, toy_max_new_tokens, toy_problems
+from kv_cache import curve_stats
 from model import IGNORE_INDEX, Qwen3
-from sharding import full_state, grad_sync, load_optimizer_state, parallelize, setup_distributed, total_norm
-from train_sft import StopRequest, load_training_state, lr_at, prepare_run, save_checkpoint
+from sampling import SamplingParams, request_seed
+from sharding import grad_sync, load_optimizer_state, parallelize, total_norm
+from tokenizer import Tokenizer
+from training import (StopRequest, TrainingError, add_optimizer_args, add_run_args, check_resume_args, check_run_args,
+                      evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
 
 RUN_DEFINING = ("init_from", "data", "problem_key", "answer_key", "seed", "prompts_per_step", "group_size",
                 "minibatches", "max_steps", "lr", "warmup_frac", "eps_low", "eps_high", "beta", "temperature",
@@ -60,24 +62,21 @@ def parse_args(argv=None):
     group of 1, more minibatches than prompts, or --fsdp without torchrun."""
     ap = ArgumentParser(prog="train_rl.py", description=__doc__)
     ap.add_argument("--init-from", default="out/stage1", help="checkpoint, training run or hub id (policy and reference)")
+    # problems
     ap.add_argument("--data", default="toy", help="'toy', or a .jsonl/.parquet file or hub id with problems and answers")
     ap.add_argument("--problem-key", default="problem", help="column holding the problem")
     ap.add_argument("--answer-key", default="answer", help="column holding the reference answer")
-    ap.add_argument("--out", default="out/rl", help="run directory")
-    ap.add_argument("--overwrite", action="store_true", help="delete the checkpoints and metrics in --out and start over")
-    ap.add_argument("--resume", nargs="?", const="required", choices=("required", "auto"), default=None,
-                    help="continue the run in --out from its newest checkpoint ('auto': start fresh if none)")
-    ap.add_argument("--resume-anyway", action="store_true", help="resume even if run-defining flags changed")
+    # steps: P prompts x G rollouts, then --minibatches optimizer steps
     ap.add_argument("--max-steps", type=positive_int, default=60, help="RL steps (each: rollouts, then updates)")
     ap.add_argument("--prompts-per-step", type=positive_int, default=16, help="P prompts per step (paper: 240)")
     ap.add_argument("--group-size", type=positive_int, default=8, help="G rollouts per prompt (paper: 8)")
     ap.add_argument("--minibatches", type=positive_int, default=2, help="optimizer steps per RL step")
-    ap.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (paper: 1e-6 for Qwen3-8B)")
-    ap.add_argument("--warmup-frac", type=fraction, default=0.05, help="linear warmup share of the steps, then cosine")
-    ap.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
+    add_optimizer_args(ap, lr=2e-4, lr_help="peak learning rate (paper: 1e-6 for Qwen3-8B)")
+    # the objective (CISPO + k3 KL)
     ap.add_argument("--eps-low", type=positive_float, default=0.2, help="CISPO: ratio weight clipped below 1 - eps_low")
     ap.add_argument("--eps-high", type=positive_float, default=0.2, help="CISPO: ratio weight clipped above 1 + eps_high")
     ap.add_argument("--beta", type=float, default=0.001, help="KL(pi || pi_ref) coefficient (k3 estimator)")
+    # rollouts
     ap.add_argument("--temperature", type=positive_float, default=1.0, help="rollout sampling temperature")
     ap.add_argument("--max-new-tokens", type=positive_int, default=31744, help="response tokens per rollout (toy: capped)")
     ap.add_argument("--max-block-tokens", type=positive_int, default=7168, help="force <|block_end|> at this block length")
@@ -85,21 +84,13 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="prompts and rollout sampling")
     ap.add_argument("--eval-every", type=nonnegative_int, default=20, help="steps between held-out evals (0 = end only)")
     ap.add_argument("--eval-samples", type=nonnegative_int, default=100, help="held-out toy problems per eval (0 = none)")
-    ap.add_argument("--save-every", type=nonnegative_int, default=20, help="steps between checkpoints (0 = end only)")
-    ap.add_argument("--keep-checkpoints", type=positive_int, default=2, help="newest step checkpoints kept in --out")
-    ap.add_argument("--save-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                    help="stored weight dtype ('auto': as the weights came in)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 (sharding.py)")
-    ap.add_argument("--cpu-offload", action="store_true", help="with --fsdp: keep the shards in host memory")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_args(ap, out="out/rl", save_every=20)
     args = ap.parse_args(argv)
+    check_run_args(ap, args)
     if args.group_size < 2:
         ap.error("--group-size 1 gives every rollout an advantage of 0 (reward minus its own mean): use 2 or more")
     if args.minibatches > args.prompts_per_step:
         ap.error(f"--minibatches {args.minibatches} exceeds --prompts-per-step {args.prompts_per_step} (groups are not split)")
-    if args.fsdp and "WORLD_SIZE" not in os.environ:
-        ap.error("--fsdp shards over processes: launch with torchrun, e.g. `torchrun --nproc_per_node 8 train_rl.py ... --fsdp`")
     return args
 
 
@@ -146,20 +137,21 @@ def cispo_loss(logp, old_logp, ref_logp, adv, mask, group, eps_low: float = 0.2,
     return loss, {"kl": float((k3.detach() * m).sum() / n), "clip_frac": float((clipped * m).sum() / n)}
 
 
-def token_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, tokens: MementoTokens) -> torch.Tensor:
+def token_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, fmt: MementoTokens) -> torch.Tensor:
     """[N, T-1] log-probs of ids[:, 1:] under the memento mask of the rows' own tokens (the
     stage-2 mask, §4), from one forward (the chunked next-token loss; 0 where labels[:, 1:] is
     IGNORE_INDEX). `model` may be wrapped (DDP/FSDP)."""
-    return -model(ids, mask_from=build_mask_from(ids, tokens, MementoConfig(0)), labels=labels)
+    return -model(ids, mask_from=build_mask_from(ids, fmt, MementoConfig(0)), labels=labels)
 
 
 # ----------------------------------------------------------------------------- rollouts
 
 def rollouts(model, tok, problems: list[Problem], args, step_seed: int) -> list[dict]:
     """G rollouts of each problem through one Engine with compaction, the sampling log-probs
-    recorded; returns one dict per rollout, problem-major: prompt/response ids, old log-probs,
-    reward, group, and the trace's KV and block figures."""
-    T = MementoTokens.from_tokenizer(tok)
+    recorded; rollout k of problem i samples with seed request_seed(step_seed, i, k). Returns
+    one dict per rollout, problem-major: prompt/response ids, old log-probs, reward, group, and
+    the trace's KV and block figures."""
+    fmt = MementoTokens.from_tokenizer(tok)
     config = EngineConfig(MementoConfig(0), max_block_tokens=args.max_block_tokens, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=max(2048, args.max_num_seqs))
     eng = Engine(model, tok, config)
@@ -170,15 +162,16 @@ def rollouts(model, tok, problems: list[Problem], args, step_seed: int) -> list[
         cap = min(args.max_new_tokens, toy_cap) if p.kind == "toy" else args.max_new_tokens
         cap = max(1, min(cap, model.config.max_position_embeddings - len(prompt)))
         for k in range(args.group_size):  # full distribution, no top-k/top-p: the log-probs are the policy's
-            params = SamplingParams(args.temperature, 1.0, 0, max_tokens=cap, seed=sample_seed(step_seed, i, k), logprobs=0)
+            params = SamplingParams(args.temperature, 1.0, 0, max_tokens=cap, seed=request_seed(step_seed, i, k),
+                                    logprobs=0)
             seqs.append((p, eng.add(prompt, params)))
     eng.run()
     out = []
     for j, (p, s) in enumerate(seqs):
         verdict = grading.grade(tok.decode(s.tokens), p.gold, p.kind, prompt=p.prompt)
         out.append({"prompt": s.prompt, "response": s.tokens, "old_logp": s.logprobs, "group": j // args.group_size,
-                    "reward": float(verdict["correct"]), "peak_kv": max(s.curve) if s.curve else 0,
-                    **trace_stats(s.tokens, T)})
+                    "reward": float(verdict["correct"]), "peak_kv": curve_stats(s.curve, 0)["peak_kv_tokens"],
+                    **trace_stats(s.tokens, fmt)})
     return out
 
 
@@ -203,39 +196,32 @@ def collate(rows: list[dict], pad: int) -> tuple[torch.Tensor, torch.Tensor, tor
 # ----------------------------------------------------------------------------- training
 
 def train(args) -> dict:
-    """Run RL; returns the final metrics (also written to metrics.jsonl and checkpoints)."""
-    train_sft.PROG = "train_rl.py"
-    rank, world, device = setup_distributed(args.device)
+    """Run RL; returns the final metrics (also written to metrics.jsonl and checkpoints).
+    Raises TrainingError (one line) for a run that cannot start or resume."""
+    rank, world, device, run, resume_from = start_run(args)
     if args.prompts_per_step % world:
-        train_sft._fail(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
-    run = Path(args.out)
-    resume_from = prepare_run(args, run) if rank == 0 else None
-    if world > 1:
-        box = [str(resume_from) if resume_from else None]
-        dist.broadcast_object_list(box)
-        resume_from = Path(box[0]) if box[0] else None
+        raise TrainingError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
     try:
         init = resolve_checkpoint(args.init_from)
         ref = Qwen3.from_pretrained(init).to(device).eval().requires_grad_(False)
         model = Qwen3.from_pretrained(resume_from or init).to(device)
-        from tokenizer import Tokenizer
         tok = Tokenizer.from_dir(resume_from or init)
-        tokens = MementoTokens.from_tokenizer(tok)
+        fmt = MementoTokens.from_tokenizer(tok)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        train_sft._fail(f"cannot load --init-from {args.init_from}: {e}")
+        raise TrainingError(f"cannot load --init-from {args.init_from}: {e}") from None
     if args.data == "toy":
         pool, skipped = None, []
     else:
         try:
             pool, skipped = load_problems(args.data, args.problem_key, args.answer_key)
         except (FileNotFoundError, ValueError, ImportError) as e:
-            train_sft._fail(str(e))
+            raise TrainingError(str(e)) from None
         if not pool:
-            train_sft._fail(f"--data {args.data}: no row with a problem and an answer")
+            raise TrainingError(f"--data {args.data}: no row with a problem and an answer")
     start, log, opt_state = 0, [], None
     if resume_from is not None:
         start, log, saved, opt_state = load_training_state(resume_from, model)
-        train_sft.check_resume_args(args, world, saved, RUN_DEFINING)
+        check_resume_args(args, world, saved, RUN_DEFINING)
     wrapped = parallelize(model, world, device, args.fsdp, args.cpu_offload)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     if opt_state is not None:
@@ -246,7 +232,7 @@ def train(args) -> dict:
               f"{args.prompts_per_step} prompts x {args.group_size} rollouts, data {args.data}"
               f"{f' ({len(skipped)} rows without problem or answer skipped: rows {skipped[:10]})' if skipped else ''}, "
               f"{world} process(es), run {run}", flush=True)
-    metrics_out = train_sft._metrics_file(run, start) if rank == 0 else None
+    metrics_out = metrics_file(run, start) if rank == 0 else None
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, dynamic_ncols=True,
                disable=rank != 0 or args.no_progress)
     t0 = time.perf_counter()
@@ -258,7 +244,7 @@ def train(args) -> dict:
                         if pool is None else [Problem(i, p.prompt, p.gold, p.kind)
                                               for i, p in enumerate(rng.sample(pool, min(len(pool), args.prompts_per_step)))])
             model.eval()
-            rows = rollouts(model, tok, problems, args, step_seed=args.seed * 1_000_003 + step)
+            rows = rollouts(model, tok, problems, args, step_seed=request_seed(args.seed, step))
             model.train()
             rewards = torch.tensor([r["reward"] for r in rows]).view(len(problems), args.group_size)
             adv = group_advantages(rewards).flatten()
@@ -273,9 +259,9 @@ def train(args) -> dict:
                 ids, labels, old, mask = collate([rows[i] for i in idx], pad)
                 ids, labels, old, mask = ids.to(device), labels.to(device), old.to(device), mask.to(device)
                 with torch.no_grad():
-                    ref_logp = token_logprobs(ref, ids, labels, tokens)
+                    ref_logp = token_logprobs(ref, ids, labels, fmt)
                 with grad_sync(wrapped, args.fsdp, world, last=True):
-                    logp = token_logprobs(wrapped, ids, labels, tokens)
+                    logp = token_logprobs(wrapped, ids, labels, fmt)
                     loss, st = cispo_loss(logp, old, ref_logp, adv[idx].to(device), mask,
                                           torch.tensor([rows[i]["group"] for i in idx], device=device),
                                           args.eps_low, args.eps_high, args.beta)
@@ -297,23 +283,15 @@ def train(args) -> dict:
             bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{entry['kl']:.4f}", blocks=f"{entry['blocks']:.1f}")
             last = step + 1 == args.max_steps
             if args.eval_samples and args.data == "toy" and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
-                recs = eval_run(model, tok, toy_problems(args.eval_samples, args.seed + 10_000), ["memento"], 1,
-                                seed=args.seed + 10_000, config=EngineConfig(MementoConfig(0), max_num_seqs=args.max_num_seqs,
-                                                                            max_num_batched_tokens=max(2048, args.max_num_seqs)))
-                entry["eval_accuracy"] = sum(r["correct"] for r in recs) / len(recs)
+                ev = evaluate_toy(model, tok, args.eval_samples, args.seed + 10_000, args.max_num_seqs)
+                entry["eval_accuracy"] = ev["accuracy"]
                 if rank == 0:
                     tqdm.write(f"step {step + 1}: reward {entry['reward']:.3f}, held-out accuracy with compaction "
-                               f"{entry['eval_accuracy']:.3f} ({len(recs)} prompts)")
+                               f"{entry['eval_accuracy']:.3f} ({ev['n']} prompts)")
             log.append(entry)
             if metrics_out:
                 metrics_out.write(json.dumps(entry) + "\n")
-            stopping = stop.requested(world, device)
-            if last or stopping or (args.save_every and (step + 1) % args.save_every == 0):
-                weights, state = full_state(model, opt)
-                if rank == 0:
-                    save_checkpoint(args.out, model, tok, weights, state, step + 1, args, log, None, world)
-                if world > 1:
-                    dist.barrier()
+            stopping, _, _ = save_if_due(stop, step, args.max_steps, args, model, opt, tok, log, None, rank, world, device)
             if stopping:
                 break
     if metrics_out:
@@ -324,8 +302,12 @@ def train(args) -> dict:
 
 
 def main(argv=None):
-    """Parse the command line and run RL (train)."""
-    train(parse_args(argv))
+    """Parse the command line and run RL (train); a problem the user can fix ends the run with
+    one line (`train_rl.py: ...`, exit 1)."""
+    try:
+        train(parse_args(argv))
+    except TrainingError as e:
+        sys.exit(f"train_rl.py: {e}")
 
 
 if __name__ == "__main__":

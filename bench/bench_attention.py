@@ -34,14 +34,16 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from blocks import NEVER  # noqa: E402
 from kernels.memento_flash import _config, memento_flash_attention, tile_lists, tile_schedule, tile_stats  # noqa: E402
-from memento_attention import NEVER, attention_reference  # noqa: E402
+from memento_attention import attention_reference  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("sdpa_mask", "sdpa_causal", "flex", "ours_causal", "ours_memento")
@@ -123,8 +125,6 @@ def _build_method(name, q, k, v, mf, group):
     B = q.shape[0]
     causal_pairs = B * T * (T + 1) // 2
     if name == "sdpa_mask":
-        import torch.nn.functional as F
-
         mask = dense_mask(mf)
 
         def fwd(q, k, v):
@@ -134,12 +134,11 @@ def _build_method(name, q, k, v, mf, group):
                                                   attn_mask=mask)
         return fwd, visible_pairs(mf), None, mask
     if name == "sdpa_causal":
-        import torch.nn.functional as F
-
         def fwd(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
         return fwd, causal_pairs, None, None
     if name == "flex":
+        # imported here: FlexAttention needs a torch with torch.compile support for this device
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)

@@ -3,7 +3,7 @@
     python bench/bench_decode.py [--tokens 8192] [--json]
 
 Teacher-forces one long memento-structured sequence (prompt ~200 tokens, blocks ~1,150,
-mementos ~194, as in OpenMementos) token by token through generate.generate, once with
+mementos ~194, as in OpenMementos) token by token through engine.generate, once with
 compaction and once with --no-compaction, on a small random Qwen3, and prints decode tokens/s
 and peak KV for both, as ratios measured in the same run. Then replays the two sample traces
 (../shared/data/memento_traces.jsonl, byte-level tokenizer) and prints their KV figures.
@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import EngineConfig  # noqa: E402
-from generate import generate  # noqa: E402
-from memento_attention import MementoConfig  # noqa: E402
+from engine import EngineConfig, generate  # noqa: E402
+from blocks import MementoConfig  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 

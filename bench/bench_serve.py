@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import Engine, EngineConfig, Mode, kv_replay  # noqa: E402
 from kv_cache import PagedKVCache  # noqa: E402
-from memento_attention import MementoConfig, MementoTokens  # noqa: E402
+from blocks import MementoConfig, MementoTokens  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 

@@ -52,15 +52,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+from huggingface_hub import hf_hub_download  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from checkpoint import local_checkpoint  # noqa: E402
+from cli import ArgumentParser, positive_int  # noqa: E402
 from model import QWEN3_SHAPES as SHAPES  # noqa: E402
+from model import Qwen3, Qwen3Config  # noqa: E402
 
 GIB = 2**30
 
 
 def builtin_config(name: str):
     """model.Qwen3Config of a released Qwen3 (head_dim 128, vocab 151,936). KeyError if unknown."""
-    from model import Qwen3Config
-
     if name not in SHAPES:
         raise KeyError(name)
     return Qwen3Config.released(name)
@@ -70,9 +75,6 @@ def load_config(model: str):
     """A built-in shape name, a checkpoint directory or a hub id -> model.Qwen3Config.
 
     Raises SystemExit with one line when it is none of these (only config.json is fetched)."""
-    from checkpoint import local_checkpoint
-    from model import Qwen3Config
-
     if model in SHAPES:
         return builtin_config(model)
     p = Path(model)
@@ -80,8 +82,6 @@ def load_config(model: str):
         if p.is_dir():
             d = local_checkpoint(p)
             return Qwen3Config.from_dict(json.loads((d / "config.json").read_text()), source=str(d))
-        from huggingface_hub import hf_hub_download
-
         return Qwen3Config.from_dict(json.loads(Path(hf_hub_download(model, "config.json")).read_text()), source=model)
     except Exception as e:  # the hub client raises many types; one line is what the user needs
         sys.exit(f"bench/memory.py: --model {model!r}: not a built-in shape ({', '.join(SHAPES)}), a checkpoint "
@@ -212,8 +212,6 @@ def measure_peak(fn, device: str = "cpu") -> tuple[int, int]:
     CPU: the running sum of the allocation events torch's profiler records. CUDA: the caching
     allocator's own counters (torch.cuda.max_memory_allocated), which round small blocks up
     to 512 bytes."""
-    import torch
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -221,8 +219,6 @@ def measure_peak(fn, device: str = "cpu") -> tuple[int, int]:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
@@ -255,8 +251,6 @@ def table(models=("Qwen3-0.6B", "Qwen3-8B"), seq_lens=(8192, 32768), world_sizes
 
 
 def main(argv=None):
-    from cli import ArgumentParser, positive_int
-
     ap = ArgumentParser(prog="bench/memory.py", description=__doc__)
     ap.add_argument("--model", default="Qwen3-8B", help=f"built-in shape ({', '.join(SHAPES)}), checkpoint dir or hub id")
     ap.add_argument("--max-seq-len", type=positive_int, default=32768, help="tokens per example")
@@ -317,8 +311,6 @@ def check(checks=CHECKS, seq_len: int = 256, device: str | None = None) -> list[
     Returns one dict per run: the settings, measured and formula bytes.
     Raises ValueError (from the kernel) on a CPU whose triton was imported without the
     interpreter."""
-    import torch
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # only matters if triton is not imported yet
@@ -334,10 +326,6 @@ def check(checks=CHECKS, seq_len: int = 256, device: str | None = None) -> list[
 
 
 def _measure(case, seq_len: int, device: str) -> dict:
-    import torch
-
-    from model import Qwen3, Qwen3Config
-
     ckpt, chunk, precision, tied, vocab = case
     cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import list_repo_files, snapshot_download
 
-from memento_attention import BlockTracker, MementoConfig, MementoTokens
+from blocks import BlockTracker, MementoConfig, MementoTokens
 from model import IGNORE_INDEX as IGNORE
 
 
@@ -55,8 +56,6 @@ def read_records(source: str) -> list[dict]:
             return pq.read_table(p).to_pylist()
         raise ValueError(f"{source}: expected a .jsonl or .parquet file")
     if source.count("/") == 1 and not source.startswith((".", "/")):
-        from huggingface_hub import list_repo_files, snapshot_download
-
         try:
             files = [f for f in list_repo_files(source, repo_type="dataset") if f.endswith((".parquet", ".jsonl"))]
         except Exception as e:  # the hub client raises many types; the user needs one line

@@ -15,6 +15,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from blocks import MementoTokens  # noqa: E402
+from checkpoint import local_checkpoint  # noqa: E402
+from model import Qwen3  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
 RESULTS = REPO / "experiments" / "results"
 
 TRAIN_HINT = "make them with `python train_sft.py --stage 1` then `python train_sft.py --stage 2`"
@@ -32,12 +40,6 @@ def load_checkpoint(path: str, what: str, script: str):
     Raises:
         SystemExit with one line naming the missing checkpoint and how to make it.
     """
-    import torch
-    from checkpoint import local_checkpoint
-    from memento_attention import MementoTokens
-    from model import Qwen3
-    from tokenizer import Tokenizer
-
     try:
         p = local_checkpoint(path)
     except FileNotFoundError:
@@ -82,8 +84,6 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 def machine_info() -> dict:
     """What ran the experiment: CPU model (as lscpu reports it), cores, torch version, threads."""
-    import torch
-
     model_name = platform.processor() or ""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -100,7 +100,7 @@ def machine_info() -> dict:
 def pyplot(script: str):
     """matplotlib.pyplot with the Agg backend, or None (after one line on stderr) when
     matplotlib is not installed: plots are optional, the JSON results are not."""
-    try:
+    try:  # optional: plots only
         import matplotlib
     except ImportError:
         print(f"{script}: matplotlib is not installed, skipping the plots (pip install matplotlib)", file=sys.stderr)

@@ -16,7 +16,7 @@
    already there from the same data and arguments. The cumulative design trains far longer
    (DEFAULTS: 5,000 + 450 steps on 40,000 traces): with the restate recipe it never solved
    its task.
-3. Features: each probe sequence is teacher-forced through generate.generate(forced=...) with
+3. Features: each probe sequence is teacher-forced through engine.generate(forced=...) with
    compaction on (normal mode) and again with restart=True (restart mode). After the trace the
    cache holds exactly the non-evicted tokens: prompt, delimiters and mementos. The feature of
    memento Mi at layer l is K and V (all KV heads, flattened; 2 x 2 x 32 = 128 numbers per
@@ -66,17 +66,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits  # noqa: E402
-from common import RESULTS, pyplot, machine_info, wilson  # noqa: E402
+from common import REPO, RESULTS, load_checkpoint, machine_info, pyplot, wilson  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from checkpoint import run_checkpoints  # noqa: E402
-from engine import EngineConfig, SamplingParams  # noqa: E402
-from generate import generate  # noqa: E402
-from kv_cache import EMPTY, PagedKVCache  # noqa: E402
-from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from  # noqa: E402
+import model as model_module  # noqa: E402  (attention_mass patches its attention)
+import sft  # noqa: E402
+from blocks import EMPTY, NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from  # noqa: E402
+from checkpoint import run_checkpoints, step_dir_name  # noqa: E402
+from engine import EngineConfig, generate  # noqa: E402
+from kv_cache import PagedKVCache  # noqa: E402
+from memento_attention import visible_mask  # noqa: E402
+from sampling import SamplingParams  # noqa: E402
 
 PASSCODE_BLOCK = 2  # T2
 
@@ -101,12 +104,12 @@ def feature_positions(ids: list[int], tokens: MementoTokens, features: str = "me
         tr = BlockTracker(tokens, MementoConfig(0))
         for t in ids:
             tr.step(t)
-        return [list(range(b.s + 1, b.e)) for b in tr.completed]
+        return [list(range(b.start + 1, b.end)) for b in tr.completed]
     n = FEATURE_TOKENS[features]
     tr = BlockTracker(tokens, MementoConfig(0))
     for t in ids:
         tr.step(t)
-    return [list(range(b.z - n + 1, b.z + 1)) for b in tr.completed]
+    return [list(range(b.summary_end - n + 1, b.summary_end + 1)) for b in tr.completed]
 
 
 def memento_positions(ids: list[int], tokens: MementoTokens) -> list[int]:
@@ -118,7 +121,7 @@ def memento_positions(ids: list[int], tokens: MementoTokens) -> list[int]:
     tr = BlockTracker(tokens, MementoConfig(0))
     for t in ids:
         tr.step(t)
-    return [b.z - 1 for b in tr.completed]
+    return [b.summary_end - 1 for b in tr.completed]
 
 
 def restart_mask_from(ids: torch.Tensor, tokens: MementoTokens) -> torch.Tensor:
@@ -136,7 +139,7 @@ def restart_mask_from(ids: torch.Tensor, tokens: MementoTokens) -> torch.Tensor:
     mf = torch.full(ids.shape, NEVER, dtype=torch.int64)
     for r, tr in enumerate(trackers):
         for b in tr.completed:
-            mf[r, b.s:b.e + 1] = b.e + 1
+            mf[r, b.start:b.end + 1] = b.end + 1
     return mf
 
 
@@ -165,7 +168,7 @@ def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart:
     Raises:
         ValueError if a trace has a different memento count than the first.
     """
-    T = MementoTokens.from_tokenizer(tok)
+    fmt = MementoTokens.from_tokenizer(tok)
     out, n_mem = [], None
     for i in range(0, len(prompts), batch):
         seqs = [tok.encode(tok.chat_prompt(p)) + tok.encode(r) for p, r in zip(prompts[i:i + batch], responses[i:i + batch])]
@@ -173,7 +176,7 @@ def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart:
         ids = torch.zeros(B, S, dtype=torch.int64)
         for r, s in enumerate(seqs):
             ids[r, :len(s)] = torch.tensor(s)
-        mf = restart_mask_from(ids, T) if restart else build_mask_from(ids, T, MementoConfig(0))
+        mf = restart_mask_from(ids, fmt) if restart else build_mask_from(ids, fmt, MementoConfig(0))
         for r, s in enumerate(seqs):
             mf[r, len(s):] = EMPTY
         cache = PagedKVCache(model.config, torch.float32, "cpu")
@@ -181,7 +184,7 @@ def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart:
             cache.add(r)
         model.hidden_states(ids, torch.arange(S).expand(B, S), mf, cache.batch(list(range(B))))
         for r, s in enumerate(seqs):
-            pos = torch.tensor(feature_positions(s, T, features))  # [M, n]
+            pos = torch.tensor(feature_positions(s, fmt, features))  # [M, n]
             n_mem = n_mem if n_mem is not None else len(pos)
             if len(pos) != n_mem:
                 raise ValueError(f"trace {i + r} has {len(pos)} mementos, expected {n_mem}")
@@ -201,10 +204,7 @@ def attention_mass(model, tok, prompts: list[str], responses: list[str], *, src:
     earlier one. One full forward per sequence with the attention probabilities recomputed
     from the q, k the model's layers produce (cfg: the mask; tests compare keep_last_n_blocks
     -1 with transformers' attention probabilities). Returns [L] floats in [0, 1]."""
-    import model as model_module
-    from memento_attention import visible_mask
-
-    T = MementoTokens.from_tokenizer(tok)
+    fmt = MementoTokens.from_tokenizer(tok)
     orig, seen = model_module.attention, []
 
     def record(q, k, v, mask_from=None, **kw):
@@ -216,14 +216,14 @@ def attention_mass(model, tok, prompts: list[str], responses: list[str], *, src:
     try:
         for p, r in zip(prompts, responses):
             ids_list = tok.encode(tok.chat_prompt(p)) + tok.encode(r)
-            tr = BlockTracker(T, MementoConfig(0))
+            tr = BlockTracker(fmt, MementoConfig(0))
             for t in ids_list:
                 tr.step(t)
             b_src, b_dst = tr.completed[src - 1], tr.completed[dst - 1]
-            qs, ks = list(range(b_src.e + 1, b_src.z + 1)), list(range(b_dst.e + 1, b_dst.z + 1))
+            qs, ks = list(range(b_src.end + 1, b_src.summary_end + 1)), list(range(b_dst.end + 1, b_dst.summary_end + 1))
             ids = torch.tensor([ids_list])
             seen.clear()
-            model(ids, mask_from=build_mask_from(ids, T, cfg))
+            model(ids, mask_from=build_mask_from(ids, fmt, cfg))
             masses = []
             for q, k, mf in seen:
                 pos = torch.arange(ids.shape[1])[None]
@@ -335,7 +335,7 @@ def stage_argv(args, work: Path) -> dict:
     """train_sft.py's arguments for each stage of the toy model (paper §4's two stages, on the
     toy of §6.2): {"stage1": [str, ...], "stage2": [str, ...]}, from args (parse_args) and the
     work directory. The stage-2 run keeps every snapshot: the checkpoint series reads them all.
-    Raises nothing; train_sft.parse_args checks the values."""
+    Raises nothing; sft.parse_args checks the values."""
     common = ["--data", str(work / "data.jsonl"), "--batch-size", str(args.train_batch), "--no-progress",
               "--seed", str(args.seed), "--eval-samples", "0", "--overwrite"]
     size = ["--layers", "4", "--hidden", "128", "--heads", "4", "--kv-heads", "2"]
@@ -356,9 +356,6 @@ def train_toy(args, work: Path) -> dict:
     them) is not trained again, so an interrupted run only repeats the stage it was in.
     Returns {"stage1": {...}, "stage2": {...}, "total_seconds"}.
     """
-    import train_sft
-    from checkpoint import step_dir_name
-
     argv = stage_argv(args, work)
     data_key = {"design": args.design, "train_examples": args.train_examples, "seed": args.seed}
     meta_path = work / "train_meta.json"
@@ -370,7 +367,7 @@ def train_toy(args, work: Path) -> dict:
     for stage, steps in (("stage1", args.stage1_steps), ("stage2", args.stage2_steps)):
         done = meta.get(stage, {}).get("argv") == argv[stage] and (work / stage / step_dir_name(steps)).is_dir()
         if not done:
-            m = train_sft.train(train_sft.parse_args(argv[stage]))
+            m = sft.train(sft.parse_args(argv[stage]))
             meta[stage] = {"steps": m["steps"], "seconds": m["seconds"], "final_loss": m["final_loss"], "argv": argv[stage]}
             if stage == "stage1":
                 meta.pop("stage2", None)  # a new stage 1 invalidates stage 2
@@ -393,14 +390,14 @@ def task_metrics(model, tok, n: int, seed: int, design: str = "restate") -> dict
         seqs, _ = generate(model, tok, prompts[i:i + 100], EngineConfig(MementoConfig(0)),
                            SamplingParams(max_tokens=400 if design == "restate" else 600), seed=seed + i)
         ok += sum(digits.check_trace(p, tok.decode(s.tokens))["correct"] for (p, _, _), s in zip(samples[i:i + 100], seqs))
-    T = MementoTokens.from_tokenizer(tok)
+    fmt = MementoTokens.from_tokenizer(tok)
     hit, tot, width = 0, 0, 3 if design == "cumulative" else 1  # digits in a memento's sum
     for (p, r, _) in samples:  # one prefill per trace under the stage-2 mask (= compaction)
         full = tok.encode(tok.chat_prompt(p.prompt)) + tok.encode(r)
         ids = torch.tensor([full])
-        logits = model(ids, mask_from=build_mask_from(ids, T, MementoConfig(0)))[0]
+        logits = model(ids, mask_from=build_mask_from(ids, fmt, MementoConfig(0)))[0]
         pred = logits.argmax(-1)
-        for q in memento_positions(full, T):  # a memento counts if every digit of its sum is right
+        for q in memento_positions(full, fmt):  # a memento counts if every digit of its sum is right
             hit += all(int(pred[j - 1]) == full[j] for j in range(q - width + 1, q + 1))
             tot += 1
     return {"task_accuracy": ok / n, "task_n": n, "memento_sum_accuracy": hit / max(1, tot)}
@@ -460,8 +457,6 @@ def main(argv=None) -> dict:
     train_info = train_toy(args, work)
     log = lambda *a: print(f"[{time.perf_counter() - t0:6.0f} s]", *a, file=sys.stderr, flush=True)  # noqa: E731
     log("trained", train_info)
-    from common import load_checkpoint
-
     rng = random.Random(f"probe:{args.seed}")
     samples = [digits.sample(rng, design=args.design) for _ in range(args.n)]
     prompts = [p.prompt for p, _, _ in samples]
@@ -512,7 +507,8 @@ def main(argv=None) -> dict:
         checkpoints.append(row)
         log("checkpoint", row)
 
-    out = {"experiment": "probe_kv", "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
+    out = {"experiment": "probe_kv", "config": {k: _relative(v) if k in ("out", "plots", "work_dir") else v
+                                                for k, v in vars(args).items() if k not in ("json",)},
            "model": {"layers": L, "hidden": model.config.hidden_size, "heads": model.config.num_attention_heads,
                      "kv_heads": model.config.num_key_value_heads, "head_dim": model.config.head_dim,
                      "features": args.features,
@@ -584,6 +580,15 @@ def plot(res: dict, outdir: Path) -> None:
         fig.tight_layout()
         fig.savefig(outdir / "probe_checkpoints.png", dpi=110)
         plt.close(fig)
+
+
+def _relative(path: str) -> str:
+    """A path as the results file stores it: relative to the repository when inside it, so no
+    machine's directory layout is committed."""
+    if not path:
+        return path
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else path
 
 
 if __name__ == "__main__":

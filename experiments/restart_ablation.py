@@ -53,9 +53,11 @@ from common import RESULTS, pyplot, load_checkpoint, machine_info, mcnemar_exact
 
 import torch  # noqa: E402
 
-from engine import EngineConfig, SamplingParams  # noqa: E402
-from eval import run as eval_run, toy_problems  # noqa: E402
-from memento_attention import MementoConfig  # noqa: E402
+import sft  # noqa: E402
+from blocks import MementoConfig  # noqa: E402
+from cli import add_sampling_args, sampling_params  # noqa: E402
+from engine import EngineConfig  # noqa: E402
+from evaluation import run as eval_run, toy_problems  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,10 +67,7 @@ def parse_args(argv=None):
     ap.add_argument("--n", type=int, default=500, help="prompts (the same for every row)")
     ap.add_argument("--max-num-seqs", type=int, default=500, help="sequences decoded together")
     ap.add_argument("--seed", type=int, default=0, help="prompt seed and base sampling seed (eval.py's --seed)")
-    ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--top-k", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=320)
+    add_sampling_args(ap, max_new_tokens=320)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "restart_ablation.json"), help="JSON output file ('' = none)")
     ap.add_argument("--plot", default=str(RESULTS / "restart_ablation.png"), help="PNG output ('' = none)")
@@ -90,14 +89,13 @@ def parse_args(argv=None):
 
 def train_both_stages(args) -> dict:
     """Stage 1 then stage 2 with train_sft.py's toy defaults and --seed args.train_seed
-    (evals off: they do not change the weights). Returns {stage: seconds}."""
-    import train_sft
-
+    (evals off: they do not change the weights), through sft.train. Returns {stage: seconds}."""
     seconds = {}
     for stage, extra in ((1, []), (2, ["--init-from", args.stage1])):
         t0 = time.perf_counter()
-        train_sft.main(["--stage", str(stage), "--seed", str(args.train_seed), "--out", getattr(args, f"stage{stage}"),
-                        "--eval-samples", "0", "--no-progress", "--overwrite", *extra])
+        sft.train(sft.parse_args(["--stage", str(stage), "--seed", str(args.train_seed), "--out",
+                                  getattr(args, f"stage{stage}"), "--eval-samples", "0", "--no-progress", "--overwrite",
+                                  *extra]))
         seconds[f"stage{stage}"] = time.perf_counter() - t0
     return seconds
 
@@ -109,15 +107,14 @@ def reason_key(reason: str) -> str:
 
 
 def run_model(model, tok, problems, modes: list[str], args) -> list[dict]:
-    """Generate and check every problem in each mode with eval.run (one engine, all modes in
+    """Generate and check every problem in each mode with evaluation.run (one engine, all modes in
     one batch; sample 0 of problem p draws with eval.sample_seed(seed, p, 0) in every mode, so
     the modes see the same prompts with the same random streams: the draws differ as soon as
     the logits differ, which is the point of the comparison). Returns one row per mode,
     without model/checkpoint."""
     t0 = time.perf_counter()
     config = EngineConfig(MementoConfig(keep_last_n_blocks=0), max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=max(2048, args.max_num_seqs),
-                          sampling=SamplingParams(args.temperature, args.top_p, args.top_k, max_tokens=args.max_new_tokens))
+                          max_num_batched_tokens=max(2048, args.max_num_seqs), sampling=sampling_params(args))
     recs = eval_run(model, tok, problems, modes, 1, seed=args.seed, config=config)
     seconds = time.perf_counter() - t0
     rows = []

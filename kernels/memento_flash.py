@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memento_attention import NEVER  # one sentinel for the whole repository
+from blocks import NEVER  # one sentinel for the whole repository
 _INT32_MIN = -(2**31)
 
 # Tile classes returned by tile_schedule.
@@ -109,6 +109,24 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 # The inner step shared by the forward and dQ loops: load one key tile, score it.
 # ---------------------------------------------------------------------------------------
 @triton.jit
+def load_and_score(q, k_base, v_base, rows, ok, s_k, s_v, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """kT [D, BLOCK_N], v [BLOCK_N, D] of the keys at rows [BLOCK_N] (row indices into k_base /
+    v_base, whose rows are s_k / s_v elements apart), and s = q k^T * qk_scale [BLOCK_M,
+    BLOCK_N]. MASKED: load only where ok [BLOCK_N] (0 elsewhere); an unmasked tile has no
+    bounds check, so that Triton pipelines its loads. Shared with kernels/paged_attention.py."""
+    offs_d = tl.arange(0, HEAD_D)
+    if MASKED:
+        kT = tl.load(k_base + rows[None, :] * s_k + offs_d[:, None], mask=ok[None, :], other=0.0)
+        v = tl.load(v_base + rows[:, None] * s_v + offs_d[None, :], mask=ok[:, None], other=0.0)
+    else:
+        kT = tl.load(k_base + rows[None, :] * s_k + offs_d[:, None])
+        v = tl.load(v_base + rows[:, None] * s_v + offs_d[None, :])
+    s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
+    return kT, v, s
+
+
+@triton.jit
 def _key_tile_scores(q, qp, k_base, v_base, mf_base, kp_base, kt, s_kt, s_vt, TK, qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
                      MASKED: tl.constexpr, HAS_POS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -116,15 +134,9 @@ def _key_tile_scores(q, qp, k_base, v_base, mf_base, kp_base, kt, s_kt, s_vt, TK
     # BLOCK_N] (base 2), -inf where the rule hides the pair. MASKED: a partial tile, with the
     # element mask and bounds checks; a full tile needs neither (it never reaches past TK).
     offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_D)
-    if MASKED:
-        col_ok = offs_n < TK
-        kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        kT = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None])
-        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
-    s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
+    col_ok = offs_n < TK
+    kT, v, s = load_and_score(q, k_base, v_base, offs_n, col_ok, s_kt, s_vt, qk_scale, BLOCK_M, BLOCK_N, HEAD_D,
+                              MASKED, UPCAST, IEEE)
     if MASKED:
         mf = tl.load(mf_base + offs_n, mask=col_ok, other=0)
         if HAS_POS:
@@ -153,6 +165,21 @@ def _key_tile_scores(q, qp, k_base, v_base, mf_base, kp_base, kt, s_kt, s_vt, TK
 # dense reference, and lse = +inf, which makes its P (hence all its gradients) exactly 0.
 # ---------------------------------------------------------------------------------------
 @triton.jit
+def online_softmax_step(acc, l_i, m_i, s, v, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Fold one key tile (scores s [BLOCK_M, BLOCK_N] in base 2, values v [BLOCK_N, D]) into
+    the running (acc, l, m) of every query row; the step every forward loop here and in
+    kernels/paged_attention.py takes."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # P is rounded to V's dtype for the tensor cores, as in every flash kernel.
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base, idx_base, n_tiles, s_kt, s_vt, TK, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr,
                HAS_POS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -160,14 +187,7 @@ def _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base, idx_base,
         kt = tl.load(idx_base + i)
         kT, v, s = _key_tile_scores(q, qp, k_base, v_base, mf_base, kp_base, kt, s_kt, s_vt, TK, qk_scale,
                                     BLOCK_M, BLOCK_N, HEAD_D, MASKED, HAS_POS, UPCAST, IEEE)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # P is rounded to V's dtype for the tensor cores, as in every flash kernel.
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, UPCAST, IEEE)
     return acc, l_i, m_i
 
 

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.memento_flash import _INTERPRET, _mma
+from kernels.memento_flash import _INTERPRET, load_and_score, online_softmax_step
 
 _SUPPORTED_D = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -87,22 +87,16 @@ def _page_tile(q, qpos, k_base, v_base, pt_base, t, ctx, s_ks, s_vs, qk_scale,
     # Key tile t = keys t*BLOCK_N .. +BLOCK_N-1 of the row (several pages, or part of one).
     # Returns v [BLOCK_N, D] and the scores s [BLOCK_M, BLOCK_N] (base 2, -inf where hidden).
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_D)
+    col_ok = offs_n < ctx
     # One page id per key (the keys of a page load the same id, from L1) keeps the gather a
     # plain pointer tensor, which the pipeliner turns into asynchronous copies like the K/V.
     if MASKED:
-        col_ok = offs_n < ctx
         page = tl.load(pt_base + offs_n // PAGE, mask=col_ok, other=0)
     else:
         page = tl.load(pt_base + offs_n // PAGE)
     slot = page.to(tl.int64) * PAGE + offs_n % PAGE  # int64: pools past 2**31 elements
-    if MASKED:
-        kT = tl.load(k_base + slot[None, :] * s_ks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        v = tl.load(v_base + slot[:, None] * s_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        kT = tl.load(k_base + slot[None, :] * s_ks + offs_d[:, None])
-        v = tl.load(v_base + slot[:, None] * s_vs + offs_d[None, :])
-    s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
+    _, v, s = load_and_score(q, k_base, v_base, slot, col_ok, s_ks, s_vs, qk_scale, BLOCK_M, BLOCK_N, HEAD_D,
+                             MASKED, UPCAST, IEEE)
     if MASKED:
         # keys past ctx are covered too: c_i < ctx for every real query
         s = tl.where(offs_n[None, :] <= qpos[:, None], s, float("-inf"))
@@ -116,14 +110,7 @@ def _paged_inner(acc, l_i, m_i, q, qpos, k_base, v_base, pt_base, lo, hi, ctx, s
     for t in range(lo, hi):
         v, s = _page_tile(q, qpos, k_base, v_base, pt_base, t, ctx, s_ks, s_vs, qk_scale,
                           PAGE, BLOCK_M, BLOCK_N, HEAD_D, MASKED, UPCAST, IEEE)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # P is rounded to V's dtype for the tensor cores, as in every flash kernel.
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, UPCAST, IEEE)
     return acc, l_i, m_i
 
 

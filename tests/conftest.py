@@ -100,3 +100,25 @@ def run_generate(*args):
 
     return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], capture_output=True, text=True, cwd=REPO,
                           timeout=300)
+
+
+def killed_after(checkpoint: str, fn, *args):
+    """Run fn(*args) as if the process were killed right after training.save_checkpoint wrote
+    `checkpoint` (a step directory name): that call raises KeyboardInterrupt once the checkpoint
+    is complete, as a kill between two steps would. The real function is restored after."""
+    import training
+
+    real = training.save_checkpoint
+
+    def save_then_die(*a, **kw):
+        path = real(*a, **kw)
+        if path.name == checkpoint:
+            raise KeyboardInterrupt
+        return path
+
+    training.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fn(*args)
+    finally:
+        training.save_checkpoint = real

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memento_attention import NEVER, attention
+from blocks import NEVER
+from memento_attention import attention
 
 
 def _qkv(B=2, Hq=4, Hkv=2, T=13, D=8, seed=0):

@@ -16,10 +16,10 @@ from conftest import REPO, memento_text, run_generate, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import Engine, EngineConfig, Mode, SamplingParams, gpu_kv_budget_bytes
-from generate import generate
+from engine import Engine, EngineConfig, SamplingParams, gpu_kv_budget_bytes
+from engine import generate
 from kv_cache import PagedKVCache
-from memento_attention import MementoConfig, MementoTokens, build_mask_from
+from blocks import MementoConfig, MementoTokens, build_mask_from
 from tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()

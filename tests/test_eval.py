@@ -1,7 +1,6 @@
 """eval.py: pass@1 and KV figures through the engine, against direct computations and replays."""
 import json
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -13,11 +12,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
 
 import eval as ev  # noqa: E402
+import evaluation  # noqa: E402
 from conftest import tiny_model  # noqa: E402
 from data import toy_task  # noqa: E402
 from engine import EngineConfig  # noqa: E402
-from generate import generate  # noqa: E402
-from memento_attention import MementoConfig, MementoTokens  # noqa: E402
+from engine import generate  # noqa: E402
+from blocks import MementoConfig, MementoTokens, trace_stats  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 TOK = Tokenizer.byte_level()
@@ -39,7 +39,7 @@ def test_trace_stats_counts_by_hand():
     T = MementoTokens.from_tokenizer(TOK)
     ids = TOK.encode("<think>\n<|block_start|>abcd<|block_end|>\n<|summary_start|>xy<|summary_end|>"
                      "<|block_start|>ef<|block_end|><|summary_start|>wxyz<|summary_end|></think>\n7")
-    assert ev.trace_stats(ids, T) == {"blocks": 2, "mean_block_tokens": 3.0, "mean_memento_tokens": 3.0}
+    assert trace_stats(ids, T) == {"blocks": 2, "mean_block_tokens": 3.0, "mean_memento_tokens": 3.0}
 
 
 def test_summary_pass_at_1_se_and_majority():
@@ -52,7 +52,7 @@ def test_summary_pass_at_1_se_and_majority():
             recs.append({"problem": p, "mode": "memento", "sample": k, "correct": c, "extracted": x, "tokens": 10 + k,
                          "blocks": 2, "mean_block_tokens": 5.0, "mean_memento_tokens": 2.0,
                          "peak_kv_tokens": 100 + p, "kv_auc": 1000})
-    s = ev.summarize(recs, ["memento"])["memento"]
+    s = evaluation.summarize(recs, ["memento"])["memento"]
     per_problem = [0.5, 0.25, 1.0]
     mean = sum(per_problem) / 3
     se = math.sqrt(sum((x - mean) ** 2 for x in per_problem) / 2) / math.sqrt(3)
@@ -65,15 +65,15 @@ def test_kv_figures_equal_replay_and_formula(ckpt):
     """Each sample's peak KV and AUC equal a teacher-forced replay of its tokens (generate.py
     --replay path: chunked forced decoding); GB figures are §A.3.1 computed by hand."""
     model, tok = tiny_model(layers=1, seed=1), TOK
-    problems = ev.toy_problems(4, seed=3)
+    problems = evaluation.toy_problems(4, seed=3)
     seqs = {}
-    recs = ev.run(model, tok, problems, ["memento", "full", "restart"], 2, seed=5,
+    recs = evaluation.run(model, tok, problems, ["memento", "full", "restart"], 2, seed=5,
                   config=EngineConfig(MementoConfig(0), max_num_seqs=5), shapes={"Qwen3-8B": 2 * 36 * 8 * 128 * 2},
                   on_record=lambda r, s: seqs.__setitem__((r["problem"], r["mode"], r["sample"]), s))
     assert len(recs) == 4 * 3 * 2 and len(seqs) == len(recs)
     for r in recs:
         s = seqs[r["problem"], r["mode"], r["sample"]]
-        assert r["tokens"] == len(s.tokens) <= ev.toy_max_new_tokens(tok)
+        assert r["tokens"] == len(s.tokens) <= evaluation.toy_max_new_tokens(tok)
         replay, _ = generate(model, tok, [s.prompt], EngineConfig(MementoConfig(0), mode=r["mode"], replay_chunk=7),
                              forced=[s.tokens])
         curve = replay[0].curve
@@ -89,7 +89,7 @@ def test_kv_figures_equal_replay_and_formula(ckpt):
 def test_toy_cap_holds_the_longest_trace():
     longest = toy_task.Problem(toy_task.MAX_BLOCKS, 9)
     text, _ = toy_task.solve(longest, random.Random(1))
-    assert len(TOK.encode(text)) + 1 <= ev.toy_max_new_tokens(TOK) <= len(TOK.encode(text)) + 16
+    assert len(TOK.encode(text)) + 1 <= evaluation.toy_max_new_tokens(TOK) <= len(TOK.encode(text)) + 16
 
 
 def test_eval_toy_equals_restart_ablation(ckpt, tmp_path):

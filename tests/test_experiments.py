@@ -16,8 +16,8 @@ import digits  # noqa: E402
 import probe_kv  # noqa: E402
 import restart_ablation  # noqa: E402
 from engine import EngineConfig  # noqa: E402
-from generate import generate  # noqa: E402
-from memento_attention import MementoConfig, MementoTokens  # noqa: E402
+from engine import generate  # noqa: E402
+from blocks import MementoConfig, MementoTokens  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 TOK = Tokenizer.byte_level()
@@ -243,7 +243,7 @@ def test_attention_mass_equals_transformers_attention_probabilities(tmp_path):
     m2, m3 = tr.completed[1], tr.completed[2]
     with torch.no_grad():
         att = hf(torch.tensor([ids]), output_attentions=True).attentions  # L x [1, H, T, T]
-    want = [float(a[0][:, m3.e + 1:m3.z + 1, m2.e + 1:m2.z + 1].sum(-1).mean()) for a in att]
+    want = [float(a[0][:, m3.end + 1:m3.summary_end + 1, m2.end + 1:m2.summary_end + 1].sum(-1).mean()) for a in att]
     assert got == pytest.approx(want, abs=1e-5) and min(want) > 0
 
 

@@ -1,37 +1,24 @@
 """Tests of the block-masked flash attention kernels (kernels/memento_flash.py, paper §4).
 
 Without CUDA every test runs the Triton kernels under the interpreter (TRITON_INTERPRET=1,
-set below before triton is imported); with CUDA they run natively. Shapes are tiny so the
+which conftest.py sets before anything imports triton); with CUDA they run natively. Shapes are tiny so the
 interpreter finishes the file in a few minutes on 2 cores.
 """
+import math
 import os
 import sys
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-# Importable as `pytest tests/test_kernel.py` too, not only `python -m pytest` from the root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from blocks import NEVER
+from conftest import tiny_model
+from kernels.memento_flash import FULL, PARTIAL, SKIP, memento_flash_attention, tile_lists, tile_schedule, tile_stats
+from memento_attention import attention, attention_reference, visible_mask
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from kernels.memento_flash import (  # noqa: E402
-    FULL,
-    PARTIAL,
-    SKIP,
-    memento_flash_attention,
-    tile_lists,
-    tile_schedule,
-    tile_stats,
-)
-from memento_attention import NEVER, attention, attention_reference, visible_mask  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -515,19 +502,16 @@ def test_stage2_training_step_triton_equals_torch(monkeypatch):
     """One stage-2 step of train_sft (memento mask, loss on response tokens, backward) gives
     the same loss and parameter gradients through the Triton kernel as through the dense
     PyTorch reference (fp32; the interpreter on CPU)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from conftest import tiny_model
-
-    import train_sft
+    import sft
     from data import openmementos, toy_task
-    from memento_attention import MementoConfig, MementoTokens
+    from blocks import MementoConfig, MementoTokens
     from tokenizer import Tokenizer
 
     tok = Tokenizer.byte_level()
     recs = [toy_task.example(5, i) for i in range(2)]
     ex, _ = openmementos.tokenize(recs, tok, 4096)
     ids, labels = openmementos.collate(ex, tok.token_id("<|endoftext|>"))
-    mask_from = train_sft.stage_mask(ids, MementoTokens.from_tokenizer(tok), MementoConfig(0))
+    mask_from = sft.stage_mask(ids, MementoTokens.from_tokenizer(tok), MementoConfig(0))
     assert (mask_from < NEVER).any()
     results = {}
     calls = _count_kernel_calls(monkeypatch)

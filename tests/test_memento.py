@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import EngineConfig
-from generate import generate
-from memento_attention import NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from
+from engine import generate
+from blocks import NEVER, BlockTracker, MementoConfig, MementoTokens, build_mask_from
 from tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import tiny_hf_model
 
-from model import Qwen3, Qwen3Config, add_memento_tokens
+from checkpoint import add_memento_tokens
+from model import Qwen3, Qwen3Config
 from tokenizer import Tokenizer
 
 VOCAB = 300
@@ -157,7 +158,7 @@ def _word_rows(table, tok, words):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_memento_token_initialization(tmp_path, tied):
-    from model import MEMENTO_TOKEN_SEEDS
+    from checkpoint import MEMENTO_TOKEN_SEEDS
 
     tok = Tokenizer.byte_level()
     # a byte-level vocab without memento tokens, as a pretrained checkpoint would have

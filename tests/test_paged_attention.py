@@ -1,34 +1,27 @@
 """Tests of the paged-attention kernels (kernels/paged_attention.py, paper §6.1).
 
-Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set below
-before triton is imported); shapes are tiny so the file runs in seconds on one core. Each
+Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, which
+conftest.py sets before anything imports triton); shapes are tiny so the file runs in seconds on one core. Each
 case is checked against two oracles: paged_attention_reference (the module's own), and
 torch SDPA over keys gathered into a dense tensor here, with the slot arithmetic written out
 token by token, so the module's gather is not trusted by its own test.
 """
+import json
 import math
 import os
+import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels.paged_attention as pa
+from kernels.paged_attention import choose_num_splits, paged_attention, paged_attention_reference
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-import kernels.paged_attention as pa  # noqa: E402
-from kernels.paged_attention import (  # noqa: E402
-    choose_num_splits,
-    paged_attention,
-    paged_attention_reference,
-)
 
 DEVICE = "cuda" if CUDA else "cpu"
 SPARE_K, SPARE_V = 50.0, 1e3  # K/V of pages no row owns: a wrong page read would swamp the output
@@ -295,9 +288,6 @@ def test_cuda_kernels_compile_pipelined_and_spill_free():
     and an aligned launch's specialization (bench/compile_check.py). The page loops must be
     software-pipelined (asynchronous copies in the TTGIR, LDGSTS in the SASS) and nothing may
     spill. Compiling needs triton without the interpreter, hence a subprocess."""
-    import json
-    import subprocess
-
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     names = ["paged_dec"]  # the decode path; CI's `compile_check.py --strict` covers every variant

@@ -1,5 +1,6 @@
 """Tests of the pipeline's LLM stages (§9.3, §9.5) and the resumable driver, against a real
 OpenAI-compatible HTTP server started on 127.0.0.1 (a thread, ephemeral port) that answers
+import sft
 from fixed rules keyed by the request content."""
 from __future__ import annotations
 
@@ -373,7 +374,7 @@ def test_end_to_end_on_the_raw_sample_trace(server, tmp_path):
     assert ans == answer
     assert rec["response"].startswith("<think>\n") and "</think>\n" in rec["response"]
     # the SFT loader accepts the output, and both stages train a step on it
-    import train_sft
+    import sft
     from data import openmementos
     from tokenizer import Tokenizer
 
@@ -382,7 +383,7 @@ def test_end_to_end_on_the_raw_sample_trace(server, tmp_path):
     tiny = ["--data", str(out), "--max-steps", "1", "--max-seq-len", "1024", "--layers", "1", "--hidden", "32",
             "--heads", "2", "--kv-heads", "1", "--no-progress"]
     for stage, extra in (("1", []), ("2", ["--init-from", str(tmp_path / "s1")])):
-        m = train_sft.train(train_sft.parse_args(["--stage", stage, "--out", str(tmp_path / f"s{stage}"), *tiny, *extra]))
+        m = sft.train(sft.parse_args(["--stage", stage, "--out", str(tmp_path / f"s{stage}"), *tiny, *extra]))
         assert m["steps"] == 1 and m["final_loss"] > 0
     toks = re.findall("|".join(re.escape(t) for t in SPECIAL), rec["response"])
     assert toks == SPECIAL * len(blocks)

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from conftest import memento_text, tiny_model
 
 import memento_attention
-import train_sft
+import sft
 from data import openmementos, toy_task
 from engine import EngineConfig, SamplingParams, sample
-from generate import generate
+from engine import generate
 from kernels import memento_flash
-from memento_attention import KERNEL_MIN_QUERIES, MementoConfig, MementoTokens, build_mask_from
+from blocks import MementoConfig, MementoTokens, build_mask_from
+from memento_attention import KERNEL_MIN_QUERIES
 from model import IGNORE_INDEX
 from tokenizer import Tokenizer
 
@@ -55,7 +56,7 @@ def _toy_batch(n=2, seed=5):
     recs = [toy_task.example(seed, i) for i in range(n)]
     ex, _ = openmementos.tokenize(recs, TOK, 4096)
     ids, labels = openmementos.collate(ex, TOK.token_id("<|endoftext|>"))
-    return ids.to(DEV), labels.to(DEV), train_sft.stage_mask(ids, IDS, MementoConfig(0)).to(DEV)
+    return ids.to(DEV), labels.to(DEV), sft.stage_mask(ids, IDS, MementoConfig(0)).to(DEV)
 
 
 def _step(model, ids, labels, mask_from):

@@ -4,13 +4,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import killed_after
 from safetensors.torch import load_file
 
+import sft
 import train_rl
-import train_sft
 from checkpoint import local_checkpoint
-from eval import toy_problems
-from memento_attention import MementoTokens
+from evaluation import toy_problems
+from blocks import MementoTokens
 from model import Qwen3
 from tokenizer import Tokenizer
 
@@ -22,7 +23,7 @@ def policy(tmp_path_factory):
     """A small model trained briefly on the toy format (stage 1), so that its samples hold
     several completed blocks."""
     out = tmp_path_factory.mktemp("rl") / "stage1"
-    train_sft.train(train_sft.parse_args(["--stage", "1", "--max-steps", "150", "--batch-size", "16", *SMALL,
+    sft.train(sft.parse_args(["--stage", "1", "--max-steps", "150", "--batch-size", "16", *SMALL,
                                           "--out", str(out)]))
     return out
 
@@ -133,21 +134,10 @@ RL = ["--prompts-per-step", "4", "--group-size", "4", "--minibatches", "2", "--e
       "--save-every", "2", "--max-steps", "4"]
 
 
-def test_resume_after_2_of_4_steps_is_exact(policy, tmp_path, monkeypatch):
+def test_resume_after_2_of_4_steps_is_exact(policy, tmp_path):
     straight = tmp_path / "straight"
     train_rl.main(["--init-from", str(policy), *RL, "--out", str(straight)])
-    real = train_rl.save_checkpoint
-
-    def save_then_die(*a, **kw):
-        path = real(*a, **kw)
-        if path.name == "step-000002":
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(train_rl, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_rl.main(["--init-from", str(policy), *RL, "--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train_rl, "save_checkpoint", real)
+    killed_after("step-000002", train_rl.main, ["--init-from", str(policy), *RL, "--out", str(tmp_path / "resumed")])
     train_rl.main(["--init-from", str(policy), *RL, "--out", str(tmp_path / "resumed"), "--resume"])
     a = load_file(local_checkpoint(straight) / "model.safetensors")
     b = load_file(local_checkpoint(tmp_path / "resumed") / "model.safetensors")

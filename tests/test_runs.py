@@ -19,6 +19,7 @@ from conftest import REPO, tiny_hf_model
 
 import checkpoint
 import generate
+import sft
 import train_sft
 from checkpoint import local_checkpoint, publish, run_checkpoints
 from data import toy_task
@@ -53,7 +54,7 @@ def _jsonl(path, records):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    train_sft.train(train_sft.parse_args(["--stage", "1", "--out", str(d / "stage1"), "--max-steps", "1",
+    sft.train(sft.parse_args(["--stage", "1", "--out", str(d / "stage1"), "--max-steps", "1",
                                           "--batch-size", "2", *TINY]))
     return d / "stage1"
 
@@ -150,7 +151,7 @@ def test_long_examples_never_crash_and_are_counted(tmp_path, capsys):
     assert report["kept"] == 5 and report["truncated"] == 1 and report["skipped"] == 2
     assert report["reasons"] == {"prompt fills --max-seq-len": 1, "not a JSON object": 1}
     assert all(len(e.input_ids) <= 200 and any(l != -100 for l in e.labels[1:]) for e in examples)
-    m = train_sft.train(train_sft.parse_args(["--stage", "1", "--data", str(data), "--max-seq-len", "200",
+    m = sft.train(sft.parse_args(["--stage", "1", "--data", str(data), "--max-seq-len", "200",
                                               "--max-steps", "3", "--batch-size", "5", "--out", str(tmp_path / "o"),
                                               "--val-frac", "0.3", "--val-every", "2", *TINY]))
     assert all(e["loss"] > 0 and torch.isfinite(torch.tensor(e["loss"])) for e in m["log"])
@@ -164,7 +165,7 @@ def test_long_examples_never_crash_and_are_counted(tmp_path, capsys):
 
 def test_resume_refuses_a_changed_data_stream(tmp_path, capsys):
     out = str(tmp_path / "r")
-    train_sft.train(train_sft.parse_args(["--stage", "1", "--out", out, "--max-steps", "4", "--batch-size", "4",
+    sft.train(sft.parse_args(["--stage", "1", "--out", out, "--max-steps", "4", "--batch-size", "4",
                                           "--save-every", "2", *TINY]))
     code, err = _run_main(train_sft.main, ["--stage", "1", "--out", out, "--max-steps", "4", "--batch-size", "2", *TINY],
                           capsys)
@@ -217,7 +218,7 @@ def test_checkpoint_is_complete_for_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     out = tmp_path / "run"
-    train_sft.train(train_sft.parse_args(["--stage", "1", "--out", str(out), "--max-steps", "2", "--batch-size", "2", *TINY]))
+    sft.train(sft.parse_args(["--stage", "1", "--out", str(out), "--max-steps", "2", "--batch-size", "2", *TINY]))
     d = out / "latest"  # what a transformers user points at
     cfg = json.loads((d / "config.json").read_text())
     hf_tok = AutoTokenizer.from_pretrained(d)

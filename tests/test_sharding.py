@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
-import train_sft
+import sft
 from checkpoint import LATEST, local_checkpoint, run_checkpoints
 from data import toy_task
 from model import Qwen3
@@ -141,6 +141,6 @@ def test_fsdp_validation_loss_with_uneven_shares_equals_one_process(stage1, tmp_
 ])
 def test_fsdp_bad_input_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit):
-        train_sft.parse_args(["--stage", "1", "--out", str(tmp_path / "o"), *args])
+        sft.parse_args(["--stage", "1", "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from tokenizer import MEMENTO_TOKENS, QWEN_PATTERN, Tokenizer
+from blocks import MEMENTO_TOKENS
+from tokenizer import QWEN_PATTERN, Tokenizer
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"] + MEMENTO_TOKENS
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"] + list(MEMENTO_TOKENS)
 
 
 def _corpus(shared_data):

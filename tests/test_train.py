@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, killed_after
 
-import train_sft
+import sft
+import training
 from data import openmementos, toy_task
-from memento_attention import MementoConfig, MementoTokens
+from blocks import MementoConfig, MementoTokens
 from checkpoint import local_checkpoint, run_checkpoints
 from model import Qwen3
 from sharding import full_state
@@ -21,8 +22,8 @@ TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "-
 
 def _train(tmp_path, stage, *extra, name=None):
     out = tmp_path / (name or f"stage{stage}")
-    args = train_sft.parse_args(["--stage", str(stage), "--out", str(out), *TINY, *extra])
-    return train_sft.train(args), out
+    args = sft.parse_args(["--stage", str(stage), "--out", str(out), *TINY, *extra])
+    return sft.train(args), out
 
 
 def test_loss_decreases_in_both_stages(tmp_path):
@@ -38,7 +39,7 @@ def _losses(model, tok, text_ids, stage):
     cfg = MementoConfig(-1 if stage == 1 else 0)
     ids = torch.tensor([text_ids])
     with torch.no_grad():
-        return model(ids, mask_from=train_sft.stage_mask(ids, MementoTokens.from_tokenizer(tok), cfg), labels=ids)[0]
+        return model(ids, mask_from=sft.stage_mask(ids, MementoTokens.from_tokenizer(tok), cfg), labels=ids)[0]
 
 
 def test_stage2_hides_masked_blocks_and_stage1_does_not():
@@ -106,18 +107,7 @@ def test_checkpoint_round_trip_atomic_and_resume(tmp_path, monkeypatch):
     m.save_pretrained(tmp_path / "copy")
     assert torch.equal(Qwen3.from_pretrained(tmp_path / "copy")(ids), before)
     # an interrupted run (killed right after its step-3 checkpoint), then --resume: bitwise equal
-    real = train_sft.save_checkpoint
-
-    def save_then_die(*a, **kw):
-        path = real(*a, **kw)
-        if path.name == "step-000003":
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(train_sft, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path, 1, *common, name="resumed")
-    monkeypatch.setattr(train_sft, "save_checkpoint", real)
+    killed_after("step-000003", lambda: _train(tmp_path, 1, *common, name="resumed"))
     assert json.loads((tmp_path / "resumed" / "step-000003" / "training_state.json").read_text())["step"] == 3
     _train(tmp_path, 1, *common, "--resume", name="resumed")
     a, b = Qwen3.from_pretrained(straight).state_dict(), Qwen3.from_pretrained(tmp_path / "resumed").state_dict()
@@ -135,8 +125,8 @@ def test_checkpoint_round_trip_atomic_and_resume(tmp_path, monkeypatch):
     model = Qwen3.from_pretrained(tmp_path / "resumed")
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(OSError):
-        train_sft.save_checkpoint(str(tmp_path / "resumed"), model, Tokenizer.byte_level(), *full_state(model, opt), 99,
-                                  train_sft.parse_args(["--stage", "1"]), [])
+        training.save_checkpoint(str(tmp_path / "resumed"), model, Tokenizer.byte_level(), *full_state(model, opt), 99,
+                                  sft.parse_args(["--stage", "1"]), [])
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "resumed").rglob("*")) == snapshot
 
 

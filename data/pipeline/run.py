@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 from .format import build_response
 from .llm import ChatClient, LLMError
 from .memento import make_memento
@@ -154,7 +156,6 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
     Raises: LLMError (after writing every trace that did finish) when the endpoint keeps
         failing; ValueError / FileNotFoundError on bad input or output files.
     """
-    from tqdm import tqdm
 
     cfg = cfg or Config()
     if workers < 1:

@@ -8,10 +8,12 @@ import hashlib
 import re
 from typing import Callable
 
+from blocks import MEMENTO_TOKENS, THINK_END, THINK_START
+
 __all__ = ["THINK_OPEN", "THINK_CLOSE", "has_cjk", "think_parts", "trace_id", "seed_reason"]
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-RESERVED = ("<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>")
+THINK_OPEN, THINK_CLOSE = THINK_START, THINK_END
+RESERVED = MEMENTO_TOKENS  # a raw trace must not contain them
 
 # Han (incl. extension A/B and compatibility), kana, Hangul, CJK punctuation/fullwidth forms.
 _CJK = re.compile("[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
