@@ -24,10 +24,15 @@ will hold then (its compacted peak), not the length of its stream.
     seqs = [eng.add(prompt_ids, SamplingParams(max_tokens=512, seed=i)) for i, prompt_ids in enumerate(prompts)]
     eng.run()          # seqs[i].tokens, .curve (KV tokens after each token), .stop_reason, .metrics()
 
-Sampling (paper §6.1 defaults): each request has its own CPU generator, seeded from its
-`seed`, that draws one uniform number per sampled token; the token is the inverse CDF of the
-filtered distribution at that number. A request therefore gets the same tokens whatever else
-runs beside it, however it is batched or preempted, on CPU or CUDA.
+Sampling (paper §6.1 defaults) runs on the device: the token is the inverse CDF of the
+request's filtered distribution at one uniform number, a hash of (its seed, the token's
+index). A request therefore gets the same tokens whatever else runs beside it, however it is
+batched or preempted, on CPU or CUDA.
+
+A step reads nothing back from the device until its tokens are sampled: the scheduler plans
+on the host (which slots each token takes, how long each row is), the cache sends that with
+the token ids and positions in one copy, and attention reads the pages in place on a GPU
+(kv_cache.py). The one sync per step is the sampled tokens coming back.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm import tqdm
 
-from blocks import EMPTY, NEVER, Block, BlockTracker, MementoConfig, MementoTokens
+from blocks import Block, BlockTracker, MementoConfig, MementoTokens
 from checkpoint import resolve_checkpoint
 from kv_cache import PagedKVCache, curve_stats, kv_bytes_per_token
 from model import Qwen3
@@ -209,7 +214,7 @@ class Sequence:
     params: SamplingParams
     mode: Mode
     forced: list[int] | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0                                         # its sampling seed (SamplingParams.seed, or drawn)
     tokens: list[int] = field(default_factory=list)
     text: str | None = None
     done: bool = False
@@ -380,8 +385,8 @@ class Engine:
         elif len(stream) > self.max_pos:
             raise ValueError(f"prompt + forced response = {len(stream)} tokens exceeds max_position_embeddings="
                              f"{self.max_pos}; truncate the trace")
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        s = Sequence(len(self.sequences), list(prompt), params, mode, None if forced is None else list(forced), gen,
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        s = Sequence(len(self.sequences), list(prompt), params, mode, None if forced is None else list(forced), seed,
                      arrival_time=time.perf_counter())
         self.sequences.append(s)
         self._enqueue(s, front=False)
@@ -535,18 +540,14 @@ class Engine:
         """One model forward of these rows' chunks through the cache (right-padded; padding is
         stored nowhere); counts the KV curve of first-time tokens and keeps the logits each
         row needs."""
-        B, W = len(rows), max(n for _, _, n in rows)
-        ids = torch.zeros(B, W, dtype=torch.int64)
-        pos = torch.zeros(B, W, dtype=torch.int64)
-        mf = torch.full((B, W), EMPTY, dtype=torch.int64)
-        held = []
-        for r, (s, a, n) in enumerate(rows):
-            ids[r, :n] = torch.tensor(s.ids(a, a + n), dtype=torch.int64)
-            pos[r, :n] = torch.arange(a, a + n)
-            mf[r, :n] = NEVER
-            held.append(self.cache.length(s.id))
-        view = self.cache.batch([s.id for s, _, _ in rows])
-        h = self.model.hidden_states(ids.to(self.device), pos.to(self.device), mf.to(self.device), view)
+        W = max(n for _, _, n in rows)
+        held = [self.cache.length(s.id) for s, _, _ in rows]
+        # right padding repeats a row's last token and position: it is stored nowhere
+        ids = torch.tensor([s.ids(a, a + n) + [0] * (W - n) for s, a, n in rows], dtype=torch.int64)
+        pos = torch.tensor([list(range(a, a + n)) + [a + n - 1] * (W - n) for s, a, n in rows], dtype=torch.int64)
+        view = self.cache.batch([s.id for s, _, _ in rows], [n for _, _, n in rows])
+        ids, pos = view.upload(ids, pos)
+        h = self.model.hidden_states(ids, pos, None, view)
         self.stats["forwards"] += 1
         self.stats["tokens"] += sum(n for _, _, n in rows)
         need_last = [r for r, (s, a, n) in enumerate(rows) if s.forced is None and a + n == s.length]
@@ -575,7 +576,7 @@ class Engine:
             top_k = max(ready[r].params.logprobs for r in want_lp)
             top = lp.topk(top_k, dim=-1) if top_k else None
         last[:, self.vocab:] = float("-inf")  # the embedding may be padded beyond the tokenizer
-        picks = sample(last, [s.params for s in ready], [s.generator for s in ready]).tolist()
+        picks = sample(last, [s.params for s in ready], [s.seed for s in ready], [len(s.tokens) for s in ready]).tolist()
         for r, s in enumerate(ready):
             s.last = None
             t = picks[r]

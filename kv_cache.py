@@ -16,20 +16,26 @@ allocated at once on CUDA, as vLLM does; on the CPU its memory is allocated as i
 used, by doubling up to the budget, so a large default budget costs nothing until it is used.
 
 A forward through the cache goes through a `CacheBatch` (the cache's view of the sequences
-of one forward): `append` reserves and fills the slots of the new tokens once for all
-layers, and each layer's `update` stores its K/V and returns the K/V of every held token of
-each row, gathered into a padded [B, Hkv, S, D] view. A paged-attention kernel would read
-K/V straight from the pages through the page table instead of gathering a padded copy per
-layer; the gather keeps the attention code shared with training.
+of one forward): `append` fills the slots of the new tokens once for all layers, and each
+layer's `attend` stores its K/V and attends over every held token of each row. After
+compaction a sequence's pages hold only tokens its next queries may see (evicted blocks are
+gone, and a chunk never crosses a mask event), so decoding needs ordinary causal attention
+over pages: on a GPU the paged-attention kernel (kernels/paged_attention.py) reads them in
+place through the page table; elsewhere, or for a cache that still holds masked tokens, the
+rows are gathered into a padded view for memento_attention.attention.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from blocks import EMPTY, NEVER
+from memento_attention import attention, resolve_backend
+
+log = logging.getLogger("memento.kv_cache")
 
 
 def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
@@ -55,8 +61,10 @@ class OutOfPages(RuntimeError):
 
 @dataclass
 class _Seq:
+    row: int                                              # its row of the device page table
     pages: list[int] = field(default_factory=list)
     length: int = 0                                       # tokens held
+    masked: int = 0                                       # held tokens with a mask_from other than NEVER
 
 
 class PagedKVCache:
@@ -65,14 +73,21 @@ class PagedKVCache:
     Args:
         model_config: a model.Qwen3Config (layers, KV heads, head_dim).
         dtype, device: of the pool.
-        page_size: token slots per page (>= 1).
+        page_size: token slots per page (>= 1). The paged-attention kernel needs a power of
+            two >= 16; other sizes read K/V through the gathered path (one warning).
         num_pages: pool size in pages (the KV budget); None = unbounded (grows by doubling).
         preallocate: allocate a bounded pool's memory at once (default: on CUDA, where
             growing later would fragment device memory); otherwise it grows by doubling up
             to num_pages as pages are first used.
-    Pool tensors: k, v [L, Hkv, slots, D] (each head's keys contiguous, as attention reads
-    them); pos, mask_from [slots] int64 (EMPTY on free slots). Accounting for the pool:
-    `stats()`; per sequence the engine counts tokens held after each token (§A.3.1).
+    Pool tensors: k, v [L, Hkv, slots, D] (each head's keys contiguous, and one page of one
+    head a contiguous [page_size, D] tile, as the paged kernel reads it); pos, mask_from
+    [slots] int64 (EMPTY on free slots). One page past the allocated ones is scratch: right
+    padding of a batch is written there, so writes need no boolean selection (which would
+    read a count back to the host). The page table lives on the device, int32 [rows, max
+    pages], one row per sequence; the host keeps the same lists and only sends the entries
+    of newly allocated pages (compaction keeps a prefix of a sequence's pages, so it changes
+    no entry). Accounting: `stats()`; per sequence the engine counts tokens held after each
+    token (§A.3.1).
     Raises ValueError for page_size or num_pages < 1.
     """
 
@@ -86,11 +101,15 @@ class PagedKVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.bytes_per_token = kv_bytes_per_token(model_config, dtype)
         self.num_pages = num_pages or 0   # the budget (unbounded: what is allocated)
-        self.allocated = 0                # pages with memory behind them
+        self.allocated = 0                # pages with memory behind them (the scratch page not counted)
         self.k = self.v = self.pos = self.mask_from = None
         self.free_pages: list[int] = []   # allocated pages that hold nothing
         self.seqs: dict[int, _Seq] = {}
         self.peak_pages = 0
+        self.page_table = torch.zeros(8, 8, dtype=torch.int32, device=self.device)
+        self.free_rows: list[int] = list(range(7, -1, -1))
+        self.pending: list[tuple[int, int, int]] = []  # (row, column, page) not yet on the device
+        self.paged_kernel = page_size >= 16 and not page_size & (page_size - 1)
         if preallocate is None:
             preallocate = self.device.type == "cuda"
         self._grow(num_pages if (preallocate and num_pages) else min(16, num_pages or 16))
@@ -98,15 +117,17 @@ class PagedKVCache:
     # ------------------------------------------------------------------------- pages
 
     def _grow(self, num_pages: int) -> None:
-        """Allocate memory for num_pages pages in all (the old ones keep their index)."""
-        slots = num_pages * self.page_size
+        """Allocate memory for num_pages pages in all, plus the scratch page (old pages keep
+        their index; the scratch page moves to the new end)."""
+        slots = (num_pages + 1) * self.page_size
         k = torch.zeros(self.n_layers, self.n_kv_heads, slots, self.head_dim, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
         pos = torch.zeros(slots, dtype=torch.int64, device=self.device)
         mf = torch.full((slots,), EMPTY, dtype=torch.int64, device=self.device)
         if self.k is not None:  # page ids stay valid: old slots keep their index
-            old = self.k.shape[2]
-            k[:, :, :old], v[:, :, :old], pos[:old], mf[:old] = self.k, self.v, self.pos, self.mask_from
+            old = self.allocated * self.page_size
+            k[:, :, :old], v[:, :, :old] = self.k[:, :, :old], self.v[:, :, :old]
+            pos[:old], mf[:old] = self.pos[:old], self.mask_from[:old]
         self.free_pages = list(range(num_pages - 1, self.allocated - 1, -1)) + self.free_pages
         self.k, self.v, self.pos, self.mask_from, self.allocated = k, v, pos, mf, num_pages
         if not self.bounded:
@@ -136,7 +157,9 @@ class PagedKVCache:
             want = max(2 * self.allocated, self.allocated + n - len(self.free_pages))
             self._grow(min(want, self.num_pages) if self.bounded else want)
         for _ in range(n):
-            s.pages.append(self.free_pages.pop())
+            page = self.free_pages.pop()
+            self.pending.append((s.row, len(s.pages), page))
+            s.pages.append(page)
         self.peak_pages = max(self.peak_pages, self.held_page_count())
 
     def _slots(self, s: _Seq, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -146,20 +169,36 @@ class PagedKVCache:
         pages = torch.tensor(s.pages, dtype=torch.int64, device=self.device)
         return pages[idx // self.page_size] * self.page_size + idx % self.page_size
 
+    def _page_table_fits(self, rows: int, cols: int) -> None:
+        """Grow the device page table (by doubling) to at least rows x cols."""
+        r, c = self.page_table.shape
+        if rows <= r and cols <= c:
+            return
+        R, C = max(r, rows), max(c, cols)
+        R, C = (R if R == r else max(R, 2 * r)), (C if C == c else max(C, 2 * c))
+        table = torch.zeros(R, C, dtype=torch.int32, device=self.device)
+        table[:r, :c] = self.page_table
+        self.free_rows = list(range(R - 1, r - 1, -1)) + self.free_rows
+        self.page_table = table
+
     # ------------------------------------------------------------------------- sequences
 
     def add(self, seq_id: int) -> None:
         """Start an empty sequence. Raises ValueError if seq_id is already held."""
         if seq_id in self.seqs:
             raise ValueError(f"PagedKVCache: sequence {seq_id} already exists")
-        self.seqs[seq_id] = _Seq()
+        if not self.free_rows:
+            self._page_table_fits(self.page_table.shape[0] + 1, 1)
+        self.seqs[seq_id] = _Seq(self.free_rows.pop())
 
     def free(self, seq_id: int) -> None:
-        """Drop a sequence and return all its pages to the pool at once."""
+        """Drop a sequence and return all its pages (and its page-table row) to the pool at once."""
         s = self.seqs.pop(seq_id)
         if s.length:
             self.mask_from[self._slots(s)] = EMPTY
         self.free_pages.extend(reversed(s.pages))
+        self.pending = [u for u in self.pending if u[0] != s.row]
+        self.free_rows.append(s.row)
 
     def length(self, seq_id: int) -> int:
         """Tokens held by a sequence."""
@@ -175,7 +214,9 @@ class PagedKVCache:
     # ------------------------------------------------------------------------- compaction
 
     def evict(self, seq_id: int, lo: int, hi: int) -> int:
-        """Remove the tokens of a sequence with logical position in [lo, hi]; returns how many."""
+        """Remove the tokens of a sequence with logical position in [lo, hi]; returns how many.
+        Reads the sequence's positions back from the pool: a device sync, once per evicted
+        block, outside any forward."""
         s = self.seqs[seq_id]
         if not s.length:
             return 0
@@ -200,6 +241,8 @@ class PagedKVCache:
             self.pos[dst], self.mask_from[dst] = self.pos[src], self.mask_from[src]
         self.mask_from[slots[len(src):]] = EMPTY
         s.length = n_keep
+        if s.masked:
+            s.masked = int((self.mask_from[self._slots(s)] != NEVER).sum())
         n_pages = self.pages_for(n_keep)
         self.free_pages.extend(reversed(s.pages[n_pages:]))
         del s.pages[n_pages:]
@@ -207,9 +250,18 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------------- forwards
 
-    def batch(self, seq_ids: list[int]) -> "CacheBatch":
-        """The view a model forward uses for these sequences (row r = seq_ids[r])."""
-        return CacheBatch(self, list(seq_ids))
+    def batch(self, seq_ids: list[int], query_lens: list[int] | None = None) -> "CacheBatch":
+        """The view a model forward uses for these sequences (row r = seq_ids[r]).
+
+        query_lens: the number of new tokens of each row (right padding after them), known
+        on the host, as a serving engine knows them: slots are reserved at once, the new
+        tokens are plain causal (mask_from NEVER), and no step of the forward reads a device
+        tensor back (no host sync). None: read from the mask_from given to the forward (any
+        memento mask; EMPTY marks padding), which costs one host copy.
+        Raises OutOfPages if a bounded pool cannot hold the new tokens, ValueError for an
+        unknown sequence or a query length < 0.
+        """
+        return CacheBatch(self, list(seq_ids), query_lens)
 
     def stats(self) -> dict:
         """Pool counters: pages (the budget, free within it, held, peak, allocated), tokens
@@ -223,63 +275,154 @@ class PagedKVCache:
 
 
 class CacheBatch:
-    """One forward's view of the cache: B rows, each a sequence (PagedKVCache.batch)."""
+    """One forward's view of the cache: B rows, each a sequence (PagedKVCache.batch).
 
-    def __init__(self, cache: PagedKVCache, seq_ids: list[int]):
+    The host decides everything about the step (which slots the new tokens take, how long
+    each row is, which attention path runs) from its own lists; the device receives it in
+    one copy (`upload`, pinned and non-blocking on CUDA) and computes slot addresses itself
+    from the page table. Two ways to read K/V:
+      paged     the paged-attention kernel reads each row's pages in place (CUDA, or the
+                Triton interpreter with MEMENTO_ATTN_BACKEND=triton): every held token is
+                visible, the queries are at most 16 per row, the page size a power of two >= 16.
+      gathered  each row's held tokens are gathered into a padded [B, Hkv, S, D] view and
+                memento_attention.attention applies the memento rule (any mask, any chunk;
+                on the CPU SDPA, the faster path there). One sequence on consecutive pages
+                is read as a slice of the pool, with no copy.
+    """
+
+    def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int] | None):
+        unknown = [i for i in seq_ids if i not in cache.seqs]
+        if unknown:
+            raise ValueError(f"CacheBatch: sequence {unknown[0]} is not in the cache; add it first")
         self.cache, self.seq_ids = cache, seq_ids
+        self.seqs = [cache.seqs[i] for i in seq_ids]
         self.layers = [_LayerView(self, i) for i in range(cache.n_layers)]
+        self.meta = None  # device metadata, after upload
+        self.query_lens = None
+        if query_lens is not None:
+            if len(query_lens) != len(seq_ids) or min(query_lens, default=0) < 0:
+                raise ValueError(f"CacheBatch: query_lens {query_lens} must give one length >= 0 per row")
+            self._reserve(list(query_lens), masked=[0] * len(seq_ids))
 
-    def append(self, positions: torch.Tensor, mask_from: torch.Tensor | None) -> None:
-        """Reserve slots for the new tokens and store their positions and mask_from, once for
-        all layers; then prepare the gather of every row's held tokens.
-
-        Args:
-            positions: [B, W] int logical positions of the new tokens.
-            mask_from: [B, W] int or None (= NEVER); EMPTY marks padding (nothing stored).
-        Raises:
-            OutOfPages if a bounded pool cannot hold them.
-        """
+    def _reserve(self, query_lens: list[int], masked: list[int]) -> None:
+        """Take the pages of the new tokens (host lists) and choose the attention path."""
         c = self.cache
-        B, W = positions.shape
-        mf = torch.full((B, W), NEVER, dtype=torch.int64) if mask_from is None else mask_from.detach().cpu().long()
-        valid = mf != EMPTY
-        n_new = valid.sum(1).tolist()
-        seqs = [c.seqs[i] for i in self.seq_ids]
-        for s, n in zip(seqs, n_new):
+        self.starts = [s.length for s in self.seqs]
+        for s, n, m in zip(self.seqs, query_lens, masked):
             c._take_pages(s, c.pages_for(s.length + n) - len(s.pages))
-        starts = [s.length for s in seqs]
-        for s, n in zip(seqs, n_new):
             s.length += n
-        S = max(s.length for s in seqs)
-        self.dense = bool(valid.all())  # no padding: the new K/V need no boolean selection
-        new_pos = positions.to(c.device).long()
-        new_mf = mf.to(c.device)
-        if not self.dense:
-            self.valid = valid.to(c.device)
-            new_pos, new_mf = new_pos[self.valid], new_mf[self.valid]
+            s.masked += m
+        self.query_lens = query_lens
+        self.lengths = [s.length for s in self.seqs]
+        self.max_length = max(self.lengths)
+        width = max(query_lens)
+        c._page_table_fits(1 + max(s.row for s in self.seqs), max(len(s.pages) for s in self.seqs))
+        visible = not any(s.masked for s in self.seqs)
+        backend = resolve_backend(c.device)
+        self.paged = backend == "triton" and c.paged_kernel and visible and width <= _paged_max_query_len()
+        if visible and backend == "triton" and not c.paged_kernel and not _warned:
+            _warned.append(True)
+            log.warning("page size %d: the paged-attention kernel needs a power of two >= 16; reading K/V "
+                        "through the gathered path", c.page_size)
         # One sequence whose pages are consecutive (the usual single generation) writes and
         # reads its K/V as slices of the pool, with no copy.
         self.span = None
-        if B == 1 and self.dense and _consecutive(seqs[0].pages):
-            a = seqs[0].pages[0] * c.page_size
-            self.span, self.write = slice(a, a + S), slice(a + starts[0], a + S)
-            c.pos[self.write], c.mask_from[self.write] = new_pos.view(-1), new_mf.view(-1)
+        s = self.seqs[0]
+        if not self.paged and len(self.seqs) == 1 and _consecutive(s.pages):
+            a = s.pages[0] * c.page_size
+            self.span = slice(a, a + s.length)
+
+    def upload(self, *host: torch.Tensor) -> list[torch.Tensor]:
+        """Send this step's metadata to the device with the caller's own host int64 tensors
+        (token ids, positions: any shapes) in one copy; returns those on the device.
+        Needs query_lens (given to PagedKVCache.batch)."""
+        c = self.cache
+        rows = [s.row for s in self.seqs]
+        upd = c.pending
+        c.pending = []
+        head = rows + self.starts + self.query_lens + self.lengths + [u[0] for u in upd] + [u[1] for u in upd] \
+            + [u[2] for u in upd]
+        flat = torch.cat([torch.tensor(head, dtype=torch.int64)] + [t.reshape(-1).long() for t in host])
+        if c.device.type == "cuda":
+            flat = flat.pin_memory().to(c.device, non_blocking=True)
+        else:
+            flat = flat.to(c.device)
+        B, U = len(rows), len(upd)
+        rows, starts, qlens, lengths, urow, ucol, upage = flat[:4 * B + 3 * U].split([B, B, B, B, U, U, U])
+        if U:
+            c.page_table[urow, ucol] = upage.to(torch.int32)
+        out, at = [], 4 * B + 3 * U
+        for t in host:
+            out.append(flat[at:at + t.numel()].view(t.shape))
+            at += t.numel()
+        self.meta = (rows, starts, qlens, lengths)
+        return out
+
+    def append(self, positions: torch.Tensor, mask_from: torch.Tensor | None) -> None:
+        """Store the new tokens' positions and mask_from in their slots, once for all layers;
+        then prepare how each layer reads K/V (paged, or the gather of every row's tokens).
+
+        Args:
+            positions: [B, W] int logical positions of the new tokens (on the pool's device).
+            mask_from: [B, W] int or None (= NEVER). With query_lens known it must be None;
+                without, EMPTY marks right padding (nothing stored) and is read on the host.
+        Raises:
+            OutOfPages if a bounded pool cannot hold them; ValueError for padding that is
+            not at the right end of a row, or mask_from given with query_lens.
+        """
+        c = self.cache
+        B, W = positions.shape
+        if self.query_lens is None:  # the general path: the masks decide the lengths, on the host
+            mf = torch.full((B, W), NEVER, dtype=torch.int64) if mask_from is None else mask_from.detach().cpu().long()
+            valid = mf != EMPTY
+            n_new = valid.sum(1)
+            if not bool((valid == (torch.arange(W)[None] < n_new[:, None])).all()):
+                raise ValueError("CacheBatch.append: padding (mask_from EMPTY) must sit at the right end of each row")
+            self._reserve(n_new.tolist(), ((mf != NEVER) & valid).sum(1).tolist())
+            self.upload()
+        elif mask_from is not None:
+            raise ValueError("CacheBatch.append: mask_from must be None when query_lens were given (all NEVER)")
+        elif self.meta is None:
+            self.upload()
+        rows, starts, qlens, lengths = self.meta
+        P = c.page_size
+        table = c.page_table.index_select(0, rows)  # [B, max_pages] this batch's page tables
+        # Slots of the new tokens; padding goes to the scratch page past the allocated ones.
+        j = starts[:, None] + torch.arange(W, device=c.device)
+        new = torch.arange(W, device=c.device)[None] < qlens[:, None]
+        page = table.gather(1, (j // P).clamp(max=table.shape[1] - 1)).long()
+        self.write = torch.where(new, page * P + j % P, c.allocated * P).view(-1)
+        c.pos.index_copy_(0, self.write, positions.reshape(-1).long())
+        if mask_from is None:
+            c.mask_from.index_fill_(0, self.write, NEVER)
+        else:
+            c.mask_from.index_copy_(0, self.write, mask_from.reshape(-1).long())
+        if self.paged:
+            self.table, self.lengths_i32, self.qlens_i32 = table, lengths.to(torch.int32), qlens.to(torch.int32)
+            return
+        if self.span is not None:
             self.k_pos = c.pos[self.span][None]
             self.k_mask_from = c.mask_from[self.span][None]
             return
-        self.write = torch.cat([c._slots(s, st, s.length) for s, st in zip(seqs, starts)])
-        c.pos.index_copy_(0, self.write, new_pos.reshape(-1))
-        c.mask_from.index_copy_(0, self.write, new_mf.reshape(-1))
-        # Every row's held tokens as [B, S] slot indices; short rows point at slot 0 and read
-        # as EMPTY. index_select on a flat index: several times faster than x[index] on CPU.
-        gather = torch.zeros(B, S, dtype=torch.int64, device=c.device)
-        held = torch.zeros(B, S, dtype=torch.bool, device=c.device)
-        for r, s in enumerate(seqs):
-            gather[r, :s.length] = c._slots(s)
-            held[r, :s.length] = True
-        self.gather, self.shape = gather.view(-1), (B, S)
+        # Every row's held tokens as [B, S] slot indices; short rows read the scratch slot as
+        # EMPTY. index_select on a flat index: several times faster than x[index] on CPU.
+        S = self.max_length
+        i = torch.arange(S, device=c.device)
+        held = i[None] < lengths[:, None]
+        page = table.gather(1, (i // P).clamp(max=table.shape[1] - 1)[None].expand(B, S)).long()
+        self.gather = torch.where(held, page * P + i % P, c.allocated * P).view(-1)
+        self.shape = (B, S)
         self.k_pos = c.pos.index_select(0, self.gather).view(B, S)
         self.k_mask_from = torch.where(held, c.mask_from.index_select(0, self.gather).view(B, S), EMPTY)
+
+
+_warned: list = []  # the page-size warning is logged once per process
+
+
+def _paged_max_query_len() -> int:
+    from kernels.paged_attention import MAX_QUERY_LEN  # triton: CUDA, or CPU under the interpreter
+
+    return MAX_QUERY_LEN
 
 
 def _consecutive(pages: list[int]) -> bool:
@@ -292,23 +435,34 @@ class _LayerView:
     def __init__(self, batch: CacheBatch, layer: int):
         self.batch, self.layer = batch, layer
 
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        """Store this layer's new K/V ([B, Hkv, W, D], RoPE applied; padding rows skipped) and
-        return (k, v) [B, Hkv, S, D] of every held token of each row, with their positions
-        and mask_from [B, S] (EMPTY past a row's end), for memento_attention.attention."""
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this layer's new K/V ([B, Hkv, W, D], RoPE applied) to their slots (padding
+        to the scratch page)."""
         b, c = self.batch, self.batch.cache
         kl, vl = c.k[self.layer], c.v[self.layer]  # [Hkv, slots, D]
-        k, v = k.transpose(0, 1).to(kl.dtype), v.transpose(0, 1).to(vl.dtype)  # [Hkv, B, W, D]
-        if b.dense:
-            k, v = k.reshape(k.shape[0], -1, k.shape[-1]), v.reshape(v.shape[0], -1, v.shape[-1])
-        else:
-            k, v = k[:, b.valid], v[:, b.valid]
-        if b.span is not None:
-            kl[:, b.write], vl[:, b.write] = k, v
-            return kl[None, :, b.span], vl[None, :, b.span], b.k_pos, b.k_mask_from
+        k = k.transpose(0, 1).reshape(k.shape[1], -1, k.shape[-1]).to(kl.dtype)  # [Hkv, B*W, D]
+        v = v.transpose(0, 1).reshape(v.shape[1], -1, v.shape[-1]).to(vl.dtype)
         kl.index_copy_(1, b.write, k)
         vl.index_copy_(1, b.write, v)
-        shape = (c.n_kv_heads, *b.shape, c.head_dim)
-        k_all = kl.index_select(1, b.gather).view(shape).transpose(0, 1)
-        v_all = vl.index_select(1, b.gather).view(shape).transpose(0, 1)
-        return k_all, v_all, b.k_pos, b.k_mask_from
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """Store the new K/V, then attend: q [B, Hq, W, D] (RoPE applied) against every token
+        each row holds, under the memento rule (§4; after compaction that is plain causal
+        attention over the held tokens, §6.1). q_pos: [B, W] logical positions of the queries.
+        Returns [B, Hq, W, D] in q's dtype; padded query positions carry no meaning."""
+        b, c = self.batch, self.batch.cache
+        self.store(k, v)
+        kl, vl = c.k[self.layer], c.v[self.layer]
+        if b.paged:
+            from kernels.paged_attention import paged_attention  # triton: CUDA, or CPU under the interpreter
+
+            y = paged_attention(q.to(kl.dtype), kl, vl, b.table, b.lengths_i32, b.qlens_i32, page_size=c.page_size,
+                                max_context=b.max_length, check_values=False)
+            return y.to(q.dtype)
+        if b.span is not None:
+            k_all, v_all = kl[None, :, b.span], vl[None, :, b.span]
+        else:
+            shape = (c.n_kv_heads, *b.shape, c.head_dim)
+            k_all = kl.index_select(1, b.gather).view(shape).transpose(0, 1)
+            v_all = vl.index_select(1, b.gather).view(shape).transpose(0, 1)
+        return attention(q, k_all, v_all, b.k_mask_from, q_pos=q_pos, k_pos=b.k_pos)

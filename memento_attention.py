@@ -76,9 +76,16 @@ def attention_reference(q, k, v, mask_from=None, *, q_pos=None, k_pos=None):
     return (p.view(B, Hkv, rep * Tq, Tk) @ v.float()).view(B, Hq, Tq, D).to(q.dtype)
 
 
-# Below this many queries the triton backend runs the dense reference: decoding is one query
-# per row over the keys left in the cache, O(Tk) memory, with no tiles worth skipping.
-KERNEL_MIN_QUERIES = 16
+BACKENDS = ("torch", "sdpa", "triton")
+
+
+def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
+    """The attention backend in force: `backend`, else $MEMENTO_ATTN_BACKEND, else "triton" on
+    CUDA and "sdpa" elsewhere. Raises ValueError for an unknown name."""
+    backend = backend or os.environ.get("MEMENTO_ATTN_BACKEND") or ("triton" if torch.device(device).type == "cuda" else "sdpa")
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: unknown backend {backend!r}; use 'torch', 'sdpa' or 'triton' (or set MEMENTO_ATTN_BACKEND)")
+    return backend
 
 
 def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
@@ -98,10 +105,10 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
             [B, 1, Tq, Tk] mask: what the paper trained with, and the fast CPU path), or
             "triton" (the block-masked flash kernel of kernels/, CUDA or TRITON_INTERPRET=1).
             None reads $MEMENTO_ATTN_BACKEND, else picks triton on CUDA and sdpa elsewhere.
-            "triton" never builds a Tq x Tk tensor for Tq >= KERNEL_MIN_QUERIES: whole
-            sequences (training) run the differentiable kernel, queries against a KV cache
-            (prefill chunks, replay, restart mode) its forward with positions; fewer queries
-            (decoding) run the dense reference, whose memory is O(Tq * Tk) with Tq < 16.
+            "triton" never builds a Tq x Tk tensor: whole sequences (training) run the
+            differentiable kernel, queries against a KV cache (any number of them) its
+            forward with positions. (A serving engine's decode steps read the paged pool
+            directly: kv_cache.py and kernels/paged_attention.py.)
     Mixed precision: under torch.autocast for q's device type, q, k and v are cast to the
     autocast dtype and attention runs in it (as autocast does for SDPA): the output is in
     that dtype. Outside autocast q, k and v must share one dtype (a bf16 model gives bf16).
@@ -122,9 +129,7 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
 
 def _attention(q, k, v, mask_from, q_pos, k_pos, backend):
     _check(q, k, v, mask_from)
-    backend = backend or os.environ.get("MEMENTO_ATTN_BACKEND") or ("triton" if q.is_cuda else "sdpa")
-    if backend not in ("torch", "sdpa", "triton"):
-        raise ValueError(f"attention: unknown backend {backend!r}; use 'torch', 'sdpa' or 'triton' (or set MEMENTO_ATTN_BACKEND)")
+    backend = resolve_backend(q.device, backend)
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     if backend == "triton" and q_pos is None and k_pos is None and Tq == Tk:
         # imported here: on a CPU the kernels only run under TRITON_INTERPRET=1, which must be
@@ -136,7 +141,7 @@ def _attention(q, k, v, mask_from, q_pos, k_pos, backend):
         # Any integer dtype: the kernel clamps to int32 itself, so NEVER-like int64 values
         # above 2**31 - 1 stay "never" instead of wrapping negative.
         return memento_flash_attention(q, k, v, mask_from)
-    if backend == "torch" or (backend == "triton" and Tq < KERNEL_MIN_QUERIES):
+    if backend == "torch":
         return attention_reference(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
     q_pos, k_pos, mask_from = _defaults(q, k, mask_from, q_pos, k_pos)
     if backend == "triton":

@@ -187,10 +187,9 @@ class Attention(nn.Module):
             # Whole sequence: mask_from is indexed by position in this sequence.
             y = attention(q, k, v, mask_from)
         else:
-            # Against the cache: it returns every stored key with its logical position and
-            # mask_from, so the same rule applies in logical positions.
-            k, v, k_pos, k_mask_from = layer_cache.update(k, v)
-            y = attention(q, k, v, k_mask_from, q_pos=positions, k_pos=k_pos)
+            # Against the cache: it stores k, v and attends over every token each row holds,
+            # under the same rule in logical positions (kv_cache.py picks how it reads them).
+            y = layer_cache.attend(q, k, v, positions)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -314,7 +313,10 @@ class Qwen3(nn.Module):
             if cache is not None:
                 raise ValueError("Qwen3.forward: pass explicit positions when decoding with a cache")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if int(positions.max()) >= self.config.max_position_embeddings:
+        # Checked here unless the cache's caller planned the step on the host (a serving
+        # engine checks positions when a request arrives): reading a device tensor back
+        # would stall every decode step.
+        if (cache is None or cache.query_lens is None) and int(positions.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"Qwen3.forward: position {int(positions.max())} >= max_position_embeddings "
                              f"({self.config.max_position_embeddings}); shorten the input")
         if cache is not None:  # slots, positions and masks of the new tokens, once for all layers

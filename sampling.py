@@ -3,8 +3,8 @@
 `SamplingParams` carries vLLM's names and meanings, with the paper's evaluation defaults
 (temperature 0.6, top-p 0.95, top-k 20). `sample` draws one token per row of a batch, each
 row with its own parameters, as the inverse CDF of its filtered distribution at one uniform
-number from the request's own generator: a request gets the same tokens whatever runs beside
-it. `request_seed` is the one rule that turns a run's seed into per-request seeds.
+number that is a hash of (the request's seed, the token's index), computed on the device: a
+request gets the same tokens whatever runs beside it, with no generator state to carry. `request_seed` is the one rule that turns a run's seed into per-request seeds.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class SamplingParams:
         boundaries, and the returned `Sequence.text` excludes them.
     stop_token_ids: token ids that end the response (the token is kept).
     ignore_eos: do not stop at the end-of-turn / end-of-text tokens (STOP_TOKENS).
-    seed: the request's own random stream (None: torch's global CPU generator).
+    seed: the request's random stream (None: a seed drawn from torch's global CPU generator
+        when the request arrives, so torch.manual_seed makes a run reproducible).
     logprobs: None: none; 0: the sampled token's log-probability (under the model's raw
         distribution, before temperature and filtering); k > 0: also the k most likely tokens'.
     Raises ValueError naming the field for a value out of range.
@@ -67,58 +68,97 @@ class SamplingParams:
 
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list) -> torch.Tensor:
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply finaliser) of x [..] int64 in [0, 2**32),
+    in int64 arithmetic: a product of two 32-bit numbers wraps modulo 2**64 in torch on every
+    device, and the low 32 bits kept are exact. Same bits on CPU and CUDA."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in [0, 1): a pure function of (seed, counter), computed on the
+    tensors' device with no state (paper §6.1 sampling, made reproducible per request).
+
+    Args:
+        seeds: [B, 2] int64, a 64-bit seed as its low and high 32-bit halves (each in
+            [0, 2**32)); counters: [B] int64 in [0, 2**32), here the index of the response
+            token being drawn.
+    Returns:
+        [B] float64, hash(seed, counter) / 2**32. A request's numbers depend only on its own
+        seed and token index: not on the batch it runs in, on preemption, or on the device.
+    """
+    h = _mix32(seeds[:, 0])
+    h = _mix32(h ^ seeds[:, 1])
+    h = _mix32(h ^ (counters & _M32))
+    return h.double() / 2.0 ** 32
+
+
+def seed_halves(seed: int) -> tuple[int, int]:
+    """A Python int seed (any size, any sign) as the (low, high) 32-bit halves of it modulo
+    2**64, the form `uniform` takes."""
+    seed %= 1 << 64
+    return seed & _M32, seed >> 32
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int]) -> torch.Tensor:
     """Draw one token per row (paper §6.1 sampling), each row with its own parameters:
-    temperature, then top-k, min-p and top-p (nucleus), then inverse-CDF sampling.
+    temperature, then top-k, min-p and top-p (nucleus), then inverse-CDF sampling at one
+    counter-based uniform number per row.
 
     Args:
         logits: [B, V] float logits on any device.
-        params: B SamplingParams (temperature <= 0: greedy argmax, no randomness drawn).
-        gens: B CPU torch.Generators (None: torch's global CPU generator), one per row.
+        params: B SamplingParams (temperature 0: greedy argmax).
+        seeds: B Python int seeds (one per request); counters: B ints in [0, 2**32), the
+            index of the token each row draws.
     Returns:
         [B] int64 token ids on logits' device.
 
-    Seed semantics, the same on every device: each call draws exactly one uniform number
-    u ~ U[0, 1) per sampled row from that row's generator on the CPU; the token is the first
-    candidate, in descending probability, at which the cumulative filtered probability
-    exceeds u times their total. The same generator state and logits therefore give the same
-    token on CPU and CUDA (up to float rounding of the logits themselves).
+    Everything runs on logits' device, with the per-row parameters as tensors built from
+    host values in one copy: nothing is read back (no host sync), so a sampler call can
+    follow a forward without stalling it. The token is the first candidate, in descending
+    probability, at which the cumulative filtered probability exceeds u times their total,
+    with u = uniform(seed, counter): the same request gets the same tokens alone or in any
+    batch, on CPU and CUDA (up to float rounding of the logits themselves).
     """
-    V = logits.shape[-1]
+    B, V = logits.shape
     dev = logits.device
-    out = logits.argmax(-1)
-    rows = [r for r, p in enumerate(params) if p.temperature > 0]
-    if not rows:
-        return out
-    sub = [params[r] for r in rows]
-    ks = [p.top_k if 0 < p.top_k < V else V for p in sub]
-    temp = torch.tensor([p.temperature for p in sub], device=dev)[:, None]
-    z = logits[rows].float() / temp
+    greedy = logits.argmax(-1)
+    if all(p.temperature == 0 for p in params):
+        return greedy
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
     kmax = max(ks)
+    host = torch.tensor([[p.temperature, p.top_p, p.min_p, k] for p, k in zip(params, ks)], dtype=torch.float64)
+    ints = torch.tensor([[*seed_halves(s), c] for s, c in zip(seeds, counters)], dtype=torch.int64)
+    host, ints = host.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
+    temp, top_p, min_p, top_k = (host[:, i:i + 1] for i in range(4))
+    z = logits.float() / torch.where(temp > 0, temp, 1.0).float()
     if kmax < V:
         cand, idx = torch.topk(z, kmax, dim=-1)  # sorted, largest first
     else:
         cand, idx = z.sort(-1, descending=True)
-    if min(ks) < kmax:  # rows with a smaller top_k drop their tail
-        cand = cand.masked_fill(torch.arange(kmax, device=dev)[None] >= torch.tensor(ks, device=dev)[:, None], float("-inf"))
+    cand = cand.masked_fill(torch.arange(kmax, device=dev)[None] >= top_k, float("-inf"))  # each row's top_k
     probs = torch.softmax(cand, -1)
     # top-p and min-p each keep a prefix of the sorted candidates; both apply (the shorter wins)
-    top_p = torch.tensor([p.top_p for p in sub], device=dev)[:, None]
-    drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
-    min_p = torch.tensor([p.min_p for p in sub], device=dev)[:, None]
-    probs = probs.masked_fill((drop & (top_p < 1.0)) | (probs < min_p * probs[:, :1]), 0.0)
+    drop = probs.cumsum(-1) - probs > top_p.float()  # keep the smallest prefix reaching top_p
+    probs = probs.masked_fill((drop & (top_p < 1.0)) | (probs < min_p.float() * probs[:, :1]), 0.0)
     cdf = probs.cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=gens[r]) for r in rows])[:, None].to(dev)
+    u = uniform(ints[:, :2], ints[:, 2])[:, None].float()
     choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     # u * total can round up to the total itself: fall back to the last kept candidate.
     choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)
-    out[rows] = idx.gather(-1, choice).squeeze(-1)
-    return out
+    return torch.where(temp[:, 0] > 0, idx.gather(-1, choice).squeeze(-1), greedy)
 
 
 def request_seed(seed: int | None, *index: int) -> int | None:
-    """The sampling seed of one request of a run seeded with `seed` (None: None, torch's global
-    generator): request i of generate.py is request_seed(seed, i); sample k of problem p of an
+    """The sampling seed of one request of a run seeded with `seed` (None: None, a seed drawn
+    from torch's global generator): request i of generate.py is request_seed(seed, i); sample k of problem p of an
     evaluation or an RL step is request_seed(seed, p, k). Distinct indices give distinct
     streams, the same in every mode, batch and device."""
     if seed is None:

@@ -376,7 +376,7 @@ def test_no_page_leaks(page_size, num_pages, ops):
             b = cache.batch([sid])
             b.append(p, None)
             for layer in b.layers:
-                layer.update(torch.randn(1, cfg.num_key_value_heads, n, cfg.head_dim),
+                layer.store(torch.randn(1, cfg.num_key_value_heads, n, cfg.head_dim),
                              torch.randn(1, cfg.num_key_value_heads, n, cfg.head_dim))
             pos[sid] += n
         _pool_counts_are_consistent(cache)

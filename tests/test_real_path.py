@@ -20,7 +20,6 @@ from engine import EngineConfig, SamplingParams, sample
 from engine import generate
 from kernels import memento_flash
 from blocks import MementoConfig, MementoTokens, build_mask_from
-from memento_attention import KERNEL_MIN_QUERIES
 from model import IGNORE_INDEX
 from tokenizer import Tokenizer
 
@@ -35,8 +34,18 @@ def _model(**kw):
 
 
 def _count_calls(monkeypatch):
-    """Record the query count of every kernel call and every dense reference call."""
-    calls = {"kernel": [], "reference": []}
+    """Record the query count of every kernel call (the memento kernel; the paged kernel) and
+    every dense reference call."""
+    from kernels import paged_attention
+
+    calls = {"kernel": [], "reference": [], "paged": []}
+    real_paged = paged_attention.paged_attention
+
+    def paged(q, *a, **kw):
+        calls["paged"].append(q.shape[2])
+        return real_paged(q, *a, **kw)
+
+    monkeypatch.setattr(paged_attention, "paged_attention", paged)
     real_kernel, real_ref = memento_flash.memento_flash_attention, memento_attention.attention_reference
 
     def kernel(q, *a, **kw):
@@ -129,7 +138,8 @@ def _replay_case(n_blocks=4, seed=3):
 def test_generate_triton_bf16_matches_fp32_reference(monkeypatch, precision):
     """Chunked prefill, chunked replay and restart-mode recomputation through the Triton
     kernel with explicit positions, in bf16: logits match one fp32 full forward with the
-    dense mask; no dense reference runs for 16 or more queries."""
+    dense mask; no dense reference runs at all: chunks of more than 16 queries run the memento
+    kernel with positions, shorter ones the paged kernel."""
     model = _model(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=16)
     prompt, resp = _replay_case()
     cfg = MementoConfig(0)
@@ -149,13 +159,13 @@ def test_generate_triton_bf16_matches_fp32_reference(monkeypatch, precision):
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
     assert calls["kernel"] and all(with_pos for _, with_pos in calls["kernel"])
-    assert max(n for n, _ in calls["kernel"]) >= KERNEL_MIN_QUERIES
-    assert all(n < KERNEL_MIN_QUERIES for n in calls["reference"])  # only short replay tails / decode
+    assert max(n for n, _ in calls["kernel"]) > 16 and calls["paged"] and max(calls["paged"]) <= 16
+    assert not calls["reference"]
 
 
-def test_no_dense_reference_for_many_queries_on_the_kernel_backend(monkeypatch):
-    """Training, prefill, replay chunks and restart recomputation of 16+ queries never run the
-    dense T x T reference on the triton backend (sampling decodes 1 query per row)."""
+def test_no_dense_reference_on_the_kernel_backend(monkeypatch):
+    """Training, prefill, replay chunks, restart recomputation and decoding never run the dense
+    reference on the triton backend: decode steps read the pages with the paged kernel."""
     calls = _count_calls(monkeypatch)
     monkeypatch.setenv("MEMENTO_ATTN_BACKEND", "triton")
     model = _model(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16)
@@ -166,8 +176,8 @@ def test_no_dense_reference_for_many_queries_on_the_kernel_backend(monkeypatch):
         generate(model, TOK, [prompt], EngineConfig(MementoConfig(0)), SamplingParams(max_tokens=5), seed=0)
     ids, labels, mask_from = _toy_batch(1)
     model.train()(ids, mask_from=mask_from, labels=labels).sum().backward()
-    assert calls["kernel"] and all(n < KERNEL_MIN_QUERIES for n in calls["reference"])
-    assert 1 in calls["reference"]  # decoding did run, one query per step, on the reference
+    assert calls["kernel"] and not calls["reference"]
+    assert 1 in calls["paged"]  # decoding did run, one query per step, on the paged kernel
 
 
 # ------------------------------------------------------------------ seeds (item 2)
@@ -197,34 +207,64 @@ def _reference_token(row, sc, u):
     return kept[-1][0]
 
 
+def _reference_uniform(seed, counter):
+    """The counter-based uniform written out in Python integers: the 32-bit finaliser (xor-shift
+    16, multiply 0x7FEB352D, xor-shift 15, multiply 0x846CA68B, xor-shift 16) applied to the
+    seed's low half, then xored with its high half, then with the counter."""
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) % 2**32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) % 2**32
+        return x ^ (x >> 16)
+    seed %= 2**64
+    return mix(mix(mix(seed % 2**32) ^ (seed >> 32)) ^ counter) / 2**32
+
+
 @pytest.mark.parametrize("sc", [SamplingParams(), SamplingParams(1.0, 1.0, 0), SamplingParams(0.7, 0.5, 5)], ids=str)
-def test_seeded_sampling_is_inverse_cdf_of_one_cpu_uniform_per_row(sc):
-    # each row draws one uniform from its own CPU generator (one generator per request)
+def test_sampling_is_inverse_cdf_of_one_counter_based_uniform_per_row(sc):
+    # row r draws u = hash(its seed, its token index): no generator state
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(6, 50, generator=g) * 3
-    for seed in range(20):
-        got = sample(logits, [sc] * 6, [torch.Generator().manual_seed(seed * 10 + r) for r in range(6)])
-        u = [torch.rand(1, generator=torch.Generator().manual_seed(seed * 10 + r)).item() for r in range(6)]
-        want = [_reference_token(logits[r].tolist(), sc, u[r]) for r in range(6)]
+    for trial in range(20):
+        seeds = [trial * 10 + r - 3 for r in range(6)]  # trial 0 has negative seeds
+        seeds[5] = 2**70 + trial  # and one beyond 64 bits
+        counters = [trial * 7 + r for r in range(6)]
+        got = sample(logits, [sc] * 6, seeds, counters)
+        want = [_reference_token(logits[r].tolist(), sc, _reference_uniform(seeds[r], counters[r])) for r in range(6)]
         assert got.tolist() == want
 
 
 def test_sampling_frequencies_follow_the_filtered_distribution():
+    """Chi-square over 100,000 draws (one row each, counters 0..n-1) against the filtered
+    distribution computed directly."""
     sc = SamplingParams(temperature=0.8, top_p=0.9, top_k=4)
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, 0.5]])
-    gen = torch.Generator().manual_seed(0)
-    n = 20000
-    draws = torch.stack([sample(logits, [sc], [gen]) for _ in range(n)]).flatten()
+    n = 100_000
+    draws = sample(logits.expand(n, -1), [sc] * n, [1234] * n, list(range(n)))
     z = logits[0] / 0.8
     top = z.topk(4)
     p = torch.softmax(top.values, 0)
     keep = (p.cumsum(0) - p) <= 0.9
     p = torch.where(keep, p, 0.0)
     p = p / p.sum()
-    for i, pi in zip(top.indices.tolist(), p.tolist()):
-        freq = (draws == i).float().mean().item()
-        assert abs(freq - pi) <= 4 * math.sqrt(max(pi * (1 - pi), 1e-9) / n) + 1e-9, (i, freq, pi)
-    assert set(draws.tolist()) <= set(top.indices[keep].tolist())
+    kept = top.indices[keep].tolist()
+    assert set(draws.tolist()) <= set(kept)
+    counts = torch.stack([(draws == i).sum() for i in kept]).double()
+    expected = n * p[keep].double()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.27, chi2  # 3 degrees of freedom at most: p = 0.001
+
+
+def test_sampling_a_row_alone_or_in_a_batch_of_32_gives_the_same_token():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(32, 40, generator=g) * 2
+    params = [SamplingParams(temperature=0.5 + r % 3 * 0.3, top_p=[1.0, 0.9, 0.5][r % 3], top_k=[0, 5, 12][r % 3],
+                             min_p=[0.0, 0.05][r % 2]) for r in range(32)]
+    seeds, counters = [100 + r for r in range(32)], [r * 3 for r in range(32)]
+    batch = sample(logits, params, seeds, counters).tolist()
+    alone = [sample(logits[r:r + 1], params[r:r + 1], seeds[r:r + 1], counters[r:r + 1]).item() for r in range(32)]
+    assert batch == alone
 
 
 def test_generate_with_a_seed_is_reproducible_and_seeds_differ():
