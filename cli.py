@@ -104,6 +104,8 @@ def add_generation_args(ap: ArgumentParser, max_new_tokens: int) -> None:
     ap.add_argument("--page-size", type=positive_int, default=16, help="token slots per KV page")
     ap.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                     help="tokens per engine step, decode and prefill chunks together (>= --max-num-seqs)")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="do not record CUDA graphs for decode steps (they are used on CUDA only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     default="bfloat16" if torch.cuda.is_available() else "float32", help="weights and KV cache dtype")
@@ -130,7 +132,8 @@ def engine_config(ap: ArgumentParser, args, mode: str = "memento", **overrides):
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
                               unbounded_kv_cache=args.unbounded_kv_cache,
-                              gpu_memory_utilization=args.gpu_memory_utilization, **overrides)
+                              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                              **overrides)
     except ValueError as e:
         ap.error(str(e))
     args.device = check_device(ap, args.device)

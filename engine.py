@@ -47,7 +47,9 @@ from tqdm import tqdm
 
 from blocks import Block, BlockTracker, MementoConfig, MementoTokens
 from checkpoint import resolve_checkpoint
+from cuda_graphs import DecodeGraphs
 from kv_cache import PagedKVCache, curve_stats, kv_bytes_per_token
+from memento_attention import resolve_backend
 from model import Qwen3
 from sampling import STOP_TOKENS, SamplingParams, request_seed, sample
 from tokenizer import Tokenizer
@@ -104,6 +106,9 @@ class EngineConfig:
         while others run, so that running sequences can grow.
     keep_logits: store every position's logits in Sequence.logits (tests).
     keep_cache: do not free a finished sequence's pages (tests read its K/V).
+    enforce_eager: never record CUDA graphs for decode steps (vLLM's name; cuda_graphs.py).
+        On CUDA they are recorded at start when the pool is bounded, the page size suits the
+        paged kernel and keep_logits is off; never on the CPU.
     Raises ValueError naming the option for a size < 1, a share out of range, a pool that
     holds no page, max_num_batched_tokens < max_num_seqs, or restart mode where undefined.
     """
@@ -123,6 +128,7 @@ class EngineConfig:
     watermark: float = 0.01
     keep_logits: bool = False
     keep_cache: bool = False
+    enforce_eager: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "mode", check_mode(self.mode, self.masking))
@@ -338,6 +344,10 @@ class Engine:
         num_pages = None if budget is None else budget // config.page_size
         self.cache = PagedKVCache(model.config, self.dtype, self.device, page_size=config.page_size, num_pages=num_pages)
         self.watermark_pages = max(1, int(config.watermark * num_pages)) if num_pages else 0
+        self.graphs = None
+        if (self.device.type == "cuda" and not config.enforce_eager and not config.keep_logits and self.cache.bounded
+                and self.cache.paged_kernel and resolve_backend(self.device) == "triton"):
+            self.graphs = DecodeGraphs(model, self.cache, config.max_num_seqs)
         self.format = MementoTokens.from_tokenizer(tok)
         self.eos_ids = frozenset(tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids)
         self.vocab = tok.n_vocab
@@ -546,13 +556,16 @@ class Engine:
         ids = torch.tensor([s.ids(a, a + n) + [0] * (W - n) for s, a, n in rows], dtype=torch.int64)
         pos = torch.tensor([list(range(a, a + n)) + [a + n - 1] * (W - n) for s, a, n in rows], dtype=torch.int64)
         view = self.cache.batch([s.id for s, _, _ in rows], [n for _, _, n in rows])
-        ids, pos = view.upload(ids, pos)
-        h = self.model.hidden_states(ids, pos, None, view)
+        need_last = [r for r, (s, a, n) in enumerate(rows) if s.forced is None and a + n == s.length]
+        if self.graphs is not None and self.graphs.usable(view):
+            last = self.graphs.run(view, ids[:, 0].tolist(), pos[:, 0].tolist())[need_last]
+        else:
+            ids, pos = view.upload(ids, pos)
+            h = self.model.hidden_states(ids, pos, None, view)
+            if need_last:
+                last = self.model.logits(h[need_last, [rows[r][2] - 1 for r in need_last]])
         self.stats["forwards"] += 1
         self.stats["tokens"] += sum(n for _, _, n in rows)
-        need_last = [r for r, (s, a, n) in enumerate(rows) if s.forced is None and a + n == s.length]
-        if need_last:
-            last = self.model.logits(h[need_last, [rows[r][2] - 1 for r in need_last]])
         for r, (s, a, n) in enumerate(rows):
             first = len(s.curve)  # positions fed before are recomputed (restart mode): not counted again
             if a + n > first:

@@ -181,6 +181,17 @@ class PagedKVCache:
         self.free_rows = list(range(R - 1, r - 1, -1)) + self.free_rows
         self.page_table = table
 
+    def flush_page_table(self) -> None:
+        """Send the page-table entries of pages allocated since the last send (one copy)."""
+        if not self.pending:
+            return
+        host = torch.tensor(self.pending, dtype=torch.int64).T.contiguous()
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        rows, cols, pages = host.to(self.device, non_blocking=True)
+        self.page_table[rows, cols] = pages.to(torch.int32)
+        self.pending = []
+
     # ------------------------------------------------------------------------- sequences
 
     def add(self, seq_id: int) -> None:
@@ -331,6 +342,20 @@ class CacheBatch:
         if not self.paged and len(self.seqs) == 1 and _consecutive(s.pages):
             a = s.pages[0] * c.page_size
             self.span = slice(a, a + s.length)
+
+    @classmethod
+    def planned(cls, cache: PagedKVCache, rows, starts, query_lens, lengths, *, max_length: int) -> "CacheBatch":
+        """A decode batch whose metadata already sits on the device (cuda_graphs.py records a
+        step on such static buffers): rows, starts, query_lens, lengths [B] int64 device
+        tensors as `upload` makes them; every row reads the paged path, one query each, with
+        the kernel's KV splits chosen for contexts up to max_length tokens."""
+        self = cls.__new__(cls)
+        self.cache, self.seq_ids, self.seqs = cache, [], []
+        self.layers = [_LayerView(self, i) for i in range(cache.n_layers)]
+        self.meta = (rows, starts, query_lens, lengths)
+        self.query_lens = [1] * rows.shape[0]  # planned on the host: the model reads nothing back
+        self.paged, self.span, self.max_length = True, None, max_length
+        return self
 
     def upload(self, *host: torch.Tensor) -> list[torch.Tensor]:
         """Send this step's metadata to the device with the caller's own host int64 tensors

@@ -5,8 +5,9 @@
 #
 # Runs the kernel and real-path tests natively, the attention benchmark, the memory formula
 # against measured CUDA steps, 20 steps of stage 1 and stage 2 on a small random Qwen3 at 4K
-# tokens (bf16 autocast, the Triton kernel), seeded generation from the result, and the decode
-# benchmark. Everything is written to bench/results/gpu-<device name>/, one file per step;
+# tokens (bf16 autocast, the Triton kernel), seeded generation from the result, the decode
+# benchmark, eager against CUDA-graph decoding (same tokens, step times) and the paged-attention
+# tests natively. Everything is written to bench/results/gpu-<device name>/, one file per step;
 # a failing step is recorded in summary.txt and the script goes on with the next one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,5 +51,7 @@ step train_stage1 $PY train_sft.py --stage 1 "${common[@]}" --out "$out/stage1"
 step train_stage2 $PY train_sft.py --stage 2 "${common[@]}" --init-from "$out/stage1" --out "$out/stage2"
 step generate $PY generate.py --checkpoint "$out/stage2" --prompt "abc def" --max-new-tokens 512 --seed 0 --json
 step decode $PY bench/bench_decode.py
+step cuda_graphs $PY bench/bench_cuda_graphs.py   # exit 1 if eager and graph decoding differ
+step paged_tests $PY -m pytest -q tests/test_paged_attention.py tests/test_decode_path.py
 rm -rf "$out/stage1" "$out/stage2"  # checkpoints are not results
 echo "results in $out"

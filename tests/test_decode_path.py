@@ -9,6 +9,7 @@ from conftest import memento_text, tiny_model
 
 import engine as engine_module
 from blocks import MementoConfig
+from cuda_graphs import DecodeGraphs, capture_sizes
 from engine import Engine, EngineConfig, SamplingParams
 from kernels import paged_attention
 from tokenizer import Tokenizer
@@ -113,3 +114,39 @@ def test_the_device_page_table_matches_the_host_lists():
     for sid, s in cache.seqs.items():
         assert cache.page_table[s.row, :len(s.pages)].tolist() == s.pages
     assert len({s.row for s in cache.seqs.values()}) == len(cache.seqs) >= 3 and len(seqs) == 4
+
+
+def test_capture_sizes_are_vllms_buckets():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(5) == [1, 2, 4, 8]
+    assert capture_sizes(64) == [1, 2, 4] + list(range(8, 65, 8))
+    sizes = capture_sizes(300)
+    assert sizes[:3] == [1, 2, 4] and sizes[-3:] == [272, 288, 304] and 248 in sizes and 256 in sizes and 264 not in sizes
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        capture_sizes(0)
+
+
+def test_decode_steps_on_the_static_buffers_of_cuda_graphs_equal_eager_ones(monkeypatch):
+    """The step cuda_graphs.py records, run eagerly on its static, padded buckets (interpreter):
+    the same sampled tokens and KV curves as the ordinary eager step, with preemptions (a short
+    pool); the padded rows of a bucket change nothing."""
+    monkeypatch.setenv("MEMENTO_ATTN_BACKEND", "triton")
+    model = tiny_model(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, seed=5)
+    config = EngineConfig(MementoConfig(0), page_size=16, kv_cache_tokens=16 * 12, max_num_seqs=5,
+                          max_num_batched_tokens=40)
+    params = [SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=60, seed=i) for i in range(5)]
+    prompts = [p for p, _ in _requests(5, 5)]
+    runs = []
+    for graphs in (False, True):
+        eng = Engine(model, TOK, config)
+        assert eng.graphs is None  # never on the CPU
+        if graphs:
+            eng.graphs = DecodeGraphs(model, eng.cache, config.max_num_seqs, record=False)
+            used = []
+            real = eng.graphs.run
+            eng.graphs.run = lambda view, *a: used.append(len(view.seqs)) or real(view, *a)
+        seqs = [eng.add(p, sp) for p, sp in zip(prompts, params)]
+        eng.run()
+        runs.append(([s.tokens for s in seqs], [s.curve for s in seqs], eng.stats["preemptions"]))
+    assert runs[0] == runs[1] and runs[0][2] > 0
+    assert used and set(used) - {1, 2, 4, 8}  # some batches were padded to a larger bucket
