@@ -238,7 +238,7 @@ class Sequence:
     itl: list[float] = field(default_factory=list)        # seconds between consecutive response tokens
     # running state
     last_token_time: float | None = None
-    last: torch.Tensor | None = None                      # logits [V] of the last fed token, to sample from
+    last: tuple | None = None                             # (logits [rows, V] of a forward, its row), to sample from
     tracker: BlockTracker | None = None
     events: set = field(default_factory=set)              # positions where a mask starts
     footprint: int = 0                                    # pages its (re-)prefill will hold at most
@@ -288,13 +288,15 @@ def kv_replay(ids: list[int], fmt: MementoTokens, masking: MementoConfig, mode: 
     event, so within a chunk the count only grows and at its end equals the token-by-token
     count. That peak is what admitting a (preempted) sequence needs, not L.
     """
+    if mode is Mode.FULL:  # nothing is ever evicted
+        return set(), list(range(1, len(ids) + 1))
     tr = BlockTracker(fmt, masking)
     held = bytearray(len(ids))
     n = 0
     events, curve = set(), []
     for p, t in enumerate(ids):
         blocks = tr.step(t)
-        if blocks and mode is not Mode.FULL:
+        if blocks:
             events.add(p)
             for b in blocks:
                 lo, hi = _evicted(b, masking, mode)
@@ -574,7 +576,7 @@ class Engine:
                     s.logits.extend(self.model.logits(h[r, max(a, first) - a:n]).cpu())
             s.computed = a + n
             if r in need_last:
-                s.last = last[need_last.index(r)]
+                s.last = (last, need_last.index(r))
             if s.forced is not None and s.computed == len(s.prompt) + len(s.forced):
                 self._end(s, "end of trace")
 
@@ -582,7 +584,16 @@ class Engine:
         """Sample the next token of every ready sequence in one call, then stop the ones done."""
         if not ready:
             return
-        last = torch.stack([s.last for s in ready])
+        # the rows' logits, one indexing per forward they came from (usually one: the whole batch)
+        by_forward = {}
+        for s in ready:
+            by_forward.setdefault(id(s.last[0]), []).append(s)
+        ready = [s for group in by_forward.values() for s in group]
+        parts = []
+        for group in by_forward.values():
+            logits, rows = group[0].last[0], [s.last[1] for s in group]
+            parts.append(logits if rows == list(range(len(logits))) else logits[rows])
+        last = parts[0] if len(parts) == 1 else torch.cat(parts)
         want_lp = [r for r, s in enumerate(ready) if s.params.logprobs is not None]
         if want_lp:  # the model's full distribution, as a training forward computes it
             lp = torch.log_softmax(last[want_lp].float(), -1)
@@ -683,13 +694,15 @@ def _forward_groups(rows: list) -> list[list]:
     """Rows split into forwards: longest chunk first, a row joins a forward while the padded
     size (rows x longest chunk) stays within twice the real tokens (decode rows of one token
     share one forward; a long prefill chunk runs apart from them)."""
-    groups = []
+    groups, real = [], 0
     for row in sorted(rows, key=lambda r: -r[2]):
         g = groups[-1] if groups else None
-        if g is not None and (len(g) + 1) * g[0][2] <= 2 * (sum(r[2] for r in g) + row[2]):
+        if g is not None and (len(g) + 1) * g[0][2] <= 2 * (real + row[2]):
             g.append(row)
+            real += row[2]
         else:
             groups.append([row])
+            real = row[2]
     return groups
 
 
