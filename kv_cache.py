@@ -457,10 +457,11 @@ class CacheBatch:
 
 
     def gathered(self, pool: torch.Tensor, which: int) -> torch.Tensor:
-        """One layer's pool [Hkv, slots, D] gathered page by page into the rows' padded view
-        [B, Hkv, S, D]. Without autograd it fills one buffer per K/V that the cache keeps for
-        every layer and step (the view is valid until the next gather), head by head (a dim-0 index_select of whole pages: about 3x faster on the CPU than
-        one index_select of tokens across heads)."""
+        """One layer's pool [Hkv, slots, D] gathered page by page into the rows' padded view,
+        head-major: [Hkv, B, S, D], each head's rows contiguous. Without autograd it fills one
+        buffer per K/V that the cache keeps for every layer and step (the view is valid until
+        the next gather), head by head: a dim-0 index_select of whole pages, about 3x faster
+        on the CPU than one index_select of tokens across heads."""
         c = self.cache
         B, S = self.shape
         pages = pool.view(c.n_kv_heads, -1, c.page_size * c.head_dim)  # [Hkv, pages, page_size * D]
@@ -473,7 +474,7 @@ class CacheBatch:
             out = c.gather_buffers[which][:n].view(c.n_kv_heads, len(self.gather), pages.shape[2])
             for h in range(c.n_kv_heads):
                 torch.index_select(pages[h], 0, self.gather, out=out[h])
-        return out.view(c.n_kv_heads, B, S, c.head_dim).transpose(0, 1)
+        return out.view(c.n_kv_heads, B, S, c.head_dim)
 
 
 _warned: list = []  # the page-size warning is logged once per process
@@ -522,11 +523,13 @@ class _LayerView:
         if b.span is not None:
             k_all, v_all = kl[None, :, b.span], vl[None, :, b.span]
         else:
-            k_all, v_all = b.gathered(kl, 0), b.gathered(vl, 1)
+            k_all, v_all = b.gathered(kl, 0), b.gathered(vl, 1)  # [Hkv, B, S, D]
             if b.plain and b.same_length:
                 k_all, v_all = k_all[:, :, :b.max_length], v_all[:, :, :b.max_length]
-        if b.plain and q.shape[2] == 1 and q.shape[0] > 1:
-            return _decode_attention(q.to(k_all.dtype), k_all, v_all, None if b.same_length else b.attn_mask).to(q.dtype)
+            if b.plain and q.shape[2] == 1 and q.shape[0] > 1:
+                mask = None if b.same_length else b.attn_mask
+                return _decode_attention(q.to(k_all.dtype), k_all, v_all, mask).to(q.dtype)
+            k_all, v_all = k_all.transpose(0, 1), v_all.transpose(0, 1)
         if b.plain and (b.same_length or b.span is None):
             # one causal mask per batch, none for a decode step of equal rows
             y = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all,
@@ -537,13 +540,17 @@ class _LayerView:
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row over the gathered keys, each KV head's query group as one matrix
-    product: q [B, Hq, 1, D], k, v [B, Hkv, S, D], mask [B, 1, 1, S] bool (True = visible) or
-    None. Returns [B, Hq, 1, D]. On the CPU this beats SDPA's kernel for a batch of decode
-    rows (about 1.4x at B=16 and 64 here), whose scores are only [Hq, S] per row."""
+    """One query per row over the gathered keys, as batched matrix products over (KV head,
+    row), each KV head's query group one matrix: q [B, Hq, 1, D]; k, v head-major [Hkv, B, S,
+    D] as `CacheBatch.gathered` leaves them (no copy of them is made); mask [B, 1, 1, S] bool
+    (True = visible) or None. Returns [B, Hq, 1, D]. On the CPU this beats SDPA's kernel for a
+    batch of decode rows (about 1.4x at B=16 and 64 here), whose scores are only [Hq, S] per
+    row."""
     B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
-    scores = q.reshape(B, Hkv, Hq // Hkv, D) @ k.transpose(-1, -2) * D ** -0.5  # [B, Hkv, group, S]
+    Hkv, S = k.shape[0], k.shape[2]
+    qg = q.reshape(B, Hkv, Hq // Hkv, D).transpose(0, 1).reshape(Hkv * B, Hq // Hkv, D)  # small copy
+    scores = torch.bmm(qg, k.flatten(0, 1).transpose(1, 2)) * D ** -0.5  # [Hkv * B, group, S]
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (torch.softmax(scores, -1) @ v).view(B, Hq, 1, D)
+        scores = scores.view(Hkv, B, -1, S).masked_fill(~mask.view(1, B, 1, S), float("-inf")).view(Hkv * B, -1, S)
+    y = torch.bmm(torch.softmax(scores, -1), v.flatten(0, 1))  # [Hkv * B, group, D]
+    return y.view(Hkv, B, Hq // Hkv, D).transpose(0, 1).reshape(B, Hq, 1, D)
