@@ -559,13 +559,18 @@ class Engine:
         pos = torch.tensor([list(range(a, a + n)) + [a + n - 1] * (W - n) for s, a, n in rows], dtype=torch.int64)
         view = self.cache.batch([s.id for s, _, _ in rows], [n for _, _, n in rows])
         need_last = [r for r, (s, a, n) in enumerate(rows) if s.forced is None and a + n == s.length]
+        every = len(need_last) == len(rows)  # a decode step: every row samples
         if self.graphs is not None and self.graphs.usable(view):
-            last = self.graphs.run(view, ids[:, 0].tolist(), pos[:, 0].tolist())[need_last]
+            last = self.graphs.run(view, ids[:, 0].tolist(), pos[:, 0].tolist())
+            last = last if every else last[need_last]
         else:
             ids, pos = view.upload(ids, pos)
             h = self.model.hidden_states(ids, pos, None, view)
-            if need_last:
+            if every and all(n == W for _, _, n in rows):
+                last = self.model.logits(h[:, W - 1])
+            elif need_last:
                 last = self.model.logits(h[need_last, [rows[r][2] - 1 for r in need_last]])
+        row_of = {r: i for i, r in enumerate(need_last)}
         self.stats["forwards"] += 1
         self.stats["tokens"] += sum(n for _, _, n in rows)
         for r, (s, a, n) in enumerate(rows):
@@ -575,8 +580,8 @@ class Engine:
                 if self.config.keep_logits:
                     s.logits.extend(self.model.logits(h[r, max(a, first) - a:n]).cpu())
             s.computed = a + n
-            if r in need_last:
-                s.last = (last, need_last.index(r))
+            if r in row_of:
+                s.last = (last, row_of[r])
             if s.forced is not None and s.computed == len(s.prompt) + len(s.forced):
                 self._end(s, "end of trace")
 
