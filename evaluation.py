@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections import Counter
 from dataclasses import dataclass, replace
 
 from tqdm import tqdm
@@ -96,7 +95,7 @@ def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, fmt: Meme
     verdict = grading.grade(text, p.gold, p.kind, prompt=p.prompt)
     kv = curve_stats(s.curve, 0)
     peak, auc = kv["peak_kv_tokens"], kv["kv_auc"]
-    out = {"problem": p.id, "mode": mode, "sample": k, "seed": seed, "correct": bool(verdict["correct"]),
+    out = {"problem": p.id, "mode": mode, "sample": k, "seed": seed, "kind": p.kind, "correct": bool(verdict["correct"]),
            "extracted": verdict.get("extracted"), "gold": p.gold, "tokens": len(s.tokens),
            "stop_reason": s.stop_reason, **trace_stats(s.tokens, fmt), "peak_kv_tokens": peak, "kv_auc": auc,
            "preemptions": s.preemptions, "metrics": s.metrics()}
@@ -174,8 +173,8 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
 
 def summarize(records: list[dict], modes: list[str]) -> dict:
     """Per mode: problems, samples, pass@1 (mean over problems of the mean over samples) with
-    its standard error across problems (§A.2.2), maj@k (the most frequent extracted answer per
-    problem), mean tokens, blocks, block and memento length, peak KV and KV AUC (tokens and
+    its standard error across problems (§A.2.2), maj@k (grading.majority: the answer most
+    samples give, equivalent spellings voting together, ties to the earliest sample), mean tokens, blocks, block and memento length, peak KV and KV AUC (tokens and
     GB per shape), and per_problem (pass@1 and maj@k of each problem); and the full/memento
     and restart/memento ratios of the KV means when those modes are present."""
     out = {}
@@ -189,9 +188,10 @@ def summarize(records: list[dict], modes: list[str]) -> dict:
         pass1 = [sum(r["correct"] for r in v) / len(v) for v in by_p.values()]
         maj = []
         for v in by_p.values():
-            votes = Counter(r["extracted"] for r in v if r["extracted"] is not None)
-            top = votes.most_common(1)[0][0] if votes else None
-            maj.append(any(r["correct"] for r in v if top is not None and r["extracted"] == top))
+            v = sorted(v, key=lambda r: r["sample"])  # sample order, not the order they finished in
+            kind = v[0].get("kind") or grading.infer_kind(str(v[0].get("gold", "")))
+            top = grading.majority([r["extracted"] for r in v], kind)
+            maj.append(top is not None and v[top]["correct"])
         n = len(pass1)
         per_problem = [{"problem": p, "pass@1": a, "maj@k": b} for p, a, b in zip(by_p, pass1, maj)]
         mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731

@@ -12,7 +12,10 @@ Three kinds of problem:
           Hendrycks-MATH-style `normalize` (string cleanup, no parsing): equal strings are correct;
           otherwise math-verify decides (LaTeX -> SymPy equivalence: 0.75 == \\frac34, intervals,
           sets, \\pi/2 == \\frac{\\pi}{2}). Thousands separators are dropped ("1,000" == 1000), as
-          AIME-style answers are integers and a model writing 1,000 means one thousand.
+          AIME-style answers are integers and a model writing 1,000 means one thousand; only
+          inside one number ("10, 100" is a list). After "Final Answer", a display span that
+          follows is taken whole, across lines. Text answers (\\text{Monday}, a bare word) are
+          compared as text, not parsed as products of symbols.
   choice  GPQA. The letter A-D in the last \\boxed{}, else the last "answer (is|:) X", else the last
           standalone capital A-D of the answer text. With neither a box nor an "answer" phrase,
           a later English article "A" is read as a letter (a known limit of the last rule).
@@ -87,9 +90,11 @@ def extract_answer(text: str) -> str | None:
         return boxed.strip()
     finals = list(_FINAL_RE.finditer(text))
     if finals:
-        rest = text[finals[-1].end():].strip().split("\n")[0]
+        after = text[finals[-1].end():].strip()
+        span = _SPAN_RE.match(after)  # a display span right after the marker may cross lines
+        rest = after.split("\n")[0]
         rest = re.split(r"I hope it is correct", rest, flags=re.I)[0]
-        rest = (_spans(rest) or [rest])[-1].strip(" *.")
+        rest = next(g for g in span.groups() if g).strip() if span else (_spans(rest) or [rest])[-1].strip(" *.")
         if rest:
             return rest
     if _spans(text):
@@ -122,17 +127,33 @@ def normalize(answer: str) -> str:
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
     # spaces go, except the one that ends a command before a letter ("\pi r" must not be "\pir")
     s = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", "\\1\x00", s)
-    s = re.sub(r"\s+", "", s).replace("\x00", " ").rstrip(".")
     s = s.replace("{,}", ",")
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
+    # a thousands separator sits inside one number ("1,000"); "10, 100" is a list of two
+    one_number = re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s.strip().rstrip("."))
+    s = re.sub(r",\s+", ",\x00", s)  # ", " stays: math-verify reads "10,100" as one number
+    s = re.sub(r"\s+", "", s).replace("\x00", " ").rstrip(".")
+    if one_number:
         s = s.replace(",", "")
     m = re.fullmatch(r"(?:[A-Za-z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?=([^=]+)", s)
     s = m.group(1) if m else s
     return re.sub(r"(?<![\w}])\.(\d)", r"0.\1", s)
 
 
+def _is_text(answer: str) -> bool:
+    """A text answer: a \\text{...} wrapper around the whole answer, or a bare word or phrase
+    of two or more letters (no LaTeX command). Compared as text, never as a product of
+    symbols ("Monday" is not M*o*n*d*a*y)."""
+    a = answer.strip().strip("$").strip()
+    wrapped = re.fullmatch(_TEXT_RE + r"([^{}]*)\}", a)
+    return bool(wrapped) or bool(re.fullmatch(r"[A-Za-z][A-Za-z' -]*[A-Za-z]", a))
+
+
 def _equivalent(pred: str, gold: str) -> bool:
-    """Normalized strings equal, else math-verify equivalence (False if it fails or times out)."""
+    """Normalized strings equal, else math-verify equivalence (False if it fails or times out);
+    text answers (`_is_text`) equal as text, case and spacing aside."""
+    if _is_text(gold) or _is_text(pred):
+        text = lambda x: re.sub(r"\s+", " ", normalize(x).replace("\x00", " ")).strip().lower()  # noqa: E731
+        return bool(text(gold)) and text(pred) == text(gold)
     pred, gold = normalize(pred), normalize(gold)
     if not pred or not gold:
         return False
@@ -203,6 +224,29 @@ def grade_choice(response: str, gold: str) -> bool:
     """Whether `response` picks the gold letter (A-D) of a multiple-choice problem (GPQA, paper
     §A.2.2). See grade(); raises ValueError if gold is None."""
     return grade(response, gold, "choice")["correct"]
+
+
+def majority(answers: list[str | None], kind: str = "math") -> int | None:
+    """maj@k's vote (paper §A.2.2): the index of the majority answer among `answers` (the
+    extracted answers of one problem's samples, in sample order; None = no answer). Answers
+    vote together when they are the same answer: equivalent math (normalized strings equal or
+    math-verify equal, so "0.5", "\\frac12" and "1/2" are one vote), the same letter, the same
+    text. Ties go to the class whose first sample comes first, so the result depends on the
+    samples, never on the order they finished in. None when no sample has an answer."""
+    same = _equivalent if kind == "math" else (lambda a, b: a.strip() == b.strip())
+    classes: list[list[int]] = []
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        for c in classes:
+            if same(a, answers[c[0]]):
+                c.append(i)
+                break
+        else:
+            classes.append([i])
+    if not classes:
+        return None
+    return max(classes, key=lambda c: (len(c), -c[0]))[0]
 
 
 def infer_kind(gold: str) -> str:

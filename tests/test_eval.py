@@ -187,3 +187,16 @@ def test_hub_id_offline_one_line(ckpt, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run_cli(["--checkpoint", ckpt, "--data", "someone/no-such-dataset-xyz", "--out", tmp_path / "o.jsonl"])
     assert "hub lookup failed" in str(e.value)
+
+
+def test_majority_votes_on_equivalent_answers_in_sample_order():
+    """maj@k counts "0.5" and "\\frac12" as one answer, and a tie is decided by sample order,
+    not by the order the samples finished in (records arrive as they finish)."""
+    def rec(k, x, c):
+        return {"problem": 0, "mode": "memento", "sample": k, "correct": c, "extracted": x, "gold": "1/2", "kind": "math",
+                "tokens": 1, "blocks": 0, "mean_block_tokens": 0.0, "mean_memento_tokens": 0.0,
+                "peak_kv_tokens": 1, "kv_auc": 1}
+    finished = [rec(3, "3", False), rec(2, "3", False), rec(1, "\\frac12", True), rec(0, "0.5", True)]
+    assert evaluation.summarize(finished, ["memento"])["memento"]["maj@k"] == 1.0
+    swapped = [rec(0, "3", False), rec(1, "3", False), rec(2, "\\frac12", True), rec(3, "0.5", True)]
+    assert evaluation.summarize(swapped[::-1], ["memento"])["memento"]["maj@k"] == 0.0

@@ -192,3 +192,33 @@ def test_string_fallback_when_math_verify_fails(monkeypatch, response, gold, cor
 
     monkeypatch.setattr(math_verify, "parse", broken)
     assert grade_math(response, gold) is correct
+
+
+# ------------------------------------------------------------------ known misses, fixed (verdicts by hand)
+
+@pytest.mark.parametrize("response, gold, correct", [
+    ("<think>x</think>**Final Answer**\n\\[\n\\frac12\n\\]", "0.5", True),       # display span after the marker
+    ("<think>x</think>Final Answer:\n$$\n2\\sqrt{3}\n$$\nDone.", "2\\sqrt3", True),
+    ("<think>x</think>**Final Answer**\n\\[\n\\frac12\n\\]", "\\[", False),
+    ("<think>x</think>\\boxed{10, 100}", "10100", False),                        # a list, not one number
+    ("<think>x</think>\\boxed{1,000}", "1000", True),                             # one number
+    ("<think>x</think>\\boxed{100, 10}", "10, 100", True),                        # the same set
+    ("<think>x</think>\\boxed{\\text{Monday}}", "\\text{Monday}", True),
+    ("<think>x</think>\\boxed{\\text{dayMon}}", "\\text{Monday}", False),         # not a product of symbols
+    ("<think>x</think>\\boxed{yaMnod}", "Monday", False),
+    ("<think>x</think>The answer is \\boxed{\\text{monday}}", "Monday", True),
+])
+def test_fixed_misses(response, gold, correct):
+    assert grade_math(response, gold) is correct
+
+
+@pytest.mark.parametrize("answers, kind, winner", [
+    (["0.5", "\\frac12", "3", "3", "1/2", None], "math", 0),   # three spellings of one half outvote two 3s
+    (["3", "4", "4", "3"], "math", 0),                           # a tie goes to the earliest sample
+    (["4", "3", "3", "4"], "math", 0),
+    ([None, "7", None], "math", 1),
+    ([None, None], "math", None),
+    (["B", "C", "C", "B", "B"], "choice", 0),
+])
+def test_majority(answers, kind, winner):
+    assert grading.majority(answers, kind) == winner
