@@ -14,6 +14,7 @@ equal the engine's sampling log-probs). The loss per token t of rollout i (CISPO
 ratio of the current to the sampling policy's probability):
 
     l_it = - sg(clip(r_it, 1 - eps_low, 1 + eps_high)) * A_i * log pi(o_it)  +  beta * k3_it
+    (no lower bound by default, as MiniMax-M1's CISPO: --eps-low sets one)
     k3_it = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1     (>= 0; E_pi[k3] = KL(pi || pi_ref))
 
 summed over each group's tokens and divided by the group's total response tokens, then
@@ -30,6 +31,7 @@ training on its share of the groups.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -73,7 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--minibatches", type=positive_int, default=2, help="optimizer steps per RL step")
     add_optimizer_args(ap, lr=2e-4, lr_help="peak learning rate (paper: 1e-6 for Qwen3-8B)")
     # the objective (CISPO + k3 KL)
-    ap.add_argument("--eps-low", type=positive_float, default=0.2, help="CISPO: ratio weight clipped below 1 - eps_low")
+    ap.add_argument("--eps-low", type=positive_float, default=None,
+                    help="CISPO: ratio weight clipped below 1 - eps_low (default: no lower bound, as MiniMax-M1's CISPO)")
     ap.add_argument("--eps-high", type=positive_float, default=0.2, help="CISPO: ratio weight clipped above 1 + eps_high")
     ap.add_argument("--beta", type=float, default=0.001, help="KL(pi || pi_ref) coefficient (k3 estimator)")
     # rollouts
@@ -89,8 +92,15 @@ def parse_args(argv=None):
     check_run_args(ap, args)
     if args.group_size < 2:
         ap.error("--group-size 1 gives every rollout an advantage of 0 (reward minus its own mean): use 2 or more")
-    if args.minibatches > args.prompts_per_step:
-        ap.error(f"--minibatches {args.minibatches} exceeds --prompts-per-step {args.prompts_per_step} (groups are not split)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; each process trains on its share of the groups
+    share = args.prompts_per_step // world
+    if args.minibatches > share:
+        ap.error(f"--minibatches {args.minibatches} exceeds the {share} groups each of {world} process(es) trains on "
+                 f"(--prompts-per-step {args.prompts_per_step} / {world}; groups are not split): lower --minibatches "
+                 "or raise --prompts-per-step")
+    if args.temperature != 1.0:
+        ap.error(f"--temperature {args.temperature:g}: RL samples at temperature 1, where the recorded and the training "
+                 "log-probs are of the distribution actually sampled (CISPO's ratio would be biased otherwise)")
     return args
 
 
@@ -112,7 +122,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def cispo_loss(logp, old_logp, ref_logp, adv, mask, group, eps_low: float = 0.2, eps_high: float = 0.2,
+def cispo_loss(logp, old_logp, ref_logp, adv, mask, group, eps_low: float | None = None, eps_high: float = 0.2,
                beta: float = 0.001) -> tuple[torch.Tensor, dict]:
     """CISPO with a k3 KL penalty, normalized per group (paper §A.2.3; module docstring).
 
@@ -127,13 +137,14 @@ def cispo_loss(logp, old_logp, ref_logp, adv, mask, group, eps_low: float = 0.2,
     """
     m = mask.float()
     ratio = torch.exp(logp.detach() - old_logp)
-    weight = ratio.clamp(1 - eps_low, 1 + eps_high)
+    low = None if eps_low is None else 1 - eps_low  # None: no lower bound (MiniMax-M1)
+    weight = ratio.clamp(low, 1 + eps_high)
     k3 = kl_k3(logp, ref_logp)
     per_token = (-(weight * adv[:, None] * logp) + beta * k3) * m
     groups = torch.unique(group)
     loss = torch.stack([per_token[group == g].sum() / m[group == g].sum().clamp(min=1) for g in groups]).mean()
     n = m.sum().clamp(min=1)
-    clipped = ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float()
+    clipped = ((ratio < (low if low is not None else float("-inf"))) | (ratio > 1 + eps_high)).float()
     return loss, {"kl": float((k3.detach() * m).sum() / n), "clip_frac": float((clipped * m).sum() / n)}
 
 

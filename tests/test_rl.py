@@ -163,7 +163,8 @@ def test_rows_without_answer_are_skipped_and_counted(policy, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--group-size", "1"], "--group-size 1 gives every rollout an advantage of 0"),
-    (["--minibatches", "9", "--prompts-per-step", "4"], "--minibatches 9 exceeds --prompts-per-step 4"),
+    (["--minibatches", "9", "--prompts-per-step", "4"], "--minibatches 9 exceeds the 4 groups each of 1 process(es)"),
+    (["--temperature", "0.7"], "--temperature 0.7: RL samples at temperature 1"),
     (["--fsdp"], "--fsdp shards over processes"),
 ])
 def test_bad_input_one_line(args, message, capsys):
@@ -171,3 +172,35 @@ def test_bad_input_one_line(args, message, capsys):
         train_rl.parse_args(args)
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_minibatches_are_checked_against_each_process_share(monkeypatch, capsys):
+    """8 processes, 16 prompts, 4 minibatches: each process trains on 2 groups, so it would get
+    empty minibatches; refused at parse time with one line (1 process: fine)."""
+    train_rl.parse_args(["--prompts-per-step", "16", "--minibatches", "4"])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(SystemExit):
+        train_rl.parse_args(["--prompts-per-step", "16", "--minibatches", "4"])
+    err = capsys.readouterr().err
+    assert "exceeds the 2 groups each of 8 process(es)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cispo_without_a_lower_bound_by_default():
+    """The default (eps_low None, as MiniMax-M1) equals the direct computation with no lower clip:
+    a ratio far below 1 keeps its small weight instead of being raised to 1 - eps_low."""
+    g = torch.Generator().manual_seed(1)
+    N, T = 4, 6
+    old = -torch.rand(N, T, generator=g) * 3
+    logp0 = old + torch.randn(N, T, generator=g) * 0.6
+    ref = old.clone()
+    adv = torch.randn(N, generator=g)
+    mask = torch.ones(N, T, dtype=torch.bool)
+    group = torch.tensor([0, 0, 1, 1])
+    a = logp0.clone().requires_grad_(True)
+    loss, stats = train_rl.cispo_loss(a, old, ref, adv, mask, group, beta=0.0)
+    b = logp0.clone().requires_grad_(True)
+    direct = _direct_cispo(b, old, ref, adv, mask, group, float("inf"), 0.2, 0.0)
+    assert torch.allclose(loss, direct, atol=1e-6)
+    ratio = torch.exp(logp0 - old)
+    assert (ratio < 0.8).any()  # a lower bound of 0.2 would have changed these tokens' weights
+    assert stats["clip_frac"] == pytest.approx(float((ratio > 1.2).sum() / mask.sum()))
