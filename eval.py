@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import model_fingerprint
 from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_generation_args, engine_config, kv_cache_budget, load_or_exit,
                  positive_int)
 from evaluation import MODES, load_problems, markdown, run, summarize, toy_problems
@@ -51,13 +52,15 @@ def read_done(path: Path) -> list[dict]:
     return out
 
 
-def check_config(path: Path, config: dict, overwrite: bool) -> None:
-    """Refuse to mix results of different settings in one file (one line naming the flags)."""
+def check_config(path: Path, config: dict, overwrite: bool, keys=RUN_DEFINING) -> None:
+    """Refuse to mix results of different settings in one file (one line naming the flags);
+    `keys`: the entries compared (the flags, or the checkpoint's fingerprint once it is
+    loaded: a checkpoint retrained in the same directory is another checkpoint)."""
     if overwrite or not path.exists():
         return
     saved = json.loads(path.read_text())
     diff = [f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, now {config[k]!r})"
-            for k in RUN_DEFINING if saved.get(k) != config[k]]
+            for k in keys if k in saved and saved.get(k) != config[k]]
     if diff:
         raise ValueError(f"results in this --out were made with other settings: {'; '.join(diff)}; "
                          "rerun with the saved values, or pass --overwrite or another --out")
@@ -122,14 +125,22 @@ def main(argv=None) -> dict:
     except ValueError as e:
         sys.exit(f"eval.py: {e}")
     model, tok = load_or_exit("eval.py", args.checkpoint, args.device, getattr(torch, args.dtype))
+    config["checkpoint_sha256"] = model_fingerprint(model)
+    try:
+        check_config(config_path, config, args.overwrite, ("checkpoint_sha256",))
+    except ValueError as e:
+        sys.exit(f"eval.py: {e}")
     out.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(config, indent=1) + "\n")
 
     wanted = {(p.id, m, k) for p in problems for m in modes for k in range(args.n_samples)}
-    done = {(r["problem"], r["mode"], r["sample"]) for r in previous} & wanted
+    latest = {(r["problem"], r["mode"], r["sample"]): r for r in previous}  # a retried sample's last line counts
+    previous = list(latest.values())
+    cut = {key for key, r in latest.items() if r.get("kv_pool_cut")} & wanted  # retried now
+    done = set(latest) & wanted - cut
     engine = kv_cache_budget(ap, args, engine, model.config)
     print(f"eval.py: {len(problems)} problems x {args.n_samples} samples x {len(modes)} modes = {len(wanted)} samples, "
-          f"{len(done)} already in {out}", file=sys.stderr)
+          f"{len(done)} already in {out}" + (f", {len(cut)} ended by the KV pool retried" if cut else ""), file=sys.stderr)
 
     t0 = time.perf_counter()
     with out.open("a", encoding="utf-8") as f:
@@ -141,7 +152,7 @@ def main(argv=None) -> dict:
                   shapes={s: kv_bytes_per_token(Qwen3Config.released(s), torch.bfloat16) for s in shapes}, done=done,
                   on_record=write, progress=not args.no_progress and sys.stderr.isatty())
     seconds = time.perf_counter() - t0
-    records = [r for r in previous if (r["problem"], r["mode"], r["sample"]) in wanted] + new
+    records = [r for r in previous if (r["problem"], r["mode"], r["sample"]) in done] + new
     summary = summarize(records, modes)
     new_tokens = sum(r["tokens"] for r in new)
     result = {"summary": summary, "config": {**config, "modes": modes, "n_samples": args.n_samples,

@@ -37,6 +37,8 @@ from kv_cache import curve_stats, kv_bytes_per_token
 from sampling import request_seed
 
 MODES = [m.value for m in Mode]  # memento, full, restart
+# stop reasons of a sample the KV pool ended (Engine): not the model's doing, so not graded
+POOL_CUT = ("KV pool full", "rejected")
 GB = 1e9  # the paper's GB (§A.3.1)
 @dataclass(frozen=True)
 class Problem:
@@ -92,10 +94,12 @@ def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, fmt: Meme
     §A.3.1), and for each name in bytes_per_token (bytes per KV token) peak KV in GB (1e9 B)
     and KV AUC in GB·ktok. Raises ValueError from grading for a toy problem without its prompt."""
     text = tok.decode(s.tokens)
-    verdict = grading.grade(text, p.gold, p.kind, prompt=p.prompt)
+    cut = s.stop_reason.startswith(POOL_CUT)
+    verdict = {"correct": None, "extracted": None} if cut else grading.grade(text, p.gold, p.kind, prompt=p.prompt)
     kv = curve_stats(s.curve, 0)
     peak, auc = kv["peak_kv_tokens"], kv["kv_auc"]
-    out = {"problem": p.id, "mode": mode, "sample": k, "seed": seed, "kind": p.kind, "correct": bool(verdict["correct"]),
+    out = {"problem": p.id, "mode": mode, "sample": k, "seed": seed, "kind": p.kind,
+           "correct": None if cut else bool(verdict["correct"]), "kv_pool_cut": cut,
            "extracted": verdict.get("extracted"), "gold": p.gold, "tokens": len(s.tokens),
            "stop_reason": s.stop_reason, **trace_stats(s.tokens, fmt), "peak_kv_tokens": peak, "kv_auc": auc,
            "preemptions": s.preemptions, "metrics": s.metrics()}
@@ -179,7 +183,8 @@ def summarize(records: list[dict], modes: list[str]) -> dict:
     and restart/memento ratios of the KV means when those modes are present."""
     out = {}
     for m in modes:
-        rs = [r for r in records if r["mode"] == m]
+        cut = sum(1 for r in records if r["mode"] == m and r.get("kv_pool_cut"))
+        rs = [r for r in records if r["mode"] == m and not r.get("kv_pool_cut")]
         if not rs:
             continue
         by_p: dict[int, list[dict]] = {}
@@ -197,7 +202,8 @@ def summarize(records: list[dict], modes: list[str]) -> dict:
         mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
         row = {"problems": n, "samples": len(rs), "pass@1": sum(pass1) / n,
                "pass@1_se": statistics.stdev(pass1) / math.sqrt(n) if n > 1 else 0.0,
-               "maj@k": sum(maj) / n, "k": max(len(v) for v in by_p.values()), "per_problem": per_problem}
+               "maj@k": sum(maj) / n, "k": max(len(v) for v in by_p.values()), "per_problem": per_problem,
+               "kv_pool_cut": cut}
         for key in ("tokens", "blocks", "mean_block_tokens", "mean_memento_tokens", "peak_kv_tokens", "kv_auc"):
             row[key] = mean(key)
         for key in rs[0]:

@@ -200,3 +200,40 @@ def test_majority_votes_on_equivalent_answers_in_sample_order():
     assert evaluation.summarize(finished, ["memento"])["memento"]["maj@k"] == 1.0
     swapped = [rec(0, "3", False), rec(1, "3", False), rec(2, "\\frac12", True), rec(3, "0.5", True)]
     assert evaluation.summarize(swapped[::-1], ["memento"])["memento"]["maj@k"] == 0.0
+
+
+def test_results_name_their_weights_and_refuse_a_retrained_checkpoint(tmp_path):
+    """The results' config holds a hash of the checkpoint's config and weights; the same
+    directory retrained (other weights) is refused, the same weights copied elsewhere accepted."""
+    d = tmp_path / "ckpt"
+    tiny_model(layers=1, seed=1).save_pretrained(d)
+    TOK.save(d)
+    out = tmp_path / "r.jsonl"
+    common = ["--toy-problems", 1, "--n-samples", 1, "--out", out]
+    run_cli(["--checkpoint", d, *common])
+    saved = json.loads((tmp_path / "r.config.json").read_text())
+    assert len(saved["checkpoint_sha256"]) == 64
+    tiny_model(layers=1, seed=2).save_pretrained(d)  # retrained into the same directory
+    with pytest.raises(SystemExit) as e:
+        run_cli(["--checkpoint", d, *common, "--n-samples", 2])
+    assert "--checkpoint-sha256 (saved" in str(e.value)
+
+
+def test_samples_cut_by_the_kv_pool_are_not_graded_and_are_retried(ckpt, tmp_path):
+    """A pool too small for the prompts: every sample ends by the pool, is recorded as such (no
+    verdict) and counted apart; a rerun with a larger pool (allowed: not a result-defining flag)
+    retries exactly those and the summary counts the new samples only."""
+    out = tmp_path / "c.jsonl"
+    common = ["--checkpoint", ckpt, "--data", "toy", "--toy-problems", 3, "--n-samples", 1, "--modes", "memento",
+              "--out", out, "--page-size", 4]
+    first = run_cli([*common, "--kv-cache-tokens", 8])
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 3 and all(r["kv_pool_cut"] and r["correct"] is None for r in recs)
+    assert "memento" not in first["summary"]  # nothing graded
+    second = run_cli([*common, "--kv-cache-tokens", 100_000])
+    assert second["generated"]["samples"] == 3
+    s = second["summary"]["memento"]
+    assert s["samples"] == 3 and s["kv_pool_cut"] == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 6 and not any(r["kv_pool_cut"] for r in lines[3:])
+    assert run_cli([*common, "--kv-cache-tokens", 100_000])["generated"]["samples"] == 0
