@@ -27,7 +27,8 @@ from kv_cache import kv_bytes_per_token
 from model import QWEN3_SHAPES, Qwen3Config
 
 # Flags whose change makes earlier results incomparable: a rerun with another value is refused.
-RUN_DEFINING = ("checkpoint", "data", "problem_key", "answer_key", "seed", "temperature", "top_p", "top_k", "min_p",
+RUN_DEFINING = ("checkpoint", "data", "split", "config", "problem_key", "answer_key", "seed", "temperature",
+                "top_p", "top_k", "min_p",
                 "max_new_tokens", "max_block_tokens", "keep_last_n_blocks", "mask_delimiters",
                 "keep_last_block_for_answer", "dtype")
 
@@ -75,6 +76,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default="toy", help="'toy', a .jsonl/.parquet file or a hub dataset id")
     ap.add_argument("--problem-key", default="problem", help="column holding the problem")
     ap.add_argument("--answer-key", default="answer", help="column holding the reference answer")
+    ap.add_argument("--split", default=None, help="the dataset split (required when it has several, e.g. test)")
+    ap.add_argument("--config", default=None, help="the hub dataset's config (subset), e.g. gpqa_diamond")
     ap.add_argument("--toy-problems", type=positive_int, default=200, help="problems of --data toy")
     ap.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N problems only")
     ap.add_argument("--n-samples", type=positive_int, default=8, help="samples per problem and mode")
@@ -102,7 +105,8 @@ def main(argv=None) -> dict:
         problems, skipped = toy_problems(args.toy_problems, args.seed), []
     else:
         try:
-            problems, skipped = load_problems(args.data, args.problem_key, args.answer_key)
+            problems, skipped = load_problems(args.data, args.problem_key, args.answer_key, split=args.split,
+                                              config=args.config, seed=args.seed)
         except (FileNotFoundError, ValueError, ImportError) as e:
             sys.exit(f"eval.py: {e}")
         if skipped:

@@ -26,11 +26,12 @@ import math
 import random
 import statistics
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from tqdm import tqdm
 
 from blocks import MementoTokens, trace_stats
-from data import grading, toy_task
+from data import benchmarks, grading, toy_task
 from data.openmementos import read_records
 from engine import Engine, EngineConfig, Mode, Sequence, check_mode
 from kv_cache import curve_stats, kv_bytes_per_token
@@ -65,13 +66,23 @@ def toy_max_new_tokens(tok) -> int:
     return len(tok.encode(text)) + 8
 
 
-def load_problems(source: str, problem_key: str, answer_key: str) -> tuple[list[Problem], list[int]]:
-    """Problems of a .jsonl/.parquet file or hub dataset (data/openmementos.read_records).
+def load_problems(source: str, problem_key: str, answer_key: str, *, split: str | None = None,
+                  config: str | None = None, seed: int = 0) -> tuple[list[Problem], list[int]]:
+    """Problems of a benchmark (paper §6.2): a local .jsonl/.parquet file
+    (data/openmementos.read_records, offline), or through data/benchmarks.load_rows a .csv
+    file, a local directory split by file names, or a hub dataset id with `split` / `config`.
+    GPQA's own rows (question, correct and incorrect answers) become lettered multiple-choice
+    problems (benchmarks.letter_gpqa, shuffled by `seed`); problem_key/answer_key then do not apply.
 
     Returns (problems, rows skipped because their problem or answer is empty, 1-based).
     Raises FileNotFoundError/ValueError with one line: no such file or unreachable hub id,
-    or neither column present (naming the columns found)."""
-    rows = read_records(source)
+    several splits and none named, or neither column present (naming the columns found)."""
+    if Path(source).is_file() and Path(source).suffix in (".jsonl", ".parquet") and split is None:
+        rows = read_records(source)
+    else:
+        rows = benchmarks.load_rows(source, split, config)
+    if benchmarks.is_gpqa(rows):
+        rows, problem_key, answer_key = benchmarks.letter_gpqa(rows, seed), "problem", "answer"
     if rows and not any(problem_key in r and answer_key in r for r in rows):
         found = sorted({k for r in rows for k in r if not k.startswith("_")})
         raise ValueError(f"--data {source}: no row has both {problem_key!r} and {answer_key!r}; columns found: "

@@ -54,7 +54,8 @@ from tokenizer import Tokenizer
 from training import (StopRequest, TrainingError, add_optimizer_args, add_run_args, check_resume_args, check_run_args,
                       evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
 
-RUN_DEFINING = ("init_from", "data", "problem_key", "answer_key", "seed", "prompts_per_step", "group_size",
+RUN_DEFINING = ("init_from", "data", "split", "config", "problem_key", "answer_key", "seed", "prompts_per_step",
+                "group_size",
                 "minibatches", "max_steps", "lr", "warmup_frac", "eps_low", "eps_high", "beta", "temperature",
                 "max_new_tokens", "max_block_tokens", "world_size")
 
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="toy", help="'toy', or a .jsonl/.parquet file or hub id with problems and answers")
     ap.add_argument("--problem-key", default="problem", help="column holding the problem")
     ap.add_argument("--answer-key", default="answer", help="column holding the reference answer")
+    ap.add_argument("--split", default=None, help="the dataset split (required when it has several, e.g. test)")
+    ap.add_argument("--config", default=None, help="the hub dataset's config (subset), e.g. gpqa_diamond")
     # steps: P prompts x G rollouts, then --minibatches optimizer steps
     ap.add_argument("--max-steps", type=positive_int, default=60, help="RL steps (each: rollouts, then updates)")
     ap.add_argument("--prompts-per-step", type=positive_int, default=16, help="P prompts per step (paper: 240)")
@@ -224,7 +227,8 @@ def train(args) -> dict:
         pool, skipped = None, []
     else:
         try:
-            pool, skipped = load_problems(args.data, args.problem_key, args.answer_key)
+            pool, skipped = load_problems(args.data, args.problem_key, args.answer_key, split=args.split,
+                                              config=args.config, seed=args.seed)
         except (FileNotFoundError, ValueError, ImportError) as e:
             raise TrainingError(str(e)) from None
         if not pool:

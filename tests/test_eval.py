@@ -186,7 +186,7 @@ def test_hub_id_offline_one_line(ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as e:
         run_cli(["--checkpoint", ckpt, "--data", "someone/no-such-dataset-xyz", "--out", tmp_path / "o.jsonl"])
-    assert "hub lookup failed" in str(e.value)
+    assert "could not load it" in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
 def test_majority_votes_on_equivalent_answers_in_sample_order():
@@ -237,3 +237,51 @@ def test_samples_cut_by_the_kv_pool_are_not_graded_and_are_retried(ckpt, tmp_pat
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 6 and not any(r["kv_pool_cut"] for r in lines[3:])
     assert run_cli([*common, "--kv-cache-tokens", 100_000])["generated"]["samples"] == 0
+
+
+def test_a_dataset_with_splits_needs_one_named(ckpt, tmp_path):
+    """A local dataset with train and test files: refused without --split (one line naming the
+    splits), and --split test reads the test file only (no merge of train into test)."""
+    d = tmp_path / "bench"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps({"problem": f"train {i}", "answer": str(i)}) + "\n" for i in range(5)))
+    (d / "test.jsonl").write_text("".join(json.dumps({"problem": f"test {i}", "answer": str(i)}) + "\n" for i in range(3)))
+    with pytest.raises(ValueError, match="splits test, train; name one with --split"):
+        evaluation.load_problems(str(d), "problem", "answer")
+    problems, skipped = evaluation.load_problems(str(d), "problem", "answer", split="test")
+    assert [p.prompt for p in problems] == ["test 0", "test 1", "test 2"] and not skipped
+    with pytest.raises(SystemExit) as e:
+        run_cli(["--checkpoint", ckpt, "--data", d, "--out", tmp_path / "o.jsonl"])
+    assert "name one with --split" in str(e.value)
+
+
+def test_gpqa_csv_is_lettered_in_a_seeded_order_and_graded(tmp_path):
+    """GPQA's CSV (the correct and three incorrect answers): each row becomes four lettered
+    options in an order that depends only on (seed, row), and the gold is the correct letter;
+    a response naming that letter is graded right, another letter wrong."""
+    import csv
+
+    from data import grading
+
+    path = tmp_path / "gpqa.csv"
+    rows = [{"Question": f"Which is right {i}?", "Correct Answer": f"right{i}", "Incorrect Answer 1": f"w1_{i}",
+             "Incorrect Answer 2": f"w2_{i}", "Incorrect Answer 3": f"w3_{i}", "Subdomain": "x"} for i in range(8)]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    problems, _ = evaluation.load_problems(str(path), "problem", "answer", seed=3)
+    again, _ = evaluation.load_problems(str(path), "problem", "answer", seed=3)
+    other, _ = evaluation.load_problems(str(path), "problem", "answer", seed=4)
+    assert [p.prompt for p in problems] == [p.prompt for p in again] != [p.prompt for p in other]
+    letters = set()
+    for i, p in enumerate(problems):
+        assert p.kind == "choice" and p.gold in "ABCD"
+        assert f"{p.gold}) right{i}\n" in p.prompt or p.prompt.count(f"{p.gold}) right{i}") == 1
+        for wrong in ("w1_", "w2_", "w3_"):
+            assert f"{wrong}{i}" in p.prompt
+        letters.add(p.gold)
+        other_letter = next(x for x in "ABCD" if x != p.gold)
+        assert grading.grade_choice(f"<think>x</think>The answer is \\boxed{{{p.gold}}}", p.gold)
+        assert not grading.grade_choice(f"<think>x</think>The answer is \\boxed{{{other_letter}}}", p.gold)
+    assert len(letters) > 1  # the correct answer is not always in one place
