@@ -528,15 +528,25 @@ class _LayerView:
                 k_all, v_all = k_all[:, :, :b.max_length], v_all[:, :, :b.max_length]
             if b.plain and q.shape[2] == 1 and q.shape[0] > 1:
                 mask = None if b.same_length else b.attn_mask
-                return _decode_attention(q.to(k_all.dtype), k_all, v_all, mask).to(q.dtype)
+                dt = _compute_dtype(q, k_all)
+                return _decode_attention(q.to(dt), k_all.to(dt), v_all.to(dt), mask).to(q.dtype)
             k_all, v_all = k_all.transpose(0, 1), v_all.transpose(0, 1)
         if b.plain and (b.same_length or b.span is None):
             # one causal mask per batch, none for a decode step of equal rows
-            y = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all,
+            dt = _compute_dtype(q, k_all)
+            y = F.scaled_dot_product_attention(q.to(dt), k_all.to(dt), v_all.to(dt),
                                                attn_mask=None if b.same_length else b.attn_mask,
                                                is_causal=b.same_length and b.causal, enable_gqa=True)
             return y.to(q.dtype)
         return attention(q, k_all, v_all, b.k_mask_from, q_pos=q_pos, k_pos=b.k_pos)
+
+
+def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: autocast's when it is on (as memento_attention.attention
+    and a training forward do), else the pool's."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return k.dtype
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

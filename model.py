@@ -223,7 +223,7 @@ class Backbone(nn.Module):
 IGNORE_INDEX = -100  # labels with this value carry no loss (F.cross_entropy's default)
 
 
-def token_cross_entropy(lm_head: nn.Linear, h: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+def token_cross_entropy(lm_head, h: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
     """Next-token cross-entropy of every position, without holding all logits (§4, §A.2.1).
 
     Position t of row b predicts labels[b, t + 1]. The [B*T, hidden] states are cut into
@@ -234,7 +234,8 @@ def token_cross_entropy(lm_head: nn.Linear, h: torch.Tensor, labels: torch.Tenso
     the losses and gradients equal those of the plain F.cross_entropy on full logits.
 
     Args:
-        lm_head: the output projection (hidden -> vocab).
+        lm_head: the output projection (hidden -> vocab): an nn.Linear or any callable
+            [rows, hidden] -> [rows, vocab] (Qwen3.logits, which may run it in fp32).
         h: [B, T, hidden] final hidden states (any float dtype; autocast applies to lm_head).
         labels: [B, T] int64 target ids, IGNORE_INDEX where no loss is wanted.
         chunk_rows: rows of logits per chunk (>= 1).
@@ -262,7 +263,7 @@ def token_cross_entropy(lm_head: nn.Linear, h: torch.Tensor, labels: torch.Tenso
     return torch.cat(losses).view(B, T)[:, :-1].clone()
 
 
-def _chunk_cross_entropy(lm_head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_cross_entropy(lm_head, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(lm_head(rows).float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
 
 
@@ -285,6 +286,9 @@ class Qwen3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self.loss_chunk_rows = 1024  # rows of logits alive at once in forward(labels=...)
+        # The LM head in fp32 even under autocast (MiniMax-M1's fix for RL): the sampler's and the
+        # trainer's log-probs then agree although their bf16 matmuls would round differently.
+        self.fp32_lm_head = False
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Qwen3":
         """Random init for training from scratch: N(0, std) linears/embeddings, ones for norms."""
@@ -359,11 +363,15 @@ class Qwen3(nn.Module):
         h = self.hidden_states(input_ids, positions, mask_from, cache)
         if labels is None:
             return self.logits(h)
-        return token_cross_entropy(self.lm_head, h, labels, self.loss_chunk_rows)
+        return token_cross_entropy(self.logits, h, labels, self.loss_chunk_rows)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """lm_head on hidden states [..., hidden_size] -> [..., vocab_size] float32 logits."""
-        return self.lm_head(h).float()
+        """lm_head on hidden states [..., hidden_size] -> [..., vocab_size] float32 logits; with
+        `fp32_lm_head`, computed in fp32 outside autocast (paper §A.2.3 RL log-probs)."""
+        if not self.fp32_lm_head:
+            return self.lm_head(h).float()
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.lm_head.weight.float())
 
     # ------------------------------------------------------------------------- checkpoints (checkpoint.py)
 

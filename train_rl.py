@@ -223,6 +223,7 @@ def train(args) -> dict:
         fmt = MementoTokens.from_tokenizer(tok)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise TrainingError(f"cannot load --init-from {args.init_from}: {e}") from None
+    model.fp32_lm_head = ref.fp32_lm_head = True  # sampler and trainer log-probs from one fp32 head
     if args.data == "toy":
         pool, skipped = None, []
     else:
