@@ -21,7 +21,7 @@ import torch
 
 from checkpoint import model_fingerprint
 from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_generation_args, engine_config, kv_cache_budget, load_or_exit,
-                 positive_int)
+                 nonnegative_int, positive_int)
 from evaluation import MODES, load_problems, markdown, run, summarize, toy_problems
 from kv_cache import kv_bytes_per_token
 from model import QWEN3_SHAPES, Qwen3Config
@@ -76,6 +76,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default="toy", help="'toy', a .jsonl/.parquet file or a hub dataset id")
     ap.add_argument("--problem-key", default="problem", help="column holding the problem")
     ap.add_argument("--answer-key", default="answer", help="column holding the reference answer")
+    ap.add_argument("--grading-workers", type=nonnegative_int, default=1,
+                    help="processes grading answers beside decoding (0: grade in the decoding thread)")
     ap.add_argument("--split", default=None, help="the dataset split (required when it has several, e.g. test)")
     ap.add_argument("--config", default=None, help="the hub dataset's config (subset), e.g. gpqa_diamond")
     ap.add_argument("--toy-problems", type=positive_int, default=200, help="problems of --data toy")
@@ -154,7 +156,8 @@ def main(argv=None) -> dict:
 
         new = run(model, tok, problems, modes, args.n_samples, seed=args.seed, config=engine,
                   shapes={s: kv_bytes_per_token(Qwen3Config.released(s), torch.bfloat16) for s in shapes}, done=done,
-                  on_record=write, progress=not args.no_progress and sys.stderr.isatty())
+                  on_record=write, progress=not args.no_progress and sys.stderr.isatty(),
+                  grading_workers=args.grading_workers)
     seconds = time.perf_counter() - t0
     records = [r for r in previous if (r["problem"], r["mode"], r["sample"]) in done] + new
     summary = summarize(records, modes)

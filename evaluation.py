@@ -23,8 +23,10 @@ for a gold answer that is one letter) and the embedded task (data/toy_task.check
 from __future__ import annotations
 
 import math
+import multiprocessing
 import random
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -99,14 +101,19 @@ def load_problems(source: str, problem_key: str, answer_key: str, *, split: str 
 
 
 def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, fmt: MementoTokens,
-           bytes_per_token: dict[str, int]) -> dict:
+           bytes_per_token: dict[str, int], verdict: dict | None = None) -> dict:
     """One sample's results line (a JSON-ready dict): verdict and extracted answer (§A.2.2),
     token and block counts, peak KV in tokens and KV AUC in token·steps (the sequence's curve,
     §A.3.1), and for each name in bytes_per_token (bytes per KV token) peak KV in GB (1e9 B)
-    and KV AUC in GB·ktok. Raises ValueError from grading for a toy problem without its prompt."""
+    and KV AUC in GB·ktok. verdict: grading.grade's result when it was graded elsewhere (a
+    worker process), else it is graded here. Raises ValueError from grading for a toy problem
+    without its prompt."""
     text = tok.decode(s.tokens)
     cut = s.stop_reason.startswith(POOL_CUT)
-    verdict = {"correct": None, "extracted": None} if cut else grading.grade(text, p.gold, p.kind, prompt=p.prompt)
+    if cut:
+        verdict = {"correct": None, "extracted": None}
+    elif verdict is None:
+        verdict = grading.grade(text, p.gold, p.kind, prompt=p.prompt)
     kv = curve_stats(s.curve, 0)
     peak, auc = kv["peak_kv_tokens"], kv["kv_auc"]
     out = {"problem": p.id, "mode": mode, "sample": k, "seed": seed, "kind": p.kind,
@@ -125,7 +132,8 @@ def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, fmt: Meme
 
 def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *, seed: int,
         config: EngineConfig = EngineConfig(), shapes: dict[str, int] | None = None,
-        done: set | frozenset = frozenset(), on_record=None, progress: bool = False) -> list[dict]:
+        done: set | frozenset = frozenset(), on_record=None, progress: bool = False,
+        grading_workers: int = 1) -> list[dict]:
     """Generate and grade every (problem, mode, sample) not in `done` through one Engine.
 
     Args:
@@ -136,9 +144,13 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
             max_position_embeddings; a toy problem is capped at toy_max_new_tokens).
         shapes: {name: KV bytes per token} reported beside this model's own figures ("model").
         done: (problem id, mode, sample) keys to skip. on_record: callback(record, Sequence)
-            per finished sample, in finishing order.
+            per graded sample, in the order grading finished.
+        grading_workers: worker processes grading math and multiple-choice answers (each
+            with math-verify's own timeouts in its main thread), so that a slow grade never
+            stalls decoding; 0 grades in this thread. The embedded task is always graded here
+            (a string check).
     Returns:
-        the new records, in finishing order.
+        the new records, in the order grading finished.
     Raises:
         ValueError for an unknown mode or restart with masking options it does not define.
     """
@@ -158,16 +170,33 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
         bar = tqdm(total=len(problems) * len(modes) * n_samples, initial=len(problems) * len(modes) * n_samples - len(todo),
                    desc="samples", dynamic_ncols=True)
 
-    def finished(s: Sequence) -> None:
-        if s.id not in jobs:  # rejected inside Engine.add: reported below, once jobs knows it
-            return
-        p, m, k = jobs[s.id]
-        r = record(p, m, k, request_seed(seed, p.id, k), s, tok, fmt, per_token)
+    pool = None
+    if grading_workers > 0 and any(p.kind != "toy" for p, _, _ in todo):
+        pool = ProcessPoolExecutor(grading_workers, mp_context=multiprocessing.get_context("spawn"))
+    grading_now: dict = {}  # future -> (problem, mode, sample, Sequence)
+
+    def emit(p, m, k, s, verdict=None) -> None:
+        r = record(p, m, k, request_seed(seed, p.id, k), s, tok, fmt, per_token, verdict)
         records.append(r)
         if on_record:
             on_record(r, s)
         if bar is not None:
             bar.update(1)
+
+    def harvest(wait: bool = False) -> None:
+        for fut in [f for f in grading_now if wait or f.done()]:
+            p, m, k, s = grading_now.pop(fut)
+            emit(p, m, k, s, fut.result())
+
+    def finished(s: Sequence) -> None:
+        if s.id not in jobs:  # rejected inside Engine.add: reported below, once jobs knows it
+            return
+        p, m, k = jobs[s.id]
+        if pool is None or p.kind == "toy" or s.stop_reason.startswith(POOL_CUT):
+            emit(p, m, k, s)
+        else:
+            grading_now[pool.submit(grading.grade, tok.decode(s.tokens), p.gold, p.kind, p.prompt)] = (p, m, k, s)
+        harvest()
 
     eng = Engine(model, tok, config, on_finish=finished)
     max_tokens = config.sampling.max_tokens or 32768
@@ -180,7 +209,12 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
         jobs[s.id] = (p, m, k)
         if s.done:  # rejected at once: recorded by the callback before jobs knew it
             finished(s)
-    eng.run()
+    try:
+        eng.run()
+        harvest(wait=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if bar is not None:
         bar.close()
     return records

@@ -285,3 +285,28 @@ def test_gpqa_csv_is_lettered_in_a_seeded_order_and_graded(tmp_path):
         assert grading.grade_choice(f"<think>x</think>The answer is \\boxed{{{p.gold}}}", p.gold)
         assert not grading.grade_choice(f"<think>x</think>The answer is \\boxed{{{other_letter}}}", p.gold)
     assert len(letters) > 1  # the correct answer is not always in one place
+
+
+def test_grading_in_worker_processes_equals_grading_inline():
+    """Math answers graded by a worker process (the default: decoding never waits on
+    math-verify) give the same records as grading in the decoding thread."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from data import grading
+    from engine import Sequence
+    from sampling import SamplingParams
+
+    probs = [evaluation.Problem(i, f"q{i}", gold, "math") for i, gold in enumerate(["\\frac12", "3", "10, 100"])]
+    answers = ["<think>x</think>\\boxed{0.5}", "<think>x</think>Final Answer: $4$", "<think>x</think>\\boxed{100, 10}"]
+    seqs = [Sequence(i, [1], SamplingParams(), "memento", tokens=TOK.encode(a), stop_reason="stop token", done=True)
+            for i, a in enumerate(answers)]
+    fmt = MementoTokens.from_tokenizer(TOK)
+    inline = [evaluation.record(p, "memento", 0, 0, s, TOK, fmt, {}) for p, s in zip(probs, seqs)]
+    assert [r["correct"] for r in inline] == [True, False, True]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        verdicts = [pool.submit(grading.grade, TOK.decode(s.tokens), p.gold, p.kind, p.prompt).result()
+                    for p, s in zip(probs, seqs)]
+    worker = [evaluation.record(p, "memento", 0, 0, s, TOK, fmt, {}, v) for p, s, v in zip(probs, seqs, verdicts)]
+    assert [{k: v for k, v in r.items() if k != "metrics"} for r in worker] == \
+        [{k: v for k, v in r.items() if k != "metrics"} for r in inline]
