@@ -24,9 +24,10 @@ leaves the clip range keeps its gradient (only the weight is clipped). pi_ref is
 first on-policy, r = 1; later ones off by the earlier updates).
 
 Checkpoints, --resume, --overwrite and signals are training.py's, as for train_sft.py (the
-same run directory layout and atomic HF checkpoints); --fsdp shards through sharding.py, with every
-process generating the step's rollouts (a sharded model generates only in lockstep) and
-training on its share of the groups.
+same run directory layout and atomic HF checkpoints). Under torchrun each process generates its
+share of the step's groups and the rollouts are exchanged (sharded_rollouts); with --fsdp the
+model is sharded and generates only in lockstep, so every process generates every rollout.
+Each process trains on its share of the groups.
 """
 from __future__ import annotations
 
@@ -162,31 +163,50 @@ def token_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, fmt: MementoT
 
 def rollouts(model, tok, problems: list[Problem], args, step_seed: int) -> list[dict]:
     """G rollouts of each problem through one Engine with compaction, the sampling log-probs
-    recorded; rollout k of problem i samples with seed request_seed(step_seed, i, k). Returns
-    one dict per rollout, problem-major: prompt/response ids, old log-probs, reward, group, and
-    the trace's KV and block figures."""
+    recorded; rollout k of problem p samples with seed request_seed(step_seed, p.id, k), so a
+    problem's rollouts do not depend on which process generates them or what runs beside it.
+    Returns one dict per rollout, problem-major: prompt/response ids, old log-probs, reward,
+    group (= p.id), and the trace's KV and block figures."""
     fmt = MementoTokens.from_tokenizer(tok)
     config = EngineConfig(MementoConfig(0), max_block_tokens=args.max_block_tokens, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=max(2048, args.max_num_seqs))
     eng = Engine(model, tok, config)
     toy_cap = toy_max_new_tokens(tok)
     seqs = []
-    for i, p in enumerate(problems):
+    for p in problems:
         prompt = tok.encode(tok.chat_prompt(p.prompt))
         cap = min(args.max_new_tokens, toy_cap) if p.kind == "toy" else args.max_new_tokens
         cap = max(1, min(cap, model.config.max_position_embeddings - len(prompt)))
         for k in range(args.group_size):  # full distribution, no top-k/top-p: the log-probs are the policy's
-            params = SamplingParams(args.temperature, 1.0, 0, max_tokens=cap, seed=request_seed(step_seed, i, k),
+            params = SamplingParams(args.temperature, 1.0, 0, max_tokens=cap, seed=request_seed(step_seed, p.id, k),
                                     logprobs=0)
             seqs.append((p, eng.add(prompt, params)))
     eng.run()
     out = []
-    for j, (p, s) in enumerate(seqs):
+    for p, s in seqs:
         verdict = grading.grade(tok.decode(s.tokens), p.gold, p.kind, prompt=p.prompt)
-        out.append({"prompt": s.prompt, "response": s.tokens, "old_logp": s.logprobs, "group": j // args.group_size,
+        out.append({"prompt": s.prompt, "response": s.tokens, "old_logp": s.logprobs, "group": p.id,
                     "reward": float(verdict["correct"]), "peak_kv": curve_stats(s.curve, 0)["peak_kv_tokens"],
                     **trace_stats(s.tokens, fmt)})
     return out
+
+
+def sharded_rollouts(model, tok, problems: list[Problem], args, step_seed: int, rank: int, world: int) -> list[dict]:
+    """The step's rollouts, each process generating its share (problems rank, rank + world, ...)
+    and all of them exchanged, so that rewards and advantages are computed over the whole step
+    (paper §A.2.3). Equal to rollouts() of every problem in one process, since a rollout's seed
+    is its problem's and sampling does not depend on the batch. With --fsdp the model is
+    sharded and generates only in lockstep: every process then generates every rollout."""
+    if world == 1 or args.fsdp:
+        return rollouts(model, tok, problems, args, step_seed)
+    mine = rollouts(model, tok, problems[rank::world], args, step_seed)
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
+    by_problem = {}
+    for share in shares:
+        for r in share:
+            by_problem.setdefault(r["group"], []).append(r)
+    return [r for p in problems for r in by_problem[p.id]]
 
 
 def collate(rows: list[dict], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,7 +280,7 @@ def train(args) -> dict:
                         if pool is None else [Problem(i, p.prompt, p.gold, p.kind)
                                               for i, p in enumerate(rng.sample(pool, min(len(pool), args.prompts_per_step)))])
             model.eval()
-            rows = rollouts(model, tok, problems, args, step_seed=request_seed(args.seed, step))
+            rows = sharded_rollouts(model, tok, problems, args, request_seed(args.seed, step), rank, world)
             model.train()
             rewards = torch.tensor([r["reward"] for r in rows]).view(len(problems), args.group_size)
             adv = group_advantages(rewards).flatten()

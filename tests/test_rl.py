@@ -238,3 +238,29 @@ def test_negative_control_an_unmasked_forward_disagrees(policy):
     with torch.no_grad():
         plain = -model(ids, labels=labels)
     assert (plain - old)[mask].abs().max().item() > 0.1
+
+
+def test_sharded_rollouts_union_equals_one_process(policy, monkeypatch):
+    """Two processes' shares (problems 0, 2, 4 and 1, 3, 5), exchanged as all_gather_object
+    would, equal one process generating all six problems: the same tokens, rewards and so
+    advantages, and log-probs within 1e-4 (other batches round differently)."""
+    model = Qwen3.from_pretrained(local_checkpoint(policy)).eval()
+    tok = Tokenizer.from_dir(local_checkpoint(policy))
+    args = SimpleNamespace(temperature=1.0, max_block_tokens=None, max_num_seqs=64, group_size=4, max_new_tokens=200,
+                           fsdp=False)
+    problems = toy_problems(6, seed=2)
+    one = train_rl.sharded_rollouts(model, tok, problems, args, 7, rank=0, world=1)
+    shares = [train_rl.rollouts(model, tok, problems[r::2], args, 7) for r in range(2)]
+    assert {r["group"] for r in shares[0]}.isdisjoint({r["group"] for r in shares[1]})
+
+    def all_gather_object(out, mine):  # rank 0's view of the exchange
+        out[:] = shares
+    monkeypatch.setattr(train_rl.dist, "all_gather_object", all_gather_object)
+    two = train_rl.sharded_rollouts(model, tok, problems, args, 7, rank=0, world=2)
+    drop = ("old_logp",)  # the same up to float rounding: the batches differ (checked below)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in two] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in one]
+    for a, b in zip(two, one):
+        assert torch.allclose(torch.tensor(a["old_logp"]), torch.tensor(b["old_logp"]), atol=1e-4, equal_nan=True)
+    rewards = lambda rows: torch.tensor([r["reward"] for r in rows]).view(6, 4)  # noqa: E731
+    assert torch.equal(train_rl.group_advantages(rewards(two)), train_rl.group_advantages(rewards(one)))
