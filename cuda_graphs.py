@@ -38,7 +38,7 @@ log = logging.getLogger("memento.cuda_graphs")
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """The batch-size buckets recorded for max_num_seqs (vLLM's default capture sizes): 1, 2,
     4, 8, 16, ..., 248 (steps of 8), 256, 272, ... (steps of 16), cut at the first size >=
-    max_num_seqs, which is included. Raises ValueError for max_num_seqs < 1."""
+    max_num_seqs, which is included (paper §6.1 serving). Raises ValueError for max_num_seqs < 1."""
     if max_num_seqs < 1:
         raise ValueError(f"capture_sizes: max_num_seqs must be >= 1, got {max_num_seqs}")
     sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, max(max_num_seqs, 256) + 16, 16))
@@ -97,7 +97,8 @@ class DecodeGraphs:
 
     def usable(self, view: CacheBatch) -> bool:
         """Whether a planned batch can replay a graph: decode rows only (one query each), the
-        paged path, a bucket large enough, and the page table not moved since capture."""
+        paged path, a bucket large enough, and the page table not moved since capture (paper
+        §6.1). Drops the graphs, with one warning, the first time the page table has moved."""
         if self.cache.page_table is not self.page_table:
             if self.buffers:
                 log.warning("the KV page table grew past its size at capture: CUDA graphs dropped, decoding eagerly")
@@ -110,7 +111,7 @@ class DecodeGraphs:
         """Replay the smallest bucket holding this decode batch (planned by PagedKVCache.batch
         with query length 1 per row): ids, positions are the rows' new token and its position
         (host ints). Returns [B, V] float32 logits of the B rows (a view of the graph's output,
-        valid until the next replay)."""
+        valid until the next replay; paper §6.1). Raises nothing itself."""
         c, B = self.cache, len(view.seqs)
         b = next(s for s in self.sizes if s >= B)
         pad = b - B

@@ -555,16 +555,16 @@ class Engine:
         W = max(n for _, _, n in rows)
         held = [self.cache.length(s.id) for s, _, _ in rows]
         # right padding repeats a row's last token and position: it is stored nowhere
-        ids = torch.tensor([s.ids(a, a + n) + [0] * (W - n) for s, a, n in rows], dtype=torch.int64)
-        pos = torch.tensor([list(range(a, a + n)) + [a + n - 1] * (W - n) for s, a, n in rows], dtype=torch.int64)
+        ids = [s.ids(a, a + n) + [0] * (W - n) for s, a, n in rows]
+        pos = [list(range(a, a + n)) + [a + n - 1] * (W - n) for s, a, n in rows]
         view = self.cache.batch([s.id for s, _, _ in rows], [n for _, _, n in rows])
         need_last = [r for r, (s, a, n) in enumerate(rows) if s.forced is None and a + n == s.length]
         every = len(need_last) == len(rows)  # a decode step: every row samples
         if self.graphs is not None and self.graphs.usable(view):
-            last = self.graphs.run(view, ids[:, 0].tolist(), pos[:, 0].tolist())
+            last = self.graphs.run(view, [x[0] for x in ids], [x[0] for x in pos])
             last = last if every else last[need_last]
         else:
-            ids, pos = view.upload(ids, pos)
+            ids, pos = view.upload(torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64))
             h = self.model.hidden_states(ids, pos, None, view)
             if every and all(n == W for _, _, n in rows):
                 last = self.model.logits(h[:, W - 1])

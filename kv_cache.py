@@ -184,7 +184,8 @@ class PagedKVCache:
         self.page_table = table
 
     def flush_page_table(self) -> None:
-        """Send the page-table entries of pages allocated since the last send (one copy)."""
+        """Send the page-table entries of pages allocated since the last send, in one copy
+        (paper §6.1; `CacheBatch.upload` sends them with a step's metadata instead)."""
         if not self.pending:
             return
         host = torch.tensor(self.pending, dtype=torch.int64).T.contiguous()
@@ -293,14 +294,17 @@ class CacheBatch:
     The host decides everything about the step (which slots the new tokens take, how long
     each row is, which attention path runs) from its own lists; the device receives it in
     one copy (`upload`, pinned and non-blocking on CUDA) and computes slot addresses itself
-    from the page table. Two ways to read K/V:
+    from the page table (paper §6.1). Three ways to read K/V:
       paged     the paged-attention kernel reads each row's pages in place (CUDA, or the
                 Triton interpreter with MEMENTO_ATTN_BACKEND=triton): every held token is
                 visible, the queries are at most 16 per row, the page size a power of two >= 16.
-      gathered  each row's held tokens are gathered into a padded [B, Hkv, S, D] view and
-                memento_attention.attention applies the memento rule (any mask, any chunk;
-                on the CPU SDPA, the faster path there). One sequence on consecutive pages
-                is read as a slice of the pool, with no copy.
+      plain     every held token visible, the "sdpa" backend (the CPU default): the rows'
+                pages are gathered into a padded view and attended with one causal mask per
+                batch (none for equal rows), a batch of decode rows by `_decode_attention`.
+      gathered  the cache still holds masked tokens (a probe prefilling whole traces with
+                their masks), or the "torch"/"triton" backend without the kernel: the padded
+                view goes through memento_attention.attention with the memento rule.
+    One sequence on consecutive pages is read as a slice of the pool, with no copy.
     """
 
     def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int] | None):
@@ -358,7 +362,7 @@ class CacheBatch:
         """A decode batch whose metadata already sits on the device (cuda_graphs.py records a
         step on such static buffers): rows, starts, query_lens, lengths [B] int64 device
         tensors as `upload` makes them; every row reads the paged path, one query each, with
-        the kernel's KV splits chosen for contexts up to max_length tokens."""
+        the kernel's KV splits chosen for contexts up to max_length tokens (paper §6.1)."""
         self = cls.__new__(cls)
         self.cache, self.seq_ids, self.seqs = cache, [], []
         self.layers = [_LayerView(self, i) for i in range(cache.n_layers)]
@@ -368,9 +372,11 @@ class CacheBatch:
         return self
 
     def upload(self, *host: torch.Tensor) -> list[torch.Tensor]:
-        """Send this step's metadata to the device with the caller's own host int64 tensors
-        (token ids, positions: any shapes) in one copy; returns those on the device.
-        Needs query_lens (given to PagedKVCache.batch)."""
+        """Send this step's metadata (rows, starts, query and context lengths, new page-table
+        entries) to the device with the caller's own host int64 tensors (token ids, positions:
+        any shapes) in one copy, pinned and non-blocking on CUDA (paper §6.1); returns those
+        tensors on the device, same shapes, int64. Needs query_lens (given to
+        PagedKVCache.batch); raises nothing itself."""
         c = self.cache
         rows = [s.row for s in self.seqs]
         upd = c.pending
@@ -445,23 +451,23 @@ class CacheBatch:
         n_pages = -(-self.max_length // P)
         self.gather = table[:, :n_pages].reshape(-1).long()
         S = n_pages * P
-        held = torch.arange(S, device=c.device)[None] < lengths[:, None]
         self.shape = (B, S)
         if self.plain:  # query i of a row sits at context index length - query_len + i
             if not self.same_length:  # (a decode step of equal rows needs no mask: keys are cut to length)
                 ctx = (lengths - qlens)[:, None] + torch.arange(W, device=c.device)
                 self.attn_mask = (torch.arange(S, device=c.device)[None, None] <= ctx[:, :, None])[:, None]
             return
+        held = torch.arange(S, device=c.device)[None] < lengths[:, None]
         self.k_pos = c.pos.view(-1, P).index_select(0, self.gather).view(B, S)
         self.k_mask_from = torch.where(held, c.mask_from.view(-1, P).index_select(0, self.gather).view(B, S), EMPTY)
-
 
     def gathered(self, pool: torch.Tensor, which: int) -> torch.Tensor:
         """One layer's pool [Hkv, slots, D] gathered page by page into the rows' padded view,
         head-major: [Hkv, B, S, D], each head's rows contiguous. Without autograd it fills one
         buffer per K/V that the cache keeps for every layer and step (the view is valid until
-        the next gather), head by head: a dim-0 index_select of whole pages, about 3x faster
-        on the CPU than one index_select of tokens across heads."""
+        the next gather), head by head: a dim-0 index_select of whole pages, faster on the
+        CPU than one index_select of tokens across heads (paper §6.1; a one-off measurement on
+        the development machine). which: 0 for K, 1 for V (the buffer to fill)."""
         c = self.cache
         B, S = self.shape
         pages = pool.view(c.n_kv_heads, -1, c.page_size * c.head_dim)  # [Hkv, pages, page_size * D]
@@ -497,8 +503,8 @@ class _LayerView:
         self.batch, self.layer = batch, layer
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this layer's new K/V ([B, Hkv, W, D], RoPE applied) to their slots (padding
-        to the scratch page)."""
+        """Write this layer's new K/V ([B, Hkv, W, D], RoPE applied, cast to the pool's dtype)
+        to their slots, padding to the scratch page (paper §6.1)."""
         b, c = self.batch, self.batch.cache
         kl, vl = c.k[self.layer], c.v[self.layer]  # [Hkv, slots, D]
         k = k.transpose(0, 1).reshape(k.shape[1], -1, k.shape[-1]).to(kl.dtype)  # [Hkv, B*W, D]
@@ -553,9 +559,9 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     """One query per row over the gathered keys, as batched matrix products over (KV head,
     row), each KV head's query group one matrix: q [B, Hq, 1, D]; k, v head-major [Hkv, B, S,
     D] as `CacheBatch.gathered` leaves them (no copy of them is made); mask [B, 1, 1, S] bool
-    (True = visible) or None. Returns [B, Hq, 1, D]. On the CPU this beats SDPA's kernel for a
-    batch of decode rows (about 1.4x at B=16 and 64 here), whose scores are only [Hq, S] per
-    row."""
+    (True = visible) or None. Returns [B, Hq, 1, D] in q's dtype (paper §6.1). On the CPU this
+    was faster than SDPA's kernel for batches of decode rows, whose scores are only [Hq, S]
+    per row (a one-off measurement on the development machine); SDPA stays for one row."""
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[0], k.shape[2]
     qg = q.reshape(B, Hkv, Hq // Hkv, D).transpose(0, 1).reshape(Hkv * B, Hq // Hkv, D)  # small copy

@@ -102,7 +102,7 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
 
 def seed_halves(seed: int) -> tuple[int, int]:
     """A Python int seed (any size, any sign) as the (low, high) 32-bit halves of it modulo
-    2**64, the form `uniform` takes."""
+    2**64, the form `uniform` takes (paper §6.1 sampling). Raises nothing."""
     seed %= 1 << 64
     return seed & _M32, seed >> 32
 

@@ -44,8 +44,9 @@ def _one_split(ds, source: str, split: str | None):
 
 
 def load_rows(source: str, split: str | None = None, config: str | None = None) -> list[dict]:
-    """The rows of a benchmark: a local .jsonl/.parquet/.csv file, a local directory of such
-    files (split by file name), or a hub dataset id through `datasets.load_dataset`.
+    """The rows of a benchmark (paper §6.2): a local .jsonl/.parquet/.csv file, a local
+    directory of such files (split by file name), or a hub dataset id through
+    `datasets.load_dataset`.
 
     Args:
         source: path or hub id ("owner/name"). split: the split to read (required when the
@@ -79,7 +80,8 @@ def load_rows(source: str, split: str | None = None, config: str | None = None) 
 
 
 def is_gpqa(rows: list[dict]) -> bool:
-    """Whether rows carry GPQA's columns (the question, the correct and three incorrect answers)."""
+    """Whether rows carry GPQA's columns (the question, the correct and three incorrect answers;
+    paper §6.2's GPQA-Diamond). Raises nothing."""
     return bool(rows) and all(c in rows[0] for c in GPQA_COLUMNS)
 
 
