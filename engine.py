@@ -97,6 +97,8 @@ class EngineConfig:
         so that every running sequence gets a token each step).
     replay_chunk: teacher-forced response tokens per sequence per step (exact for any value).
     page_size: token slots per KV page.
+    kv_cache_dtype: the pool's dtype (vLLM's name); None ("auto"): the parameters' dtype. A
+        model computing in bf16 under autocast over fp32 weights (RL on CUDA) stores bf16.
     kv_cache_tokens: the KV pool in tokens; None: the default budget (default_kv_cache_tokens:
         on CUDA gpu_memory_utilization of the device, on the CPU cpu_kv_cache_gib).
     unbounded_kv_cache: no budget at all; the pool grows as needed (never preempts).
@@ -110,7 +112,8 @@ class EngineConfig:
         On CUDA they are recorded at start when the pool is bounded, the page size suits the
         paged kernel and keep_logits is off; never on the CPU.
     Raises ValueError naming the option for a size < 1, a share out of range, a pool that
-    holds no page, max_num_batched_tokens < max_num_seqs, or restart mode where undefined.
+    holds no page, a kv_cache_dtype that is not a floating dtype, max_num_batched_tokens <
+    max_num_seqs, or restart mode where undefined.
     """
 
     masking: MementoConfig = MementoConfig()
@@ -121,6 +124,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     replay_chunk: int = 1
     page_size: int = 16
+    kv_cache_dtype: torch.dtype | None = None
     kv_cache_tokens: int | None = None
     unbounded_kv_cache: bool = False
     gpu_memory_utilization: float = 0.9
@@ -141,6 +145,10 @@ class EngineConfig:
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
             raise ValueError(f"EngineConfig: kv_cache_tokens={self.kv_cache_tokens} holds no page of "
                              f"page_size={self.page_size} tokens")
+        if self.kv_cache_dtype is not None and not (isinstance(self.kv_cache_dtype, torch.dtype)
+                                                    and self.kv_cache_dtype.is_floating_point):
+            raise ValueError(f"EngineConfig: kv_cache_dtype={self.kv_cache_dtype!r} must be a floating torch.dtype "
+                             "(e.g. torch.bfloat16) or None for the parameters' dtype")
         if self.kv_cache_tokens is not None and self.unbounded_kv_cache:
             raise ValueError("EngineConfig: give kv_cache_tokens or unbounded_kv_cache, not both")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -172,7 +180,8 @@ def default_kv_cache_tokens(model, config: EngineConfig) -> tuple[int, str]:
     room left for a single page.
     """
     p = next(model.parameters())
-    per_token = kv_bytes_per_token(model.config, p.dtype)
+    dtype = config.kv_cache_dtype or p.dtype
+    per_token = kv_bytes_per_token(model.config, dtype)
     if p.device.type != "cuda":
         budget = int(config.cpu_kv_cache_gib * 2**30)
         tokens = budget // per_token
@@ -181,7 +190,7 @@ def default_kv_cache_tokens(model, config: EngineConfig) -> tuple[int, str]:
     torch.cuda.synchronize(p.device)
     torch.cuda.reset_peak_memory_stats(p.device)
     n = config.max_num_batched_tokens
-    cache = PagedKVCache(model.config, p.dtype, p.device, page_size=config.page_size)
+    cache = PagedKVCache(model.config, dtype, p.device, page_size=config.page_size)
     cache.add(0)
     h = model.hidden_states(torch.zeros(1, n, dtype=torch.int64, device=p.device),
                             torch.arange(n, device=p.device)[None], None, cache.batch([0]))
@@ -333,7 +342,7 @@ class Engine:
         self.model, self.tok, self.config = model, tok, config
         self.on_token, self.on_finish = on_token, on_finish
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = p.device, config.kv_cache_dtype or p.dtype
         budget = config.kv_cache_tokens
         if config.unbounded_kv_cache:
             self.kv_cache_note = "KV cache: unbounded (grows as needed; nothing is ever preempted)"
@@ -402,6 +411,22 @@ class Engine:
                      arrival_time=time.perf_counter())
         self.sequences.append(s)
         self._enqueue(s, front=False)
+        return s
+
+    def abort(self, seq: Sequence | int) -> Sequence:
+        """Drop a request, waiting or running, between steps (a client that went away, §6.1
+        serving): its pages go back to the pool (unless keep_cache), it finishes with
+        stop_reason "abort" and what it generated so far, and on_finish is called. A request
+        already finished is left as it is. seq: its Sequence or id. Returns the Sequence.
+        Raises KeyError for an id this engine never gave out."""
+        s = seq if isinstance(seq, Sequence) else (self.sequences[seq] if 0 <= seq < len(self.sequences) else None)
+        if s is None:
+            raise KeyError(f"no request with id {seq!r} in this engine")
+        if not s.done:
+            if s in self.waiting:  # queued, or preempted: it holds no pages
+                self.waiting.remove(s)
+            s.last = None
+            self._end(s, "abort")
         return s
 
     def run(self, progress: bool = False) -> list[Sequence]:

@@ -18,7 +18,6 @@ import math
 import random
 import resource
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from model import Qwen3, Qwen3Config
 from sharding import grad_sync, load_optimizer_state, local_bytes, parallelize, total_norm
 from tokenizer import Tokenizer
 from training import (StopRequest, TrainingError, add_optimizer_args, add_run_args, check_resume_args, check_run_args,
-                      evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
+                      compute_autocast, evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
 
 # Flags whose change would make a resumed run differ from an uninterrupted one.
 RUN_DEFINING = ("stage", "data", "val_data", "val_frac", "init_from", "seed", "batch_size", "grad_accum", "world_size",
@@ -256,7 +255,7 @@ def train(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     if opt_state is not None:
         load_optimizer_state(model, opt, opt_state)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = compute_autocast(device)
     metrics_out = metrics_file(run, start) if rank == 0 else None
     if rank == 0:
         print(f"stage {args.stage}: {sum(p.numel() for p in model.parameters()):,} parameters, {total} steps"

@@ -23,15 +23,25 @@ leaves the clip range keeps its gradient (only the weight is clipped). pi_ref is
 --init-from model. Each step's rollouts are split into --minibatches optimizer steps (the
 first on-policy, r = 1; later ones off by the earlier updates).
 
-Checkpoints, --resume, --overwrite and signals are training.py's, as for train_sft.py (the
-same run directory layout and atomic HF checkpoints). Under torchrun each process generates its
-share of the step's groups and the rollouts are exchanged (sharded_rollouts); with --fsdp the
-model is sharded and generates only in lockstep, so every process generates every rollout.
+Memory is bounded at every scale (bench/memory.py --rl has the arithmetic): under torchrun each
+process generates its share of the step's groups and the rollouts are exchanged
+(sharded_rollouts); the engine's KV pool has a budget (--kv-cache-gib, else the engine's
+default) in the compute dtype (bf16 on CUDA, where rollouts and training forwards run under
+bf16 autocast with the LM head in fp32); with --fsdp the policy decodes through an unsharded
+copy in the compute dtype, refreshed from the shards before each step's rollouts
+(generation_copy), and the frozen reference is sharded like the policy (else held in the
+compute dtype); the reference's forward runs without autograd; the training forward takes
+--micro-batch-size rollouts at a time, gradients accumulating over a minibatch.
 Each process trains on its share of the groups.
+
+Checkpoints, --resume, --overwrite and signals are training.py's, as for train_sft.py (the
+same run directory layout and atomic HF checkpoints).
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import random
 import sys
@@ -43,17 +53,17 @@ from tqdm import tqdm
 
 from blocks import MementoConfig, MementoTokens, build_mask_from, trace_stats
 from checkpoint import resolve_checkpoint
-from cli import ArgumentParser, nonnegative_int, positive_float, positive_int
+from cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
 from data import grading
 from engine import Engine, EngineConfig
 from evaluation import Problem, load_problems, toy_max_new_tokens, toy_problems
-from kv_cache import curve_stats
+from kv_cache import curve_stats, kv_bytes_per_token
 from model import IGNORE_INDEX, Qwen3
 from sampling import SamplingParams, request_seed
 from sharding import grad_sync, load_optimizer_state, parallelize, total_norm
 from tokenizer import Tokenizer
 from training import (StopRequest, TrainingError, add_optimizer_args, add_run_args, check_resume_args, check_run_args,
-                      evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
+                      compute_autocast, evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
 
 RUN_DEFINING = ("init_from", "data", "split", "config", "problem_key", "answer_key", "seed", "prompts_per_step",
                 "group_size",
@@ -77,6 +87,8 @@ def parse_args(argv=None):
     ap.add_argument("--prompts-per-step", type=positive_int, default=16, help="P prompts per step (paper: 240)")
     ap.add_argument("--group-size", type=positive_int, default=8, help="G rollouts per prompt (paper: 8)")
     ap.add_argument("--minibatches", type=positive_int, default=2, help="optimizer steps per RL step")
+    ap.add_argument("--micro-batch-size", type=positive_int, default=64,
+                    help="rollouts per training forward (gradients accumulate over a minibatch; paper scale: 1)")
     add_optimizer_args(ap, lr=2e-4, lr_help="peak learning rate (paper: 1e-6 for Qwen3-8B)")
     # the objective (CISPO + k3 KL)
     ap.add_argument("--eps-low", type=positive_float, default=None,
@@ -88,6 +100,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=positive_int, default=31744, help="response tokens per rollout (toy: capped)")
     ap.add_argument("--max-block-tokens", type=positive_int, default=7168, help="force <|block_end|> at this block length")
     ap.add_argument("--max-num-seqs", type=positive_int, default=256, help="rollouts decoded together")
+    ap.add_argument("--kv-cache-gib", type=positive_float, default=None,
+                    help="rollout KV pool per process, GiB (default: the engine's, --gpu-memory-utilization on CUDA)")
+    ap.add_argument("--gpu-memory-utilization", type=probability, default=0.9,
+                    help="share of the GPU the rollout engine may fill, weights and training state included")
     ap.add_argument("--seed", type=int, default=0, help="prompts and rollout sampling")
     ap.add_argument("--eval-every", type=nonnegative_int, default=20, help="steps between held-out evals (0 = end only)")
     ap.add_argument("--eval-samples", type=nonnegative_int, default=100, help="held-out toy problems per eval (0 = none)")
@@ -126,30 +142,50 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def cispo_loss(logp, old_logp, ref_logp, adv, mask, group, eps_low: float | None = None, eps_high: float = 0.2,
-               beta: float = 0.001) -> tuple[torch.Tensor, dict]:
+def group_norms(group: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[N] float32: each rollout's weight in its minibatch's loss, 1 / (its group's sampled
+    tokens (at least 1) x the number of groups), so that summing rollouts' token losses times
+    these is the mean over groups of each group's token mean (§A.2.3). group: [N] int ids;
+    tokens: [N] sampled tokens per rollout."""
+    ids, inverse = torch.unique(group, return_inverse=True)
+    per_group = torch.zeros(len(ids), dtype=torch.float32, device=tokens.device).index_add_(0, inverse, tokens.float())
+    return 1.0 / (per_group.clamp(min=1)[inverse] * len(ids))
+
+
+def cispo_loss(logp, old_logp, ref_logp, adv, mask, group=None, eps_low: float | None = None, eps_high: float = 0.2,
+               beta: float = 0.001, norm: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """CISPO with a k3 KL penalty, normalized per group (paper §A.2.3; module docstring).
 
     Args:
         logp: [N, T] log pi(token) of the current policy (differentiable).
         old_logp: [N, T] the sampling policy's log-probs; ref_logp: [N, T] the reference's.
         adv: [N] advantage per rollout. mask: [N, T] bool, the sampled response tokens.
-        group: [N] int group id per rollout.
+        group: [N] int group id per rollout (used when norm is None).
+        norm: [N] each rollout's weight (group_norms of the whole minibatch), so that a
+            minibatch split into micro-batches sums to the loss of the whole; None:
+            group_norms(group, mask.sum(1)) of these rows.
     Returns:
-        (scalar loss: mean over groups of (sum of token losses / group's tokens),
-         {"kl": mean k3 per token, "clip_frac": share of tokens whose ratio was clipped}).
+        (scalar loss: sum over rows of norm x the row's token losses, i.e. for a whole
+         minibatch the mean over groups of (sum of token losses / group's tokens),
+         {"kl": mean k3 per token, "clip_frac": share of tokens whose ratio was clipped,
+          "tokens": sampled tokens}).
+    Raises ValueError when neither group nor norm is given.
     """
+    if norm is None:
+        if group is None:
+            raise ValueError("cispo_loss: give each rollout's group (or its norm)")
+        norm = group_norms(group, mask.sum(1))
     m = mask.float()
     ratio = torch.exp(logp.detach() - old_logp)
     low = None if eps_low is None else 1 - eps_low  # None: no lower bound (MiniMax-M1)
     weight = ratio.clamp(low, 1 + eps_high)
     k3 = kl_k3(logp, ref_logp)
     per_token = (-(weight * adv[:, None] * logp) + beta * k3) * m
-    groups = torch.unique(group)
-    loss = torch.stack([per_token[group == g].sum() / m[group == g].sum().clamp(min=1) for g in groups]).mean()
+    loss = (per_token.sum(1) * norm).sum()
     n = m.sum().clamp(min=1)
     clipped = ((ratio < (low if low is not None else float("-inf"))) | (ratio > 1 + eps_high)).float()
-    return loss, {"kl": float((k3.detach() * m).sum() / n), "clip_frac": float((clipped * m).sum() / n)}
+    return loss, {"kl": float((k3.detach() * m).sum() / n), "clip_frac": float((clipped * m).sum() / n),
+                  "tokens": int(m.sum())}
 
 
 def token_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, fmt: MementoTokens) -> torch.Tensor:
@@ -161,16 +197,29 @@ def token_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, fmt: MementoT
 
 # ----------------------------------------------------------------------------- rollouts
 
+def rollout_engine_config(model, args, kv_cache_dtype: torch.dtype | None = None) -> EngineConfig:
+    """The rollouts' EngineConfig (§A.2.3): compaction on (keep_last_n_blocks 0), the block cap,
+    a KV pool of args.kv_cache_gib GiB (None: the engine's default budget; getattr so callers
+    may omit the budget flags) in kv_cache_dtype (None: the parameters' dtype)."""
+    gib = getattr(args, "kv_cache_gib", None)
+    dtype = kv_cache_dtype or next(model.parameters()).dtype
+    tokens = None if gib is None else max(1, int(gib * 2**30) // kv_bytes_per_token(model.config, dtype))
+    return EngineConfig(MementoConfig(0), max_block_tokens=args.max_block_tokens, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=max(2048, args.max_num_seqs), kv_cache_dtype=kv_cache_dtype,
+                        kv_cache_tokens=tokens, gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9))
+
+
 def rollouts(model, tok, problems: list[Problem], args, step_seed: int) -> list[dict]:
     """G rollouts of each problem through one Engine with compaction, the sampling log-probs
     recorded; rollout k of problem p samples with seed request_seed(step_seed, p.id, k), so a
     problem's rollouts do not depend on which process generates them or what runs beside it.
-    Returns one dict per rollout, problem-major: prompt/response ids, old log-probs, reward,
-    group (= p.id), and the trace's KV and block figures."""
+    Under autocast the KV pool is in autocast's dtype (bf16 on CUDA). Returns one dict per
+    rollout, problem-major: prompt/response ids, old log-probs, reward, group (= p.id), and
+    the trace's KV and block figures. Raises ValueError when the budget holds no page."""
     fmt = MementoTokens.from_tokenizer(tok)
-    config = EngineConfig(MementoConfig(0), max_block_tokens=args.max_block_tokens, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=max(2048, args.max_num_seqs))
-    eng = Engine(model, tok, config)
+    device = next(model.parameters()).device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    eng = Engine(model, tok, rollout_engine_config(model, args, dtype))
     toy_cap = toy_max_new_tokens(tok)
     seqs = []
     for p in problems:
@@ -195,9 +244,9 @@ def sharded_rollouts(model, tok, problems: list[Problem], args, step_seed: int, 
     """The step's rollouts, each process generating its share (problems rank, rank + world, ...)
     and all of them exchanged, so that rewards and advantages are computed over the whole step
     (paper §A.2.3). Equal to rollouts() of every problem in one process, since a rollout's seed
-    is its problem's and sampling does not depend on the batch. With --fsdp the model is
-    sharded and generates only in lockstep: every process then generates every rollout."""
-    if world == 1 or args.fsdp:
+    is its problem's and sampling does not depend on the batch. `model` is unsharded (with
+    --fsdp the generation copy), so the processes decode independently."""
+    if world == 1:
         return rollouts(model, tok, problems, args, step_seed)
     mine = rollouts(model, tok, problems[rank::world], args, step_seed)
     shares = [None] * world
@@ -207,6 +256,40 @@ def sharded_rollouts(model, tok, problems: list[Problem], args, step_seed: int, 
         for r in share:
             by_problem.setdefault(r["group"], []).append(r)
     return [r for p in problems for r in by_problem[p.id]]
+
+
+def generation_copy(model: Qwen3, dtype: torch.dtype) -> Qwen3:
+    """An unsharded copy of `model` in `dtype` (the compute dtype) for rollouts under --fsdp,
+    made before sharding; refresh_generation_copy updates it (paper §A.2.3). Memory: the
+    parameters once in `dtype` (16 GB for Qwen3-8B in bf16), held through the run."""
+    gen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    gen.fp32_lm_head = model.fp32_lm_head
+    return gen
+
+
+@torch.no_grad()
+def refresh_generation_copy(gen: Qwen3, model) -> None:
+    """Copy the sharded policy's parameters into `gen`, one all-gathered parameter at a time
+    (a collective: every process calls it; the transient is the largest full parameter).
+    Raises ValueError if the two models' parameters differ by name."""
+    mine, theirs = list(gen.named_parameters()), list(model.named_parameters())
+    if [n for n, _ in mine] != [n for n, _ in theirs]:
+        raise ValueError("refresh_generation_copy: the copy's parameters are not the policy's")
+    for (_, q), (_, p) in zip(mine, theirs):
+        q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+def distribute(model: Qwen3, ref: Qwen3, world: int, device: torch.device, fsdp: bool, cpu_offload: bool = False):
+    """(what the loop trains, the generation copy or None, the reference) for `world`
+    processes (sharding.parallelize): under fsdp the policy and the frozen reference are both
+    sharded with FSDP2 and rollouts decode through generation_copy (in the reference's dtype,
+    the compute dtype), made here before sharding. Raises RuntimeError (one line) for fsdp
+    without torch.distributed."""
+    gen = generation_copy(model, next(ref.parameters()).dtype) if fsdp else None
+    wrapped = parallelize(model, world, device, fsdp, cpu_offload)
+    if fsdp:
+        ref = parallelize(ref, world, device, True, cpu_offload)
+    return wrapped, gen, ref
 
 
 def collate(rows: list[dict], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,9 +318,11 @@ def train(args) -> dict:
     rank, world, device, run, resume_from = start_run(args)
     if args.prompts_per_step % world:
         raise TrainingError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32  # compute_autocast's dtype
     try:
         init = resolve_checkpoint(args.init_from)
-        ref = Qwen3.from_pretrained(init).to(device).eval().requires_grad_(False)
+        # the frozen reference: never trained, so no fp32 master copy; sharded below under --fsdp
+        ref = Qwen3.from_pretrained(init, dtype=compute).to(device).eval().requires_grad_(False)
         model = Qwen3.from_pretrained(resume_from or init).to(device)
         tok = Tokenizer.from_dir(resume_from or init)
         fmt = MementoTokens.from_tokenizer(tok)
@@ -258,7 +343,11 @@ def train(args) -> dict:
     if resume_from is not None:
         start, log, saved, opt_state = load_training_state(resume_from, model)
         check_resume_args(args, world, saved, RUN_DEFINING)
-    wrapped = parallelize(model, world, device, args.fsdp, args.cpu_offload)
+    try:
+        wrapped, gen, ref = distribute(model, ref, world, device, args.fsdp, args.cpu_offload)
+    except RuntimeError as e:
+        raise TrainingError(str(e)) from None
+    autocast = lambda: compute_autocast(device)  # noqa: E731 (a fresh context each time)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     if opt_state is not None:
         load_optimizer_state(model, opt, opt_state)
@@ -280,7 +369,10 @@ def train(args) -> dict:
                         if pool is None else [Problem(i, p.prompt, p.gold, p.kind)
                                               for i, p in enumerate(rng.sample(pool, min(len(pool), args.prompts_per_step)))])
             model.eval()
-            rows = sharded_rollouts(model, tok, problems, args, request_seed(args.seed, step), rank, world)
+            if gen is not None:
+                refresh_generation_copy(gen, model)
+            with autocast():
+                rows = sharded_rollouts(gen or model, tok, problems, args, request_seed(args.seed, step), rank, world)
             model.train()
             rewards = torch.tensor([r["reward"] for r in rows]).view(len(problems), args.group_size)
             adv = group_advantages(rewards).flatten()
@@ -292,22 +384,32 @@ def train(args) -> dict:
             for mb in range(args.minibatches):
                 groups = mine[mb::args.minibatches]
                 idx = [g * args.group_size + k for g in groups for k in range(args.group_size)]
-                ids, labels, old, mask = collate([rows[i] for i in idx], pad)
-                ids, labels, old, mask = ids.to(device), labels.to(device), old.to(device), mask.to(device)
-                with torch.no_grad():
-                    ref_logp = token_logprobs(ref, ids, labels, fmt)
-                with grad_sync(wrapped, args.fsdp, world, last=True):
-                    logp = token_logprobs(wrapped, ids, labels, fmt)
-                    loss, st = cispo_loss(logp, old, ref_logp, adv[idx].to(device), mask,
-                                          torch.tensor([rows[i]["group"] for i in idx], device=device),
-                                          args.eps_low, args.eps_high, args.beta)
-                    loss.backward()
+                norm = group_norms(torch.tensor([rows[i]["group"] for i in idx]),
+                                   torch.tensor([sum(not math.isnan(x) for x in rows[i]["old_logp"]) for i in idx]))
+                micro = [list(range(j, min(j + args.micro_batch_size, len(idx))))
+                         for j in range(0, len(idx), args.micro_batch_size)]
+                mb_stats, mb_loss = {"kl": 0.0, "clip_frac": 0.0, "tokens": 0}, 0.0
+                for u, part in enumerate(micro):
+                    ids, labels, old, mask = collate([rows[idx[j]] for j in part], pad)
+                    ids, labels, old, mask = ids.to(device), labels.to(device), old.to(device), mask.to(device)
+                    with torch.no_grad(), autocast():
+                        ref_logp = token_logprobs(ref, ids, labels, fmt)
+                    with grad_sync(wrapped, args.fsdp, world, last=u == len(micro) - 1), autocast():
+                        logp = token_logprobs(wrapped, ids, labels, fmt)
+                        loss, st = cispo_loss(logp, old, ref_logp, adv[[idx[j] for j in part]].to(device), mask,
+                                              eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                                              norm=norm[part].to(device))
+                        loss.backward()
+                    mb_loss += float(loss.detach())
+                    for k in ("kl", "clip_frac"):
+                        mb_stats[k] += st[k] * st["tokens"]
+                    mb_stats["tokens"] += st["tokens"]
                 grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 for k in ("kl", "clip_frac"):
-                    stats[k] += st[k] / args.minibatches
-                stats["loss"] += float(loss.detach()) / args.minibatches
+                    stats[k] += mb_stats[k] / max(1, mb_stats["tokens"]) / args.minibatches
+                stats["loss"] += mb_loss / args.minibatches
             n = len(rows)
             entry = {"step": step + 1, "reward": sum(r["reward"] for r in rows) / n, "lr": lr, "grad_norm": grad_norm,
                      "response_tokens": sum(len(r["response"]) for r in rows) / n,

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -95,6 +96,12 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     if step < warm:
         return peak * (step + 1) / warm
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def compute_autocast(device: torch.device):
+    """The mixed precision of training (§A.2.1): bf16 autocast over fp32 master weights on CUDA
+    (a fresh context manager each call); on the CPU none (fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 # ----------------------------------------------------------------------------- runs and checkpoints

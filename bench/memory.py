@@ -4,6 +4,7 @@
     python bench/memory.py --model Qwen/Qwen3-0.6B --world-size 8     # a hub id or a checkpoint dir
     python bench/memory.py --table                                     # the README table
     python bench/memory.py --check                                     # formula vs a measured CPU step
+    python bench/memory.py --rl --world-size 8 --micro-batch-size 1    # an RL step per GPU (train_rl.py)
 
 What train_sft.py holds on one GPU during a micro-step (bf16 autocast over fp32 master weights,
 AdamW, the Triton kernel, the loss chunked over rows, gradient accumulation), in bytes, with
@@ -40,6 +41,19 @@ write this: `--check` measures training micro-steps of a small model on the CPU 
 a bf16 model, fp32; the Triton kernel under its interpreter) with torch's profiler and prints
 them beside the formula (within 3.2% at 256 tokens on the development machine), and
 tests/test_memory.py asserts the two agree within 10%.
+
+An RL step of train_rl.py (paper §A.2.3) has two phases per GPU, never at once (the rollout
+engine's pool is freed before training):
+
+    resident    the policy's weights and AdamW states (sharded over N under --fsdp), the frozen
+                reference in bf16 (2 N, sharded under --fsdp), and under --fsdp the unsharded
+                bf16 generation copy rollouts decode with (2 N)
+    rollouts    resident + the KV pool (--kv-cache-gib, or what gpu_memory_utilization leaves:
+                utilization x device - resident - the engine's profiling step) + that step: one
+                chunk of max_num_batched_tokens through a layer (q/k/v, MLP, ~ (q + 2 kv + 3 I)
+                c bytes per token) and fp32 logits of max_num_seqs rows (4 V each)
+    training    resident + one micro-step of --micro-batch-size rollouts of the full length
+                (the formula above, with gradients)
 """
 from __future__ import annotations
 
@@ -206,6 +220,74 @@ def estimate(cfg, *, batch_size: int = 1, seq_len: int = 32768, gradient_checkpo
     return Estimate(weights, grads, adamw, autocast, saved, transient, held + loss, step, peak)
 
 
+@dataclass
+class RLEstimate:
+    """Bytes per GPU of a train_rl.py step (paper §A.2.3): resident (policy weights + AdamW,
+    reference, generation copy), the rollout phase (resident + KV pool + engine step) and the
+    training phase (resident + a micro-step's gradients and activations); kv_tokens: what the
+    pool holds; rollouts_per_rank: P x G / N; full_traces_at_once: how many max-length traces
+    with a full cache the pool holds together (memento traces peak lower: more)."""
+
+    policy: int
+    reference: int
+    generation_copy: int
+    kv_pool: int
+    engine_step: int
+    training_step: int
+    rollouts: int
+    training: int
+    peak: int
+    kv_tokens: int
+    rollouts_per_rank: int
+    full_traces_at_once: int
+
+
+def rl_estimate(cfg, *, world_size: int = 8, fsdp: bool = True, seq_len: int = 32768, micro_batch_size: int = 1,
+                prompts_per_step: int = 240, group_size: int = 8, kv_cache_gib: float | None = None,
+                device_bytes: int = 80 * 10**9, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
+                max_num_batched_tokens: int = 2048) -> RLEstimate:
+    """Memory per GPU of one RL step on CUDA (bf16 autocast over fp32 master weights, AdamW,
+    gradient checkpointing, the chunked loss; module docstring).
+
+    Args:
+        cfg: a model.Qwen3Config. world_size: processes (GPUs). fsdp: --fsdp (else DDP: every
+            GPU holds everything). seq_len: prompt + --max-new-tokens, the longest rollout.
+        micro_batch_size: rollouts per training forward. prompts_per_step, group_size: P, G.
+        kv_cache_gib: the rollout pool in GiB (None: the engine's default on CUDA, from
+            gpu_memory_utilization of device_bytes). max_num_seqs, max_num_batched_tokens: the
+            engine's (train_rl.py: 256, 2048).
+    Returns:
+        RLEstimate, in bytes (tokens and counts where named so).
+    Raises:
+        ValueError for a non-positive size, or a default pool with no room left.
+    """
+    if min(world_size, seq_len, micro_batch_size, prompts_per_step, group_size, max_num_seqs, max_num_batched_tokens) < 1:
+        raise ValueError("rl_estimate: sizes must be >= 1")
+    N, _ = param_counts(cfg)
+    shards = world_size if fsdp else 1
+    train = estimate(cfg, batch_size=micro_batch_size, seq_len=seq_len, world_size=shards)
+    policy = train.weights + train.adamw
+    reference = 2 * N // shards
+    gen = 2 * N if fsdp else 0
+    resident = policy + reference + gen
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    engine_step = (2 * (q + 2 * kv + 3 * cfg.intermediate_size + 2 * cfg.hidden_size) * max_num_batched_tokens
+                   + 4 * cfg.vocab_size * max_num_seqs)
+    per_token = 2 * cfg.num_hidden_layers * kv * 2  # bf16 K and V (kv_cache.kv_bytes_per_token)
+    if kv_cache_gib is None:
+        pool = int(gpu_memory_utilization * device_bytes) - resident - engine_step
+        if pool < per_token * 16:
+            raise ValueError(f"rl_estimate: no room for a KV pool at gpu_memory_utilization={gpu_memory_utilization} "
+                             f"({resident / GIB:.1f} GiB resident of {device_bytes / GIB:.1f} GiB)")
+    else:
+        pool = int(kv_cache_gib * GIB)
+    rollouts = resident + pool + engine_step
+    training = resident + (train.peak - policy)
+    return RLEstimate(policy, reference, gen, pool, engine_step, train.peak - policy, rollouts, training,
+                      max(rollouts, training), pool // per_token, prompts_per_step * group_size // world_size,
+                      pool // (per_token * seq_len))
+
+
 def measure_peak(fn, device: str = "cpu") -> tuple[int, int]:
     """(peak, final) bytes allocated by torch while fn() runs, above what was allocated before.
 
@@ -264,7 +346,39 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="measure small training steps (CUDA if present) against the formula")
     ap.add_argument("--check-tokens", type=positive_int, default=256, help="tokens per --check step (the CPU interpreter is slow)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the listing")
+    rl = ap.add_argument_group("--rl: an RL step of train_rl.py per GPU (--max-seq-len: the longest rollout)")
+    rl.add_argument("--rl", action="store_true", help="estimate an RL step instead of an SFT micro-step")
+    rl.add_argument("--no-fsdp", dest="fsdp", action="store_false", help="DDP: every GPU holds everything")
+    rl.add_argument("--micro-batch-size", type=positive_int, default=1, help="rollouts per training forward")
+    rl.add_argument("--prompts-per-step", type=positive_int, default=240, help="P (paper: 240)")
+    rl.add_argument("--group-size", type=positive_int, default=8, help="G (paper: 8)")
+    rl.add_argument("--kv-cache-gib", type=float, default=None, help="rollout KV pool (default: the engine's on CUDA)")
+    rl.add_argument("--gpu-gb", type=float, default=80.0, help="device memory in GB (10^9 bytes), as vendors state it")
+    rl.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="the engine's share of the device")
     args = ap.parse_args(argv)
+    if args.rl:
+        cfg = load_config(args.model)
+        try:
+            e = rl_estimate(cfg, world_size=args.world_size, fsdp=args.fsdp, seq_len=args.max_seq_len,
+                            micro_batch_size=args.micro_batch_size, prompts_per_step=args.prompts_per_step,
+                            group_size=args.group_size, kv_cache_gib=args.kv_cache_gib,
+                            device_bytes=int(args.gpu_gb * 10**9), gpu_memory_utilization=args.gpu_memory_utilization)
+        except ValueError as err:
+            sys.exit(f"bench/memory.py: {err}")
+        if args.json:
+            print(json.dumps({"model": args.model, **asdict(e)}))
+            return
+        device = args.gpu_gb * 10**9
+        print(f"{args.model} RL step on {args.world_size} GPU(s) of {args.gpu_gb:g} GB "
+              f"({'FSDP2' if args.fsdp else 'DDP'}), rollouts up to {args.max_seq_len:,} tokens, micro-batch "
+              f"{args.micro_batch_size}; GiB per GPU:")
+        for k in ("policy", "reference", "generation_copy", "kv_pool", "engine_step", "training_step", "rollouts",
+                  "training", "peak"):
+            print(f"  {k:<16} {getattr(e, k) / GIB:10.2f}")
+        print(f"  KV pool: {e.kv_tokens:,} tokens; {e.rollouts_per_rank} rollouts per GPU per step, "
+              f"{e.full_traces_at_once} full-cache {args.max_seq_len:,}-token traces at once")
+        print(f"  fits: {'yes' if e.peak <= device else 'NO'} ({e.peak / GIB:.1f} of {device / GIB:.1f} GiB)")
+        return
     if args.table:
         print(table())
         print()

@@ -73,3 +73,46 @@ def test_cli(tmp_path):
     r = subprocess.run([sys.executable, "bench/memory.py", "--model", str(tmp_path / "nothing")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "not a built-in shape" in r.stderr
+
+
+def test_rl_estimate_terms_are_the_direct_arithmetic():
+    """rl_estimate's terms for Qwen3-8B on 8 GPUs written out: fp32 weights + AdamW sharded 8
+    ways, the bf16 reference sharded, the unsharded bf16 generation copy, the pool's tokens at
+    kv_cache.kv_bytes_per_token in bf16, and the training phase = resident + the SFT formula's
+    micro-step on top of the weights and AdamW."""
+    from kv_cache import kv_bytes_per_token
+
+    cfg = memory.builtin_config("Qwen3-8B")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Qwen3(cfg).parameters())
+    e = memory.rl_estimate(cfg, world_size=8, seq_len=32768, micro_batch_size=1, kv_cache_gib=30)
+    assert e.policy == 4 * n // 8 + 8 * n // 8 and e.reference == 2 * n // 8 and e.generation_copy == 2 * n
+    assert e.kv_pool == 30 * 2**30 and e.kv_tokens == 30 * 2**30 // kv_bytes_per_token(cfg, torch.bfloat16)
+    sft_step = memory.estimate(cfg, seq_len=32768, world_size=8)
+    assert e.training == e.policy + e.reference + e.generation_copy + sft_step.peak - sft_step.weights - sft_step.adamw
+    assert e.rollouts_per_rank == 240 and e.peak == max(e.rollouts, e.training)
+    ddp = memory.rl_estimate(cfg, world_size=8, fsdp=False, kv_cache_gib=30)
+    assert ddp.generation_copy == 0 and ddp.reference == 2 * n and ddp.peak > 80 * 10**9  # why the docs use --fsdp
+
+
+def test_the_documented_multi_gpu_rl_command_fits_80_gb(monkeypatch):
+    """docs/rl.md's torchrun command, parsed by train_rl's own parser, on 8 x 80 GB: its RL step
+    (rollouts with the engine's default pool, then training) fits per rl_estimate; without
+    --micro-batch-size (64 rollouts per forward) it would not."""
+    import shlex
+
+    import train_rl
+
+    text = (REPO / "docs" / "rl.md").read_text()
+    cmd = next(block for block in text.replace("\\\n", " ").splitlines() if block.lstrip().startswith("torchrun"))
+    words = shlex.split(cmd.split("#")[0])
+    nproc = int(words[words.index("--nproc_per_node") + 1]) * int(dict(zip(words, words[1:])).get("--nnodes", 1))
+    monkeypatch.setenv("WORLD_SIZE", str(nproc))
+    args = train_rl.parse_args(words[words.index("train_rl.py") + 1:])
+    assert nproc == 8 and args.fsdp
+    kw = dict(world_size=nproc, fsdp=args.fsdp, seq_len=args.max_new_tokens + 1024, prompts_per_step=args.prompts_per_step,
+              group_size=args.group_size, kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization)
+    cfg = memory.builtin_config("Qwen3-8B")
+    e = memory.rl_estimate(cfg, micro_batch_size=args.micro_batch_size, **kw)
+    assert e.peak <= 80 * 10**9 and e.full_traces_at_once >= 4, e
+    assert memory.rl_estimate(cfg, micro_batch_size=64, **kw).peak > 80 * 10**9

@@ -1,10 +1,13 @@
 """train_rl.py: masked RL (CISPO + KL, paper §5/§A.2.3) against direct computations and the engine."""
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import killed_after
+from conftest import REPO, killed_after
 from safetensors.torch import load_file
 
 import sft
@@ -264,3 +267,91 @@ def test_sharded_rollouts_union_equals_one_process(policy, monkeypatch):
         assert torch.allclose(torch.tensor(a["old_logp"]), torch.tensor(b["old_logp"]), atol=1e-4, equal_nan=True)
     rewards = lambda rows: torch.tensor([r["reward"] for r in rows]).view(6, 4)  # noqa: E731
     assert torch.equal(train_rl.group_advantages(rewards(two)), train_rl.group_advantages(rewards(one)))
+
+
+def test_fsdp_processes_generate_disjoint_shares_and_shard_the_reference(policy, tmp_path):
+    """Two gloo processes under --fsdp (tests/rl_shards_worker.py, train_rl's own setup): each
+    decodes only its problems through the generation copy refreshed from the shards, and the
+    exchanged rollouts equal one unsharded process's (tokens, rewards, so advantages; log-probs
+    within 1e-4); the sharded reference holds half its bytes on each process and gives the
+    unsharded reference's log-probs."""
+    out = tmp_path / "shares.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+                        "tests/rl_shards_worker.py", str(local_checkpoint(policy)), str(out)], cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    got = json.loads(out.read_text())
+    (a, b) = got["shares"]
+    assert sorted(a["generated"] + b["generated"]) == list(range(6)) and not set(a["generated"]) & set(b["generated"])
+
+    model, tok, one = _rollouts(policy)
+    two = got["rows"]
+    drop = ("old_logp",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in two] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in one]
+    for x, y in zip(two, one):
+        assert torch.allclose(torch.tensor(x["old_logp"]), torch.tensor(y["old_logp"]), atol=1e-4, equal_nan=True)
+
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert a["ref_bytes"] + b["ref_bytes"] == full and max(a["ref_bytes"], b["ref_bytes"]) <= 0.55 * full
+    model.fp32_lm_head = True
+    ids, labels, _, mask = train_rl.collate(one[:4], tok.token_id("<|endoftext|>"))
+    with torch.no_grad():
+        want = train_rl.token_logprobs(model, ids, labels, MementoTokens.from_tokenizer(tok))
+    assert torch.allclose(torch.tensor(got["ref_logp"])[mask], want[mask], atol=1e-4)
+
+
+def test_micro_batches_sum_to_the_minibatch_loss():
+    """--micro-batch-size: the minibatch split into micro-batches of 1, 2 and 3 rollouts, each
+    weighted by group_norms of the whole minibatch, gives the whole minibatch's loss and
+    gradient (the group mean of token means, written out in _direct_cispo)."""
+    g = torch.Generator().manual_seed(3)
+    N, T = 6, 7
+    old = -torch.rand(N, T, generator=g) * 3
+    logp0 = old + torch.randn(N, T, generator=g) * 0.3
+    ref = old + torch.randn(N, T, generator=g) * 0.2
+    adv = torch.randn(N, generator=g)
+    mask = torch.rand(N, T, generator=g) > 0.3
+    group = torch.tensor([4, 4, 9, 9, 9, 1])
+    b = logp0.clone().requires_grad_(True)
+    direct = _direct_cispo(b, old, ref, adv, mask, group, float("inf"), 0.2, 0.05)
+    direct.backward()
+    norm = train_rl.group_norms(group, mask.sum(1))
+    for size in (1, 2, 3):
+        a = logp0.clone().requires_grad_(True)
+        total = 0.0
+        for j in range(0, N, size):
+            part = slice(j, j + size)
+            loss, _ = train_rl.cispo_loss(a[part], old[part], ref[part], adv[part], mask[part], beta=0.05,
+                                          norm=norm[part])
+            loss.backward()
+            total += float(loss.detach())
+        assert abs(total - float(direct)) < 1e-6 and torch.allclose(a.grad, b.grad, atol=1e-6), size
+
+
+def test_rollout_pool_is_bounded_and_in_the_compute_dtype(policy, monkeypatch):
+    """--kv-cache-gib sizes the rollout pool in the compute dtype's bytes per token (bf16 under
+    autocast: twice the tokens of fp32 for the same GiB), and rollouts under autocast store
+    bf16 K/V."""
+    model = Qwen3.from_pretrained(local_checkpoint(policy)).eval()
+    args = SimpleNamespace(max_block_tokens=None, max_num_seqs=8, kv_cache_gib=0.001)
+    c = model.config
+    per_token_fp32 = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    fp32 = train_rl.rollout_engine_config(model, args)
+    bf16 = train_rl.rollout_engine_config(model, args, torch.bfloat16)
+    assert fp32.kv_cache_tokens == int(0.001 * 2**30) // per_token_fp32
+    assert bf16.kv_cache_tokens == int(0.001 * 2**30) // (per_token_fp32 // 2)
+    pools = []
+    real = train_rl.Engine
+
+    def engine(*a, **kw):
+        eng = real(*a, **kw)
+        pools.append(eng.cache.dtype)
+        return eng
+    monkeypatch.setattr(train_rl, "Engine", engine)
+    tok = Tokenizer.from_dir(local_checkpoint(policy))
+    args = SimpleNamespace(temperature=1.0, max_block_tokens=None, max_num_seqs=8, group_size=2, max_new_tokens=20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_rl.rollouts(model, tok, toy_problems(1, seed=0), args, step_seed=0)
+    train_rl.rollouts(model, tok, toy_problems(1, seed=0), args, step_seed=0)
+    assert pools == [torch.bfloat16, torch.float32]
