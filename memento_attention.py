@@ -96,7 +96,8 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
         k, v: [B, Hkv, Tk, D], keys and values; Hq must be a multiple of Hkv (grouped-query
             attention, no K/V copies needed by callers). Tk >= Tq.
         mask_from: [B, Tk] int or None. Key j is visible to query i iff
-            k_pos[j] <= q_pos[i] < mask_from[j]. None means plain causal attention.
+            k_pos[j] <= q_pos[i] < mask_from[j]. None means plain causal attention. Or
+            prepare_mask's result (a model forward's, shared by its layers).
         q_pos, k_pos: optional [B, Tq] / [B, Tk] int logical positions. By default keys sit
             at 0..Tk-1 and queries are the last Tq of them (training, prefill, and decoding
             against a cache whose entries are all visible).
@@ -127,7 +128,31 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
     return _attention(q, k, v, mask_from, q_pos, k_pos, backend)
 
 
+def prepare_mask(mask_from: torch.Tensor | None, shape: tuple[int, int], device, backend: str | None = None):
+    """What a model forward hands every layer as mask_from (§4): under the triton backend a
+    kernels.memento_flash.TileMask, whose tile lists are built once and shared by all layers,
+    their backward and gradient checkpointing's recompute; under the others mask_from as is.
+
+    Args:
+        mask_from: [B, T] int or None (plain causal). shape: (B, T). device: the model's.
+        backend: as for `attention` (None: $MEMENTO_ATTN_BACKEND or the device's default).
+    Raises ValueError for an unknown backend or a mask_from that is not [B, T] integers.
+    """
+    if resolve_backend(device, backend) != "triton":
+        return mask_from
+    from kernels.memento_flash import TileMask  # triton only when asked for (see _attention)
+
+    if mask_from is None:
+        mask_from = torch.full(shape, NEVER, device=device, dtype=torch.int32)
+    if tuple(mask_from.shape) != tuple(shape):
+        raise ValueError(f"attention: mask_from must be [B, T] = {list(shape)}, got {list(mask_from.shape)}")
+    return TileMask(mask_from)
+
+
 def _attention(q, k, v, mask_from, q_pos, k_pos, backend):
+    tiles = None
+    if mask_from is not None and not isinstance(mask_from, torch.Tensor):  # prepare_mask's TileMask
+        tiles, mask_from = mask_from, mask_from.mask_from
     _check(q, k, v, mask_from)
     backend = resolve_backend(q.device, backend)
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
@@ -140,7 +165,7 @@ def _attention(q, k, v, mask_from, q_pos, k_pos, backend):
             mask_from = torch.full((B, Tk), NEVER, device=q.device, dtype=torch.int32)
         # Any integer dtype: the kernel clamps to int32 itself, so NEVER-like int64 values
         # above 2**31 - 1 stay "never" instead of wrapping negative.
-        return memento_flash_attention(q, k, v, mask_from)
+        return memento_flash_attention(q, k, v, tiles or mask_from)
     if backend == "torch":
         return attention_reference(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
     q_pos, k_pos, mask_from = _defaults(q, k, mask_from, q_pos, k_pos)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import atomic_dir, load_model, write_model
-from memento_attention import attention
+from memento_attention import attention, prepare_mask
 
 # ----------------------------------------------------------------------------- config
 
@@ -325,6 +325,8 @@ class Qwen3(nn.Module):
                              f"({self.config.max_position_embeddings}); shorten the input")
         if cache is not None:  # slots, positions and masks of the new tokens, once for all layers
             cache.append(positions, mask_from)
+        if cache is None:  # once for all layers (the triton backend's tile lists)
+            mask_from = prepare_mask(mask_from, (B, T), input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):

@@ -50,6 +50,7 @@ _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
 _INT_PTRS = {"MF", "KMAX", "KMIN", "KPMIN", "KPMAX", "QPOS", "KPOS", "FULL_NUM", "FULL_IDX", "PART_NUM", "PART_IDX",
              "PT", "CTX", "QLEN"}
+_I64_PTRS = {"FULL_START", "PART_START"}
 _F32_PTRS = {"LSE", "DELTA", "OP", "MP", "LP"}
 # Strides that a launch does not get 16-divisible in general: the page table's row stride is
 # max_pages, any number.
@@ -107,6 +108,8 @@ def _signature(fn, ptr_dt, consts):
             sig[name] = "constexpr"
         elif name in _INT_PTRS:
             sig[name] = "*i32"
+        elif name in _I64_PTRS:
+            sig[name] = "*i64"
         elif name in _F32_PTRS:
             sig[name] = "*fp32"
         elif name in _DATA_PTRS:

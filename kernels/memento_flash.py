@@ -15,7 +15,8 @@ are classified before any kernel runs:
 
 The host turns the classification into lists, as FlexAttention's block masks do: for each
 query tile the key tiles that are full and those that are partial (for the dK/dV kernel, per
-key tile, the query tiles). Each kernel then runs two branch-free loops over its lists, the
+key tile, the query tiles), stored compressed (O(tiles visited), csr_lists) in a TileMask
+built once per batch and shared by every layer, its backward and its recompute. Each kernel then runs two branch-free loops over its lists, the
 partial one with the element mask and the full one without, through one inner loop shared by
 both. With no data-dependent branch around the loads, Triton software-pipelines the loops
 (asynchronous copies of the next tiles while the current one is multiplied; checked by
@@ -36,7 +37,9 @@ Public API:
     key_tile_bounds(mask_from, T, block_n) -> (kmax, kmin)                (tile summary)
     key_position_bounds(k_pos, T, block_n) -> (kpmin, kpmax)              (cache keys)
     tile_schedule(mask_from, T, block_m, block_n) -> [B, nQ, nK] int8    (SKIP/FULL/PARTIAL)
-    tile_lists(schedule) -> (full_num, full_idx, part_num, part_idx)      (what kernels iterate)
+    tile_lists(schedule) -> (full_num, full_idx, part_num, part_idx)      (dense lists: the reference)
+    csr_lists(schedule) -> (num, start, idx) x (full, partial)           (what kernels iterate)
+    TileMask(mask_from)                                                  (all lists, once per batch)
     tile_stats(mask_from, T, block_m, block_n) -> dict                   (skipped fraction)
 
 Runs natively on CUDA; on CPU only under the Triton interpreter (TRITON_INTERPRET=1 set
@@ -105,6 +108,24 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     return acc
 
 
+@triton.jit
+def row_offsets(rows, stride):
+    """rows * stride in int64: the element offset of each row. In the model's layout a token's
+    row is Hq * D elements from the next, so int32 would wrap once T * Hq * D >= 2**31 (512K
+    tokens at 32 x 128 heads); every row offset of both kernel files goes through here."""
+    return rows.to(tl.int64) * stride
+
+
+@triton.jit
+def program_tile(T, BLOCK: tl.constexpr):
+    """(tile, batch x head) of this program. The grid is one axis of cdiv(T, BLOCK) x B x H
+    programs, tiles of one head consecutive as a 2-D grid would order them: CUDA allows 2**31 - 1
+    programs on the first axis but 65,535 on the others, which B x H could pass."""
+    n = tl.cdiv(T, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n, pid // n
+
+
 # ---------------------------------------------------------------------------------------
 # The inner step shared by the forward and dQ loops: load one key tile, score it.
 # ---------------------------------------------------------------------------------------
@@ -117,11 +138,11 @@ def load_and_score(q, k_base, v_base, rows, ok, s_k, s_v, qk_scale, BLOCK_M: tl.
     bounds check, so that Triton pipelines its loads. Shared with kernels/paged_attention.py."""
     offs_d = tl.arange(0, HEAD_D)
     if MASKED:
-        kT = tl.load(k_base + rows[None, :] * s_k + offs_d[:, None], mask=ok[None, :], other=0.0)
-        v = tl.load(v_base + rows[:, None] * s_v + offs_d[None, :], mask=ok[:, None], other=0.0)
+        kT = tl.load(k_base + row_offsets(rows, s_k)[None, :] + offs_d[:, None], mask=ok[None, :], other=0.0)
+        v = tl.load(v_base + row_offsets(rows, s_v)[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
     else:
-        kT = tl.load(k_base + rows[None, :] * s_k + offs_d[:, None])
-        v = tl.load(v_base + rows[:, None] * s_v + offs_d[None, :])
+        kT = tl.load(k_base + row_offsets(rows, s_k)[None, :] + offs_d[:, None])
+        v = tl.load(v_base + row_offsets(rows, s_v)[:, None] + offs_d[None, :])
     s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE) * qk_scale
     return kT, v, s
 
@@ -193,12 +214,12 @@ def _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base, idx_base,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, MF, O, LSE, QPOS, KPOS, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
+    Q, K, V, MF, O, LSE, QPOS, KPOS, FULL_NUM, FULL_START, FULL_IDX, PART_NUM, PART_START, PART_IDX,
     s_qb, s_qh, s_qt,
     s_kb, s_kh, s_kt,
     s_vb, s_vh, s_vt,
     s_ob, s_oh, s_ot,
-    s_mb, s_pqb, s_pkb, s_nb, s_ib, s_iq,
+    s_mb, s_pqb, s_pkb, s_nb,
     TQ, TK, H, GROUP, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -207,9 +228,8 @@ def _fwd_kernel(
     # a chunk of queries against a compacted KV cache, where keys are cache slots (gaps where
     # blocks were evicted, EMPTY slots with mask_from = -1). Without it queries and keys are
     # the same TQ = TK tokens at 0..T-1. The tile lists hold this query tile's full and
-    # partial key tiles (FULL_IDX[b, m, :FULL_NUM[b, m]], likewise PART_*).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # partial key tiles (FULL_IDX[FULL_START[b, m]:][:FULL_NUM[b, m]], likewise PART_*).
+    pid_m, pid_bh = program_tile(TQ, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     # GQA: the query head reads its key/value head in place; nothing is repeated in memory.
@@ -223,29 +243,29 @@ def _fwd_kernel(
         qp = tl.load(QPOS + b64 * s_pqb + offs_m, mask=row_ok, other=0)
     else:
         qp = offs_m
-    q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
+    q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + row_offsets(offs_m, s_qt)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh
     mf_base = MF + b64 * s_mb
     kp_base = KPOS + b64 * s_pkb
-    lists = b64 * s_ib + pid_m * s_iq
     counts = b64 * s_nb + pid_m
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base, PART_IDX + lists,
-                               tl.load(PART_NUM + counts), s_kt, s_vt, TK, qk_scale,
-                               BLOCK_M, BLOCK_N, HEAD_D, True, HAS_POS, UPCAST, IEEE)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base, FULL_IDX + lists,
-                               tl.load(FULL_NUM + counts), s_kt, s_vt, TK, qk_scale,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base,
+                               PART_IDX + tl.load(PART_START + counts), tl.load(PART_NUM + counts), s_kt, s_vt, TK,
+                               qk_scale, BLOCK_M, BLOCK_N, HEAD_D, True, HAS_POS, UPCAST, IEEE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qp, k_base, v_base, mf_base, kp_base,
+                               FULL_IDX + tl.load(FULL_START + counts), tl.load(FULL_NUM + counts), s_kt, s_vt, TK,
+                               qk_scale,
                                BLOCK_M, BLOCK_N, HEAD_D, False, HAS_POS, UPCAST, IEEE)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(O + b64 * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_ot + offs_d[None, :],
+    tl.store(O + b64 * s_ob + h.to(tl.int64) * s_oh + row_offsets(offs_m, s_ot)[:, None] + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=row_ok)
 
@@ -269,15 +289,14 @@ def _bwd_delta_kernel(
     T, H,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = program_tile(T, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < T
-    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + b * s_ob + h * s_oh + row_offsets(offs_m, s_ot)[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + row_offsets(offs_m, s_dt)[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=row_ok)
 
@@ -295,8 +314,8 @@ def _dkdv_inner(dk, dv, k, v, mf, offs_n, col_ok, q_base, do_base, lse_base, del
         qt = tl.load(idx_base + i)
         offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
-        qT = tl.load(q_base + offs_m[None, :] * s_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        qT = tl.load(q_base + row_offsets(offs_m, s_qt)[None, :] + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        do = tl.load(do_base + row_offsets(offs_m, s_dt)[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         sT = _mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, IEEE) * qk_scale
@@ -313,14 +332,14 @@ def _dkdv_inner(dk, dv, k, v, mf, offs_n, col_ok, q_base, do_base, lse_base, del
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, MF, LSE, DELTA, DK, DV, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
+    Q, K, V, DO, MF, LSE, DELTA, DK, DV, FULL_NUM, FULL_START, FULL_IDX, PART_NUM, PART_START, PART_IDX,
     s_qb, s_qh, s_qt,
     s_kb, s_kh, s_kt,
     s_vb, s_vh, s_vt,
     s_db, s_dh, s_dt,
     s_dkb, s_dkh, s_dkt,
     s_dvb, s_dvh, s_dvt,
-    s_mb, s_nb, s_ib, s_iq,
+    s_mb, s_nb,
     T, H, HKV, GROUP, sm_scale, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -329,8 +348,7 @@ def _bwd_dkdv_kernel(
     # query head in its GQA group, so dK/dV of the shared head are summed in registers and
     # written once: no atomics, no per-query-head copies. Its lists hold the query tiles
     # that see this key tile, partially or fully.
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = program_tile(T, BLOCK_N)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     b64 = b.to(tl.int64)
@@ -338,15 +356,14 @@ def _bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     col_ok = offs_n < T
-    k = tl.load(K + b64 * s_kb + hk.to(tl.int64) * s_kh + offs_n[:, None] * s_kt + offs_d[None, :],
+    k = tl.load(K + b64 * s_kb + hk.to(tl.int64) * s_kh + row_offsets(offs_n, s_kt)[:, None] + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b64 * s_vb + hk.to(tl.int64) * s_vh + offs_n[:, None] * s_vt + offs_d[None, :],
+    v = tl.load(V + b64 * s_vb + hk.to(tl.int64) * s_vh + row_offsets(offs_n, s_vt)[:, None] + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
     mf = tl.load(MF + b64 * s_mb + offs_n, mask=col_ok, other=0)
-    lists = b64 * s_ib + pid_n * s_iq
     counts = b64 * s_nb + pid_n
-    n_part = tl.load(PART_NUM + counts)
-    n_full = tl.load(FULL_NUM + counts)
+    n_part, part = tl.load(PART_NUM + counts), PART_IDX + tl.load(PART_START + counts)
+    n_full, full = tl.load(FULL_NUM + counts), FULL_IDX + tl.load(FULL_START + counts)
 
     dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
@@ -356,16 +373,16 @@ def _bwd_dkdv_kernel(
         q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh
         do_base = DO + b64 * s_db + h.to(tl.int64) * s_dh
         dk, dv = _dkdv_inner(dk, dv, k, v, mf, offs_n, col_ok, q_base, do_base, LSE + bh * T, DELTA + bh * T,
-                             PART_IDX + lists, n_part, s_qt, s_dt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, True,
+                             part, n_part, s_qt, s_dt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, True,
                              UPCAST, IEEE)
         dk, dv = _dkdv_inner(dk, dv, k, v, mf, offs_n, col_ok, q_base, do_base, LSE + bh * T, DELTA + bh * T,
-                             FULL_IDX + lists, n_full, s_qt, s_dt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, False,
+                             full, n_full, s_qt, s_dt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, False,
                              UPCAST, IEEE)
 
     dk = dk * sm_scale
-    tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],
+    tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + row_offsets(offs_n, s_dkt)[:, None] + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + b64 * s_dvb + hk.to(tl.int64) * s_dvh + offs_n[:, None] * s_dvt + offs_d[None, :],
+    tl.store(DV + b64 * s_dvb + hk.to(tl.int64) * s_dvh + row_offsets(offs_n, s_dvt)[:, None] + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
@@ -386,21 +403,20 @@ def _dq_inner(dq, q, do, lse, delta, qp, k_base, v_base, mf_base, idx_base, n_ti
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, MF, LSE, DELTA, DQ, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
+    Q, K, V, DO, MF, LSE, DELTA, DQ, FULL_NUM, FULL_START, FULL_IDX, PART_NUM, PART_START, PART_IDX,
     s_qb, s_qh, s_qt,
     s_kb, s_kh, s_kt,
     s_vb, s_vh, s_vt,
     s_db, s_dh, s_dt,
     s_dqb, s_dqh, s_dqt,
-    s_mb, s_nb, s_ib, s_iq,
+    s_mb, s_nb,
     T, H, GROUP, sm_scale, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     # One program owns one query tile of one query head and walks its key-tile lists like
     # the forward, through the same inner step.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = program_tile(T, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -409,25 +425,24 @@ def _bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < T
-    q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
+    q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + row_offsets(offs_m, s_qt)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b64 * s_db + h.to(tl.int64) * s_dh + offs_m[:, None] * s_dt + offs_d[None, :],
+    do = tl.load(DO + b64 * s_db + h.to(tl.int64) * s_dh + row_offsets(offs_m, s_dt)[:, None] + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh
     mf_base = MF + b64 * s_mb
-    lists = b64 * s_ib + pid_m * s_iq
     counts = b64 * s_nb + pid_m
 
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, mf_base, PART_IDX + lists, tl.load(PART_NUM + counts),
-                   s_kt, s_vt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, True, UPCAST, IEEE)
-    dq = _dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, mf_base, FULL_IDX + lists, tl.load(FULL_NUM + counts),
-                   s_kt, s_vt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, False, UPCAST, IEEE)
+    dq = _dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, mf_base, PART_IDX + tl.load(PART_START + counts),
+                   tl.load(PART_NUM + counts), s_kt, s_vt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, True, UPCAST, IEEE)
+    dq = _dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, mf_base, FULL_IDX + tl.load(FULL_START + counts),
+                   tl.load(FULL_NUM + counts), s_kt, s_vt, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, False, UPCAST, IEEE)
     dq = dq * sm_scale
-    tl.store(DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
+    tl.store(DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + row_offsets(offs_m, s_dqt)[:, None] + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -538,7 +553,8 @@ def tile_schedule(mask_from: torch.Tensor, T: int, block_m: int, block_n: int, *
 
 
 def tile_lists(schedule: torch.Tensor):
-    """The visiting lists of a tile schedule, as FlexAttention's block masks hold them.
+    """The visiting lists of a tile schedule, dense, as FlexAttention's block masks hold them:
+    the readable reference csr_lists is tested against.
 
     Args:
         schedule: [B, R, C] int8 from tile_schedule: per row tile R (a query tile for the
@@ -558,6 +574,88 @@ def tile_lists(schedule: torch.Tensor):
         idx = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True).to(torch.int32)
         out += [num.contiguous(), idx.contiguous()]
     return tuple(out)
+
+
+def csr_lists(schedule: torch.Tensor):
+    """The visiting lists of a tile schedule in compressed rows: memory O(tiles visited).
+
+    Args:
+        schedule: [B, R, C] int8 from tile_schedule (for dK/dV its transpose(1, 2)).
+    Returns:
+        (full_num, full_start, full_idx, part_num, part_start, part_idx): *_num [B, R] int32,
+        *_start [B, R] int64, *_idx [visited tiles of the class] int32. Row r of batch b visits
+        columns *_idx[*_start[b, r]:*_start[b, r] + *_num[b, r]], in increasing order: the
+        same lists as tile_lists, without its [B, R, C] padding. One host sync (the count of
+        visited tiles sizes *_idx).
+    """
+    out = []
+    for cls in (FULL, PARTIAL):
+        hit = schedule == cls
+        num = hit.sum(-1, dtype=torch.int32)
+        start = (torch.cumsum(num.flatten(), 0, dtype=torch.int64) - num.flatten()).view_as(num)
+        idx = hit.nonzero()[:, 2].to(torch.int32)  # row-major: each row's columns, in order
+        out += [num.contiguous(), start.contiguous(), idx.contiguous()]
+    return tuple(out)
+
+
+class TileMask:
+    """One batch's memento mask, prepared once for every layer's kernels (paper §4).
+
+    A model forward under the triton backend wraps its mask_from in one TileMask and hands it
+    to every layer (memento_attention.prepare_mask); gradient checkpointing's recompute and
+    the backward get the same object. The forward, dQ and dK/dV visiting lists of a launch
+    config are built together on first use (`lists`) and reused by every layer after: one
+    build per batch instead of three per layer, four with recompute.
+
+    Memory: mask_from [B, T] int32, and per config three compressed list sets (csr_lists):
+    O(B x row tiles) counts and starts plus O(tiles visited) indices, where the dense lists
+    of tile_lists hold B x R x C. `nbytes()` reports what is held.
+
+    Attributes:
+        mask_from: [B, T] int32 (clamped as memento_flash_attention does).
+        T: tokens per row. builds: how many list sets were built (tests, benchmarks).
+    Raises:
+        ValueError (constructor) for a mask_from that is not a [B, T] integer tensor.
+    """
+
+    def __init__(self, mask_from: torch.Tensor):
+        if not isinstance(mask_from, torch.Tensor) or mask_from.dim() != 2 or mask_from.dtype.is_floating_point \
+                or mask_from.dtype == torch.bool:
+            raise ValueError("TileMask: mask_from must be a [B, T] integer tensor")
+        self.mask_from = _int32(mask_from)
+        self.T = mask_from.shape[1]
+        self.builds = 0
+        self._lists = {}
+
+    def lists(self, cfg: dict) -> dict:
+        """{kernel: csr_lists} for the launch config cfg ({"fwd"|"dq"|"dkdv": (BLOCK_M,
+        BLOCK_N, warps, stages)}), built together the first time this tiling is asked for;
+        dK/dV's rows are key tiles (the schedule transposed)."""
+        key = tuple(cfg[k][:2] for k in ("fwd", "dq", "dkdv"))
+        if key not in self._lists:
+            schedules = {}
+            for bm, bn in {cfg[k][:2] for k in ("fwd", "dq", "dkdv")}:
+                schedules[bm, bn] = tile_schedule(self.mask_from, self.T, bm, bn)
+            self._lists[key] = {"fwd": csr_lists(schedules[cfg["fwd"][:2]]),
+                                "dq": csr_lists(schedules[cfg["dq"][:2]]),
+                                "dkdv": csr_lists(schedules[cfg["dkdv"][:2]].transpose(1, 2))}
+            self.builds += 1
+        return self._lists[key]
+
+    def nbytes(self) -> int:
+        """Bytes held: mask_from and every list set built so far."""
+        held = [self.mask_from] + [t for sets in self._lists.values() for lists in sets.values() for t in lists]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def launch_grid(tiles: int, batch_heads: int) -> tuple[int]:
+    """The one-axis grid of program_tile: tiles x batch_heads programs. Raises ValueError past
+    CUDA's 2**31 - 1 programs on that axis (never reached below ~10^12 tokens x heads)."""
+    n = tiles * batch_heads
+    if n > 2**31 - 1:
+        raise ValueError(f"memento_flash_attention: {tiles} tiles x {batch_heads} batch-heads = {n} programs exceed "
+                         "CUDA's 2**31 - 1; split the batch")
+    return (n,)
 
 
 def tile_stats(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> dict:
@@ -705,24 +803,24 @@ def _int32(t):
     return t.contiguous()
 
 
-def _forward(q, k, v, mask_from, sm_scale, cfg, q_pos=None, k_pos=None):
-    """Launch the forward kernel: (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] fp32, base 2)."""
+def _forward(q, k, v, mask_from, sm_scale, cfg, lists, q_pos=None, k_pos=None):
+    """Launch the forward kernel over csr_lists `lists`: (out [B, Hq, Tq, D] in q's dtype,
+    lse [B, Hq, Tq] fp32, base 2)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     fbm, fbn, warps, stages = cfg["fwd"]
-    full_num, full_idx, part_num, part_idx = tile_lists(tile_schedule(mask_from, Tk, fbm, fbn, q_pos=q_pos, k_pos=k_pos))
     has_pos = q_pos is not None
     if not has_pos:
         q_pos = k_pos = mask_from  # not read: HAS_POS is off
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    _fwd_kernel[(triton.cdiv(Tq, fbm), B * Hq)](
-        q, k, v, mask_from, o, lse, q_pos, k_pos, full_num, full_idx, part_num, part_idx,
+    _fwd_kernel[launch_grid(triton.cdiv(Tq, fbm), B * Hq)](
+        q, k, v, mask_from, o, lse, q_pos, k_pos, *lists,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        mask_from.stride(0), q_pos.stride(0), k_pos.stride(0), full_num.stride(0), full_idx.stride(0), full_idx.stride(1),
+        mask_from.stride(0), q_pos.stride(0), k_pos.stride(0), lists[0].stride(0),
         Tq, Tk, Hq, Hq // Hkv, sm_scale * 1.4426950408889634,  # log2(e): the kernels work in base 2
         HEAD_D=D, BLOCK_M=fbm, BLOCK_N=fbn, HAS_POS=has_pos,
         UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda, IEEE=q.dtype == torch.float32,
@@ -733,19 +831,20 @@ def _forward(q, k, v, mask_from, sm_scale, cfg, q_pos=None, k_pos=None):
 
 class _MementoFlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask_from, sm_scale, block_m, block_n):
+    def forward(ctx, q, k, v, tiles, sm_scale, block_m, block_n):
         D = q.shape[-1]
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _sm_major(q))
-        o, lse = _forward(q, k, v, mask_from, sm_scale, cfg)
-        ctx.save_for_backward(q, k, v, o, lse, mask_from)
-        ctx.cfg = (sm_scale, cfg)
+        o, lse = _forward(q, k, v, tiles.mask_from, sm_scale, cfg, tiles.lists(cfg)["fwd"])
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.cfg = (sm_scale, cfg, tiles)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, mask_from = ctx.saved_tensors
-        sm_scale, cfg = ctx.cfg
+        q, k, v, o, lse = ctx.saved_tensors
+        sm_scale, cfg, tiles = ctx.cfg
+        mask_from, lists = tiles.mask_from, tiles.lists(cfg)
         qk_scale = sm_scale * 1.4426950408889634
         upcast, ieee = q.dtype == torch.bfloat16 and not q.is_cuda, q.dtype == torch.float32
         B, Hq, T, D = q.shape
@@ -755,7 +854,7 @@ class _MementoFlashAttention(torch.autograd.Function):
             do = do.to(q.dtype)
 
         delta = torch.empty_like(lse)
-        _bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](
+        _bwd_delta_kernel[launch_grid(triton.cdiv(T, 64), B * Hq)](
             o, do, delta,
             o.stride(0), o.stride(1), o.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
@@ -766,30 +865,28 @@ class _MementoFlashAttention(torch.autograd.Function):
         dv = torch.empty_like(v)
         # Each kernel has its own tiling, hence its own lists; dK/dV's run over query tiles.
         bm, bn, warps, stages = cfg["dkdv"]
-        lists = tile_lists(tile_schedule(mask_from, T, bm, bn).transpose(1, 2))
-        _bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](
-            q, k, v, do, mask_from, lse, delta, dk, dv, *lists,
+        _bwd_dkdv_kernel[launch_grid(triton.cdiv(T, bn), B * Hkv)](
+            q, k, v, do, mask_from, lse, delta, dk, dv, *lists["dkdv"],
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            mask_from.stride(0), lists[0].stride(0), lists[1].stride(0), lists[1].stride(1),
+            mask_from.stride(0), lists["dkdv"][0].stride(0),
             T, Hq, Hkv, Hq // Hkv, sm_scale, qk_scale,
             HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, IEEE=ieee,
             num_warps=warps, num_stages=stages,
         )
         bm, bn, warps, stages = cfg["dq"]
-        lists = tile_lists(tile_schedule(mask_from, T, bm, bn))
-        _bwd_dq_kernel[(triton.cdiv(T, bm), B * Hq)](
-            q, k, v, do, mask_from, lse, delta, dq, *lists,
+        _bwd_dq_kernel[launch_grid(triton.cdiv(T, bm), B * Hq)](
+            q, k, v, do, mask_from, lse, delta, dq, *lists["dq"],
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            mask_from.stride(0), lists[0].stride(0), lists[1].stride(0), lists[1].stride(1),
+            mask_from.stride(0), lists["dq"][0].stride(0),
             T, Hq, Hq // Hkv, sm_scale, qk_scale,
             HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, IEEE=ieee,
             num_warps=warps, num_stages=stages,
@@ -818,7 +915,9 @@ def memento_flash_attention(q, k, v, mask_from, sm_scale=None, *, q_pos=None, k_
             copies are made).
         mask_from: [B, Tk] integer tensor (int32 preferred; others are converted, values
             clamped to int32), first query position from which each key is masked;
-            NEVER = 2**31 - 1 for never. Valid inputs have mask_from[b, j] > pos[j].
+            NEVER = 2**31 - 1 for never. Valid inputs have mask_from[b, j] > pos[j]. Or,
+            without positions, a TileMask of it: its visiting lists are built once and
+            reused by every call given the same object (all layers of a model forward).
         sm_scale: softmax scale applied to q.k; default 1 / sqrt(D).
         q_pos, k_pos: optional [B, Tq] / [B, Tk] integer logical positions (both or neither).
         block_m, block_n: optional tile sizes in tokens (powers of 2, >= 16) for the query
@@ -837,16 +936,22 @@ def memento_flash_attention(q, k, v, mask_from, sm_scale=None, *, q_pos=None, k_
     memento builders never produce) gets a zero output row and zero gradients instead of
     NaN, matching memento_attention.attention_reference; no error is raised for it.
     """
-    _validate(q, k, v, mask_from, q_pos, k_pos)
+    tiles = mask_from if isinstance(mask_from, TileMask) else None
+    if tiles is not None and q_pos is not None:
+        raise ValueError("memento_flash_attention: a TileMask is for whole sequences; pass mask_from as a tensor "
+                         "with q_pos/k_pos")
+    _validate(q, k, v, tiles.mask_from if tiles is not None else mask_from, q_pos, k_pos)
     D = q.shape[-1]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
     cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _sm_major(q))  # validates block sizes
-    mask_from = _int32(mask_from)
     if q_pos is None:
-        return _MementoFlashAttention.apply(q, k, v, mask_from, float(sm_scale), block_m, block_n)
+        return _MementoFlashAttention.apply(q, k, v, tiles or TileMask(mask_from), float(sm_scale), block_m, block_n)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("memento_flash_attention: with q_pos/k_pos (queries against a KV cache) the kernel is "
                          "forward-only; run it under torch.no_grad(), or train on whole sequences without positions")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return _forward(q, k, v, mask_from, float(sm_scale), cfg, _int32(q_pos), _int32(k_pos))[0]
+    mask_from, q_pos, k_pos = _int32(mask_from), _int32(q_pos), _int32(k_pos)
+    fbm, fbn = cfg["fwd"][:2]
+    lists = csr_lists(tile_schedule(mask_from, k.shape[2], fbm, fbn, q_pos=q_pos, k_pos=k_pos))
+    return _forward(q, k, v, mask_from, float(sm_scale), cfg, lists, q_pos, k_pos)[0]

@@ -10,12 +10,15 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blocks import NEVER
 from conftest import tiny_model
-from kernels.memento_flash import FULL, PARTIAL, SKIP, memento_flash_attention, tile_lists, tile_schedule, tile_stats
+from kernels.memento_flash import (FULL, PARTIAL, SKIP, TileMask, csr_lists, launch_grid, memento_flash_attention,
+                                   row_offsets, tile_lists, tile_schedule, tile_stats)
 from memento_attention import attention, attention_reference, visible_mask
 
 CUDA = torch.cuda.is_available()
@@ -406,6 +409,34 @@ def test_tile_predicate_is_conservative(case):
                 want = {c: [i for i in range(s.shape[2]) if int(s[b, r, i]) == c] for c in (FULL, PARTIAL)}
                 assert full_idx[b, r, :int(full_num[b, r])].tolist() == want[FULL]
                 assert part_idx[b, r, :int(part_num[b, r])].tolist() == want[PARTIAL]
+        _assert_csr_equals_dense(csr_lists(s), tile_lists(s))
+
+
+def _assert_csr_equals_dense(csr, dense):
+    # What the kernels read (compressed rows) holds exactly the dense lists, row by row, and
+    # nothing else: O(tiles visited).
+    for (num, start, idx), (dnum, didx) in zip((csr[:3], csr[3:]), (dense[:2], dense[2:])):
+        assert torch.equal(num, dnum) and idx.numel() == int(dnum.sum())
+        B, R = num.shape
+        for b in range(B):
+            for r in range(R):
+                a, n = int(start[b, r]), int(num[b, r])
+                assert idx[a:a + n].tolist() == didx[b, r, :n].tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(_mask_from_strategy(), st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64]))
+def test_tile_mask_lists_equal_the_dense_lists_of_each_tiling(case, bm2, bn2):
+    """A TileMask builds the forward, dQ and dK/dV lists of a config together, each equal to
+    tile_lists of its own tiling (dK/dV's transposed), and builds them once."""
+    mask_from, T, bm, bn = case
+    tiles = TileMask(mask_from)
+    cfg = {"fwd": (bm, bn, 4, 2), "dq": (bm, bn2, 4, 2), "dkdv": (bm2, bn, 4, 2)}
+    lists = tiles.lists(cfg)
+    _assert_csr_equals_dense(lists["fwd"], tile_lists(tile_schedule(mask_from, T, bm, bn)))
+    _assert_csr_equals_dense(lists["dq"], tile_lists(tile_schedule(mask_from, T, bm, bn2)))
+    _assert_csr_equals_dense(lists["dkdv"], tile_lists(tile_schedule(mask_from, T, bm2, bn).transpose(1, 2)))
+    assert tiles.lists(dict(cfg)) is lists and tiles.builds == 1
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -496,6 +527,60 @@ def test_bad_block_size_raises_value_error():
         memento_flash_attention(*_qkv(), _mf(), block_m=24)
     with pytest.raises(ValueError, match="block_n=8 must be a power of 2 >= 16"):
         memento_flash_attention(*_qkv(), _mf(), block_n=8)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_model_forward_and_backward_build_the_tile_lists_once(monkeypatch, checkpointing):
+    """Every layer's forward, dQ and dK/dV kernels (and gradient checkpointing's recompute)
+    read one TileMask: tile_schedule runs once per distinct tiling of the batch, not three
+    times per layer; the loss and gradients still equal the dense reference's."""
+    from kernels import memento_flash
+
+    g = torch.Generator().manual_seed(0)
+    T = 70
+    mask_from = torch.full((2, T), NEVER, dtype=torch.int64)
+    mask_from[0, 5:30] = 40  # an evicted block in row 0, another in row 1
+    mask_from[1, 10:20] = 25
+    ids = torch.randint(0, 272, (2, T), generator=g)
+    calls = []
+    real = memento_flash.tile_schedule
+    monkeypatch.setattr(memento_flash, "tile_schedule", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    grads = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MEMENTO_ATTN_BACKEND", backend)
+        model = tiny_model(layers=3, hidden=32, heads=4, kv_heads=2, head_dim=16).to(DEVICE).train()
+        model.gradient_checkpointing = checkpointing
+        loss = model(ids.to(DEVICE), mask_from=mask_from.to(DEVICE), labels=ids.to(DEVICE)).sum()
+        loss.backward()
+        grads[backend] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    cfg = memento_flash._config(16, torch.float32, CUDA, None, None, memento_flash._sm_major(torch.empty(0, device=DEVICE)))
+    assert len(calls) == len({cfg[k][:2] for k in cfg})  # 1 on the interpreter's one tiling, at most 3 on CUDA
+    (lt, gt), (lk, gk) = grads["torch"], grads["triton"]
+    assert abs(lt - lk) <= 1e-4 * abs(lt)
+    for n in gt:
+        assert (gt[n] - gk[n]).abs().max().item() <= 1e-4 * (1 + gt[n].abs().max().item()), n
+
+
+@triton.jit
+def _offsets_kernel(OUT, base, stride, N: tl.constexpr):
+    rows = base + tl.arange(0, N)
+    tl.store(OUT + tl.arange(0, N), row_offsets(rows, stride))
+
+
+def test_row_offsets_and_grid_hold_past_int32():
+    """The row offset every load and store computes (row_offsets: rows x stride) is exact in
+    int64 where int32 would wrap (T x Hq x D >= 2**31: 600K tokens of 32 x 128 heads), run
+    through a kernel on tiny tensors; and the launch grid is one axis of tiles x B x H
+    programs, refused only past 2**31 - 1."""
+    base, stride = 600_000 - 8, 32 * 128
+    out = torch.zeros(16, dtype=torch.int64, device=DEVICE)
+    _offsets_kernel[(1,)](out, base, stride, N=16)
+    want = torch.arange(base, base + 16, dtype=torch.int64) * stride
+    assert want.max() > 2**31 and torch.equal(out.cpu(), want)
+    assert launch_grid(triton.cdiv(131072, 128), 8 * 32) == (262144,)  # B x H = 256 on one axis
+    assert launch_grid(1, 70_000) == (70_000,)  # past 65,535 batch-heads, where a 2-D grid's y axis stops
+    with pytest.raises(ValueError, match="exceed"):
+        launch_grid(2**16, 2**15)
 
 
 def test_stage2_training_step_triton_equals_torch(monkeypatch):

@@ -66,8 +66,11 @@ def test_block_cap_holds_and_forced_tokens_are_not_actions(policy):
                 start = None
         forced += sum(lp != lp for lp in r["old_logp"])  # NaN marks a token the engine forced
     assert forced > 0
-    _, labels, _, mask = train_rl.collate(rows, tok.token_id("<|endoftext|>"))
+    ids, labels, old, mask = train_rl.collate(rows, tok.token_id("<|endoftext|>"))
     assert mask.sum() == sum(len(r["response"]) for r in rows) - forced
+    with torch.no_grad():  # the forced tokens shape the mask; the sampled ones keep the guarantee
+        logp = train_rl.token_logprobs(model, ids, labels, T)
+    assert (logp - old)[mask].abs().max().item() <= 1e-4
 
 
 def _direct_cispo(logp, old, ref, adv, mask, group, el, eh, beta):
