@@ -413,6 +413,7 @@ class Engine:
         self._enqueue(s, front=False)
         return s
 
+    @torch.inference_mode()  # freeing pages writes to the pool, which steps made under inference mode
     def abort(self, seq: Sequence | int) -> Sequence:
         """Drop a request, waiting or running, between steps (a client that went away, §6.1
         serving): its pages go back to the pool (unless keep_cache), it finishes with
@@ -425,9 +426,17 @@ class Engine:
         if not s.done:
             if s in self.waiting:  # queued, or preempted: it holds no pages
                 self.waiting.remove(s)
-            s.last = None
             self._end(s, "abort")
         return s
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished request, so that a long-running server does not keep every one it
+        served (§6.1 serving): its entry in `sequences` becomes None (ids are never reused; the
+        caller keeps the Sequence). Raises ValueError for a request still waiting or running."""
+        if not seq.done:
+            raise ValueError(f"request {seq.id} is still {'waiting' if seq in self.waiting else 'running'}; "
+                             "abort it first")
+        self.sequences[seq.id] = None
 
     def run(self, progress: bool = False) -> list[Sequence]:
         """Run until every request finished; returns all sequences in the order added."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -35,56 +34,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import Engine, EngineConfig, Mode, kv_replay  # noqa: E402
+from engine import Mode, kv_replay  # noqa: E402
+from serving_cases import build_model, quantile, serve, workload  # noqa: E402
 from kv_cache import PagedKVCache  # noqa: E402
 from blocks import MementoConfig, MementoTokens  # noqa: E402
-from model import Qwen3, Qwen3Config  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def workload(tok, n: int, scale: float, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """n (prompt ids, response ids) pairs shaped like OpenMementos traces, lengths x scale
-    (+-25% jitter; random lowercase letters, one byte-level token each)."""
-    rng = random.Random(seed)
-    text = lambda n_: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(max(1, n_)))  # noqa: E731
-    jit = lambda x: round(x * scale * rng.uniform(0.75, 1.25))  # noqa: E731
-    out = []
-    for _ in range(n):
-        resp = "<think>\n" + "".join(f"<|block_start|>{text(jit(1150))}<|block_end|>\n<|summary_start|>{text(jit(194))}"
-                                     "<|summary_end|>\n" for _ in range(rng.randint(7, 11)))
-        out.append((tok.encode(tok.chat_prompt(text(jit(200)))), tok.encode(resp + "</think>\n" + text(jit(40)))))
-    return out
-
-
-def build_model(hidden: int, layers: int, heads: int, kv_heads: int) -> Qwen3:
-    """A random fp32 Qwen3 of this shape (byte-level vocabulary, tied embeddings)."""
-    cfg = Qwen3Config(vocab_size=272, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                      max_position_embeddings=40960, tie_word_embeddings=True)
-    return Qwen3(cfg).init_weights(seed=0).eval()
-
-
-@torch.no_grad()
-def serve(model, tok, reqs, *, mode: Mode, pool_tokens: int | None, page_size: int) -> dict:
-    """Run the workload through one Engine (every request may run at once); its figures."""
-    n = len(reqs)
-    config = EngineConfig(MementoConfig(0), mode=mode, max_num_seqs=n, max_num_batched_tokens=max(2048, n),
-                          page_size=page_size, kv_cache_tokens=pool_tokens, unbounded_kv_cache=pool_tokens is None)
-    eng = Engine(model, tok, config)
-    seqs = [eng.add(p, forced=r) for p, r in reqs]
-    t0 = time.perf_counter()
-    eng.run()
-    wall = time.perf_counter() - t0
-    st = eng.stats
-    return {"mode": mode.value, "tokens": sum(len(s.tokens) for s in seqs), "seconds": wall,
-            "tok_per_s": sum(len(s.tokens) for s in seqs) / wall, "steps": st["steps"], "forwards": st["forwards"],
-            "mean_batch": st["batch_size_sum"] / max(1, st["steps"]), "preemptions": st["preemptions"],
-            "ttft": [s.metrics()["ttft"] for s in seqs], "itl": [x for s in seqs for x in s.itl],
-            "peak_pool": eng.cache.peak_pages / eng.cache.num_pages if pool_tokens else None,
-            "ok": all(s.stop_reason == "end of trace" for s in seqs)}
 
 
 @torch.no_grad()
@@ -118,11 +76,6 @@ def fragmentation(tok, reqs, page_sizes=(1, 4, 16, 64)) -> list[dict]:
         alloc = sum(-(-n // ps) * ps for n in peaks)
         out.append({"page_size": ps, "fragmentation": 1 - sum(peaks) / alloc})
     return out
-
-
-def _q(xs: list[float], q: float) -> float:
-    xs = sorted(x for x in xs if x is not None)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def point(model, tok, reqs, pool_tokens, page_size, rounds: int) -> dict:
@@ -199,8 +152,8 @@ def main(argv=None):
                 tps = ", ".join(f"{r['tok_per_s']:.0f}" for r in rs)
                 say(f"{label:>16} {mode:8} {tps:>26} {rs[0]['mean_batch']:>10.1f} "
                     f"{rs[0]['forwards']:>8} {rs[0]['preemptions']:>7} {pp:>9} "
-                    f"{_q([t for r in rs for t in r['ttft']], .5):>7.2f}/{_q([t for r in rs for t in r['ttft']], .9):<7.2f} "
-                    f"{1e3 * _q([t for r in rs for t in r['itl']], .5):>7.1f}/{1e3 * _q([t for r in rs for t in r['itl']], .9):<7.1f}")
+                    f"{quantile([t for r in rs for t in r['ttft']], .5):>7.2f}/{quantile([t for r in rs for t in r['ttft']], .9):<7.2f} "
+                    f"{1e3 * quantile([t for r in rs for t in r['itl']], .5):>7.1f}/{1e3 * quantile([t for r in rs for t in r['itl']], .9):<7.1f}")
             say(f"{'':>16} memento/full throughput {pt['ratio']:.2f}x (rounds {pt['ratio_lo']:.2f}-{pt['ratio_hi']:.2f}"
                 f"{', = batch completion ratio: same tokens' if pt['same_tokens'] else ''}), mean batch "
                 f"{pt['batch_ratio']:.2f}x, constant-cost model {pt['model_ratio']:.2f}x")
