@@ -129,7 +129,7 @@ def chat_text(messages) -> str:
 def prompt_ids(prompt, tok) -> list[list[int]]:
     """The token ids of each prompt of a completions request: a string, a list of strings, a
     list of token ids or a list of such lists (special tokens written in text become their
-    ids, as in generate.py). Raises APIError 400 for anything else."""
+    ids, as in generate.py; paper §6.1 serving). Raises APIError 400 for anything else."""
     is_ids = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
     if isinstance(prompt, str):
         return [tok.encode(prompt)]
@@ -400,7 +400,7 @@ def logprobs_object(tok, chat: bool, tokens: list[int], lps: list, tops: list) -
     """OpenAI's logprobs object for these tokens: chat {"content": [{token, logprob, bytes,
     top_logprobs}]}, completions {tokens, token_logprobs, top_logprobs}. Log-probabilities
     are natural logs under the model's raw distribution (sampling.SamplingParams.logprobs);
-    a token the engine forced has none (null)."""
+    a token the engine forced has none (null). Paper §6.1 serving."""
     piece = lambda t: tok.decode_bytes([t]).decode("utf-8", errors="replace")  # noqa: E731
     lps = [None if lp is None or math.isnan(lp) else lp for lp in lps]
     # the embedding may have rows past the tokenizer's ids: never sampled, so left out
@@ -580,23 +580,28 @@ def build_app(srv: Server, api_key: str | None) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        """200 while the engine thread lives, else 503 (no key needed)."""
         return Response(status_code=200 if srv.loop.thread.is_alive() else 503)
 
     @app.get("/metrics")
     async def metrics():
+        """The server's Prometheus registry in text format."""
         return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
+        """The one model served, by its --served-model-name."""
         return {"object": "list", "data": [{"id": srv.name, "object": "model", "created": srv.created,
                                             "owned_by": "memento", "max_model_len": srv.max_pos}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        """OpenAI's completions: prompts as text or token ids."""
         return await srv.complete(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        """OpenAI's chat completions: messages rendered as the checkpoint's ChatML."""
         return await srv.complete(request, chat=True)
 
     return app

@@ -130,13 +130,15 @@ def _aligned(fn, sig):
 def _sass_counts(cubin: bytes) -> dict:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return {"regs": "?", "stack": "?", "ldgsts": "?", "utmaldg": "?"}
+        return {"regs": "?", "stack": "?", "ldgsts": "?", "utmaldg": "?", "hgmma": "?"}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    out = {"regs": "?", "stack": "?", "ldgsts": sass.count("LDGSTS"), "utmaldg": sass.count("UTMALDG")}
+    # HGMMA: Hopper's warpgroup MMA (wgmma); HMMA: the warp-level tensor-core MMA of sm_80+
+    out = {"regs": "?", "stack": "?", "ldgsts": sass.count("LDGSTS"), "utmaldg": sass.count("UTMALDG"),
+           "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA")}
     for line in usage.splitlines():
         if "REG:" in line:
             fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
@@ -163,7 +165,7 @@ def compile_kernel(name: str, dtype: str, D: int, arch: int, page_size: int = 16
     if name in _PAGED or name in _NO_LOOP:
         fn, consts, (bm, bn, warps, stages) = _paged_launch(name, dtype, D, arch, page_size)
     else:
-        cfg = mf._config(D, _DT[dtype], True, None, None, arch // 10)
+        cfg = mf._config(D, _DT[dtype], True, None, None, capability(arch))
         fn = {"fwd": mf._fwd_kernel, "fwd_pos": mf._fwd_kernel, "dkdv": mf._bwd_dkdv_kernel, "dq": mf._bwd_dq_kernel,
               "reference": _reference_causal_fwd}[name]
         bm, bn, warps, stages = cfg["fwd" if name in ("fwd_pos", "reference") else name]
@@ -184,20 +186,36 @@ def compile_kernel(name: str, dtype: str, D: int, arch: int, page_size: int = 16
             "seconds": round(time.time() - t0, 1)}
 
 
+def capability(arch: int) -> tuple[int, int]:
+    """--arch N as a compute capability: 90 -> (9, 0), 86 -> (8, 6), 120 -> (12, 0)."""
+    return arch // 10, arch % 10
+
+
+def smem_limit(arch: int) -> int:
+    """Shared memory per block of the architecture family of sm_{arch} (memento_flash.ARCH_SMEM)."""
+    return mf.ARCH_SMEM[mf.arch_family(capability(arch))]
+
+
+def wgmma(row: dict) -> bool | None:
+    """On sm_90, whether the kernel's dots compiled to warpgroup MMA (HGMMA in the SASS); None
+    elsewhere or without cuobjdump."""
+    return row["hgmma"] > 0 if row["arch"] == 90 and isinstance(row.get("hgmma"), int) else None
+
+
 def pipelined(row: dict) -> bool:
     """The main loop's loads are asynchronous: cp.async / TMA in TTGIR and in the SASS."""
     return row["async_copies"] > 0 and (row["ldgsts"] or 0) + (row["utmaldg"] or 0) > 0
 
 
 def acceptable(row: dict) -> bool:
-    """What --strict demands of a kernel of ours: no spills, within SMEM_LIMIT, and a
+    """What --strict demands of a kernel of ours: no spills, within smem_limit(arch), and a
     pipelined main loop (kernels without a loop: only the first two)."""
-    return (row["stack"] == 0 and row["smem"] <= SMEM_LIMIT.get(row["arch"], row["smem"])
+    return (row["stack"] == 0 and row["smem"] <= smem_limit(row["arch"])
             and (row["kernel"] in _NO_LOOP or pipelined(row)))
 
 
 # Largest tiles first; the search keeps the first that compiles pipelined, without spills, and
-# within the shared memory of every GPU of the architecture (sm_86/89 have 99 KB per block).
+# within the shared memory of every GPU of the architecture family (memento_flash.ARCH_SMEM).
 CANDIDATES = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2),
             (32, 32, 4, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
@@ -205,12 +223,11 @@ CANDIDATES = {
     "dkdv": [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2),
              (16, 32, 8, 2), (16, 16, 4, 2)],
 }
-SMEM_LIMIT = {80: 101376, 90: 232448}
 
 
 def search(dtype: str, D: int, arch: int) -> dict:
     """The launch config of each kernel for (dtype, D, sm_{arch}): the first of CANDIDATES
-    that compiles software-pipelined, spill-free and within SMEM_LIMIT (the forward must
+    that compiles software-pipelined, spill-free and within smem_limit(arch) (the forward must
     satisfy this in both forms). How kernels/memento_flash._config's table was made."""
     real = mf._config
     picked = {}
@@ -226,7 +243,7 @@ def search(dtype: str, D: int, arch: int) -> dict:
                     except Exception:  # a config Triton cannot compile is simply not a candidate
                         ok = False
                         break
-                    if r["stack"] != 0 or r["smem"] > SMEM_LIMIT[arch] or not pipelined(r):
+                    if r["stack"] != 0 or r["smem"] > smem_limit(arch) or not pipelined(r):
                         ok = False
                         break
                 if ok:
@@ -282,10 +299,15 @@ def search_paged(dtype: str, D: int, arch: int) -> dict:
     return picked
 
 
+def _yes(flag) -> str:
+    return "n/a" if flag is None else "yes" if flag else "NO"
+
+
 def main():
     """Compile every kernel config for --arch and print one row per kernel."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 or 90")
+    ap.add_argument("--arch", type=int, default=90,
+                    help="SM version: 80, 86, 89, 90, 100 or 120 (each family has its own config table)")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--dims", default="16,32,64,128,256")
     ap.add_argument("--kernels", default="reference,fwd,fwd_pos,dq,dkdv,paged_dec,paged_dec1,paged_chunk,paged_chunk1,"
@@ -296,7 +318,7 @@ def main():
     ap.add_argument("--search-paged", action="store_true",
                     help="print the config table kernels/paged_attention._CUDA_CONFIGS holds (slow: minutes)")
     ap.add_argument("--strict", action="store_true",
-                    help="exit 1 if a kernel of ours spills, exceeds SMEM_LIMIT or has a main loop not pipelined")
+                    help="exit 1 if a kernel of ours spills, exceeds the family's shared memory or has a main loop not pipelined")
     args = ap.parse_args()
     if args.search:
         for dt in args.dtypes.split(","):
@@ -310,7 +332,7 @@ def main():
                 print(json.dumps({"dtype": dt, "D": D, "arch": args.arch, **picked}), flush=True)
         return
     head = (f"{'dtype':5} {'D':>4} {'kernel':12} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'smem':>7} "
-            f"{'regs':>5} {'stack':>5} {'async':>5} {'LDGSTS':>6} {'UTMALDG':>7} {'pipelined':>9} {'s':>5}")
+            f"{'regs':>5} {'stack':>5} {'async':>5} {'LDGSTS':>6} {'UTMALDG':>7} {'pipelined':>9} {'wgmma':>5} {'s':>5}")
     if not args.json:
         print(f"sm_{args.arch}, pointers and strides specialized as 16-divisible (an aligned launch); "
               f"paged kernels at page size {args.page_size}")
@@ -333,7 +355,7 @@ def main():
                 piped = "n/a" if name in _NO_LOOP else "yes" if pipelined(r) else "NO"
                 print(f"{dt:5} {D:>4} {name:12} {r['block_m']:>4} {r['block_n']:>4} {r['warps']:>5} {r['stages']:>6} "
                       f"{r['smem']:>7} {r['regs']:>5} {r['stack']:>5} {r['async_copies']:>5} {r['ldgsts']:>6} "
-                      f"{r['utmaldg']:>7} {piped:>9} {r['seconds']:>5}", flush=True)
+                      f"{r['utmaldg']:>7} {piped:>9} {_yes(wgmma(r)):>5} {r['seconds']:>5}", flush=True)
     sys.exit(1 if failures else 0)
 
 

@@ -690,36 +690,92 @@ def tile_stats(mask_from: torch.Tensor, T: int, block_m: int, block_n: int) -> d
     }
 
 
-# Default CUDA launch configs {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)} per
-# (fp32?, Hopper or newer?, head dim). Picked without a GPU by `bench/compile_check.py
-# --search`: for each kernel the first of its candidates, largest tiles first, that compiles
-# software-pipelined, without register spills and within the shared memory of every GPU of
-# the architecture. fp16 uses the bf16 table. Starting points for tuning, not timed numbers.
+# Shared memory per block (the opt-in maximum), bytes, of each architecture family: what its
+# config table below was searched under. sm_80: A100 (and sm_87); sm_86: the 8.6 / 8.9 GPUs
+# (RTX 30/40, A10, L4, L40); sm_90: H100 / H200; sm_100: B200 / GB200 (and 10.x); sm_120:
+# consumer Blackwell (RTX 50) and 12.x.
+ARCH_SMEM = {"sm_80": 166912, "sm_86": 101376, "sm_90": 232448, "sm_100": 232448, "sm_120": 101376}
+
+
+def arch_family(capability: tuple[int, int]) -> str:
+    """The config-table family of a CUDA compute capability (major, minor); an unknown one
+    gets sm_86's table, searched under the smallest shared memory of the families (99 KB)."""
+    major, minor = capability
+    if major == 8:
+        return "sm_80" if minor in (0, 7) else "sm_86"
+    return {9: "sm_90", 10: "sm_100", 12: "sm_120"}.get(major, "sm_86")
+
+
+# Default CUDA launch configs {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)} per family
+# and (fp32?, head dim). Picked without a GPU by `bench/compile_check.py --search --arch N`:
+# for each kernel the first of its candidates, largest tiles first, that compiles
+# software-pipelined, without register spills and within the family's ARCH_SMEM. fp16 uses
+# the bf16 rows. Starting points for tuning, not timed numbers.
 _CUDA_CONFIGS = {
-    (False, False, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
-    (False, False, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
-    (False, False, 64): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2)},
-    (False, False, 128): {"fwd": (128, 64, 8, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 8, 2)},
-    (False, False, 256): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
-    (False, True, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
-    (False, True, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
-    (False, True, 64): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
-    (False, True, 128): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
-    (False, True, 256): {"fwd": (128, 64, 8, 2), "dq": (128, 32, 8, 3), "dkdv": (32, 32, 8, 2)},
-    (True, False, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
-    (True, False, 32): {"fwd": (64, 32, 4, 3), "dq": (128, 32, 8, 3), "dkdv": (64, 64, 8, 2)},
-    (True, False, 64): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
-    (True, False, 128): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
-    (True, False, 256): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 8, 2)},
-    (True, True, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (64, 64, 8, 2)},
-    (True, True, 32): {"fwd": (128, 64, 8, 2), "dq": (128, 32, 8, 3), "dkdv": (32, 32, 8, 2)},
-    (True, True, 64): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
-    (True, True, 128): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
-    (True, True, 256): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 8, 2)},
+    "sm_80": {
+        (False, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 32): {"fwd": (128, 64, 8, 2), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 64): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 128): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2)},
+        (False, 256): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 16): {"fwd": (64, 64, 4, 3), "dq": (128, 32, 8, 3), "dkdv": (64, 64, 8, 2)},
+        (True, 32): {"fwd": (64, 32, 4, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (True, 64): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 128): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 256): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 16, 4, 2)},
+    },
+    "sm_86": {
+        (False, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 64): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2)},
+        (False, 128): {"fwd": (128, 64, 8, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 8, 2)},
+        (False, 256): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (True, 32): {"fwd": (64, 32, 4, 3), "dq": (128, 32, 8, 3), "dkdv": (64, 64, 8, 2)},
+        (True, 64): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 128): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 256): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 8, 2)},
+    },
+    "sm_90": {
+        (False, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 64): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 128): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 256): {"fwd": (64, 32, 4, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 32, 8, 2)},
+        (True, 16): {"fwd": (64, 64, 4, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (True, 32): {"fwd": (128, 64, 8, 2), "dq": (128, 32, 8, 3), "dkdv": (32, 32, 8, 2)},
+        (True, 64): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 128): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 256): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 8, 2)},
+    },
+    "sm_100": {
+        (False, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 64): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 128): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (64, 64, 8, 2)},
+        (False, 256): {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 32, 8, 2)},
+        (True, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (True, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2)},
+        (True, 64): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 128): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 256): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 8, 2)},
+    },
+    "sm_120": {
+        (False, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 64): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (False, 128): {"fwd": (128, 64, 8, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 8, 2)},
+        (False, 256): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 16): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2)},
+        (True, 32): {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2)},
+        (True, 64): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 128): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (32, 32, 8, 2)},
+        (True, 256): {"fwd": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 8, 2)},
+    },
 }
 
 
-def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n, sm_major: int = 9):
+def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n, capability: tuple[int, int] = (9, 0)):
     """Launch configs {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)} for one call.
 
     Explicit block_m / block_n (tests, tuning) apply to every kernel; the interpreter gets
@@ -737,11 +793,11 @@ def _config(D: int, dtype: torch.dtype, is_cuda: bool, block_m, block_n, sm_majo
     if not is_cuda:
         cfg = (32, 32, 4, 1)  # interpreter: small tiles keep numpy temporaries small
         return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
-    return dict(_CUDA_CONFIGS[(dtype == torch.float32, sm_major >= 9, D)])
+    return dict(_CUDA_CONFIGS[arch_family(capability)][(dtype == torch.float32, D)])
 
 
-def _sm_major(t: torch.Tensor) -> int:
-    return torch.cuda.get_device_capability(t.device)[0] if t.is_cuda else 0
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
 
 
 def _validate(q, k, v, mask_from, q_pos, k_pos):
@@ -834,7 +890,7 @@ class _MementoFlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, tiles, sm_scale, block_m, block_n):
         D = q.shape[-1]
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _sm_major(q))
+        cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _capability(q))
         o, lse = _forward(q, k, v, tiles.mask_from, sm_scale, cfg, tiles.lists(cfg)["fwd"])
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.cfg = (sm_scale, cfg, tiles)
@@ -944,7 +1000,7 @@ def memento_flash_attention(q, k, v, mask_from, sm_scale=None, *, q_pos=None, k_
     D = q.shape[-1]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
-    cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _sm_major(q))  # validates block sizes
+    cfg = _config(D, q.dtype, q.is_cuda, block_m, block_n, _capability(q))  # validates block sizes
     if q_pos is None:
         return _MementoFlashAttention.apply(q, k, v, tiles or TileMask(mask_from), float(sm_scale), block_m, block_n)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

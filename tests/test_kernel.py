@@ -317,8 +317,9 @@ def test_cpu_tensors_without_interpreter_get_one_clear_error(monkeypatch):
 
 # The tile shapes _config picks on CUDA, per head dim, dtype and architecture, run under the
 # interpreter here (warps and stages mean nothing to it); natively they are the defaults.
-_CUDA_TILE_CASES = [(64, torch.float32, 9), (128, torch.float32, 9), (64, torch.bfloat16, 9),
-                    (128, torch.bfloat16, 8), (128, torch.bfloat16, 9)]
+_CUDA_TILE_CASES = [(64, torch.float32, (9, 0)), (128, torch.float32, (9, 0)), (64, torch.bfloat16, (9, 0)),
+                    (128, torch.bfloat16, (8, 6)), (128, torch.bfloat16, (9, 0)), (128, torch.bfloat16, (8, 0)),
+                    (128, torch.bfloat16, (12, 0)), (128, torch.bfloat16, (10, 0))]
 
 
 @pytest.mark.parametrize("D,dtype,sm", _CUDA_TILE_CASES, ids=lambda x: str(x).removeprefix("torch."))
@@ -327,7 +328,7 @@ def test_head_dims_64_and_128_with_the_cuda_default_tiles(monkeypatch, D, dtype,
 
     real, used = memento_flash._config, []
 
-    def cuda_config(D_, dtype_, is_cuda, block_m, block_n, sm_major=9):
+    def cuda_config(D_, dtype_, is_cuda, block_m, block_n, capability=(9, 0)):
         used.append(real(D_, dtype_, True, block_m, block_n, sm))
         return used[-1]
 
@@ -553,7 +554,7 @@ def test_a_model_forward_and_backward_build_the_tile_lists_once(monkeypatch, che
         loss = model(ids.to(DEVICE), mask_from=mask_from.to(DEVICE), labels=ids.to(DEVICE)).sum()
         loss.backward()
         grads[backend] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    cfg = memento_flash._config(16, torch.float32, CUDA, None, None, memento_flash._sm_major(torch.empty(0, device=DEVICE)))
+    cfg = memento_flash._config(16, torch.float32, CUDA, None, None, memento_flash._capability(torch.empty(0, device=DEVICE)))
     assert len(calls) == len({cfg[k][:2] for k in cfg})  # 1 on the interpreter's one tiling, at most 3 on CUDA
     (lt, gt), (lk, gk) = grads["torch"], grads["triton"]
     assert abs(lt - lk) <= 1e-4 * abs(lt)
@@ -711,3 +712,25 @@ def test_cuda_kernels_compile_pipelined_and_spill_free():
     for name, row in rows.items():
         assert row["async_copies"] > 0 and row["ldgsts"] + row["utmaldg"] > 0, row  # pipelined
         assert row["stack"] == 0, row  # no spills
+        assert row["hgmma"] > 0, row  # the dots became Hopper's warpgroup MMA (wgmma)
+
+
+@pytest.mark.parametrize("capability,family", [((8, 0), "sm_80"), ((8, 7), "sm_80"), ((8, 6), "sm_86"),
+                                               ((8, 9), "sm_86"), ((9, 0), "sm_90"), ((10, 0), "sm_100"),
+                                               ((10, 3), "sm_100"), ((12, 0), "sm_120"), ((12, 1), "sm_120"),
+                                               ((7, 5), "sm_86"), ((11, 0), "sm_86")])
+def test_each_architecture_family_has_its_table(capability, family):
+    """Compute capabilities map to the config table searched under their shared memory (A100
+    163 KB, the 8.6/8.9 GPUs 99 KB, Hopper and B200 227 KB, consumer Blackwell 99 KB); an
+    unknown one gets the 99 KB table. Every table covers every dtype class and head dim, and
+    every tile fits its family's shared memory at 3 bytes per element of Q/K/V tiles
+    (a floor that any config of the kernels exceeds)."""
+    from kernels import memento_flash
+
+    assert memento_flash.arch_family(capability) == family
+    table = memento_flash._CUDA_CONFIGS[family]
+    assert set(table) == {(fp32, D) for fp32 in (False, True) for D in (16, 32, 64, 128, 256)}
+    for (fp32, D), cfg in table.items():
+        assert cfg == memento_flash._config(D, torch.float32 if fp32 else torch.bfloat16, True, None, None, capability)
+        for bm, bn, warps, stages in cfg.values():
+            assert bm * D * (4 if fp32 else 2) + stages * bn * D * (4 if fp32 else 2) <= memento_flash.ARCH_SMEM[family]

@@ -329,7 +329,7 @@ def test_micro_batches_sum_to_the_minibatch_loss():
                                           norm=norm[part])
             loss.backward()
             total += float(loss.detach())
-        assert abs(total - float(direct)) < 1e-6 and torch.allclose(a.grad, b.grad, atol=1e-6), size
+        assert abs(total - float(direct.detach())) < 1e-6 and torch.allclose(a.grad, b.grad, atol=1e-6), size
 
 
 def test_rollout_pool_is_bounded_and_in_the_compute_dtype(policy, monkeypatch):
