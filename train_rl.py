@@ -215,7 +215,7 @@ def rollouts(model, tok, problems: list[Problem], args, step_seed: int) -> list[
     problem's rollouts do not depend on which process generates them or what runs beside it.
     Under autocast the KV pool is in autocast's dtype (bf16 on CUDA). Returns one dict per
     rollout, problem-major: prompt/response ids, old log-probs, reward, group (= p.id), and
-    the trace's KV and block figures. Raises ValueError when the budget holds no page."""
+    the trace's KV and block figures. Raises ValueError when the budget holds no page. Paper §A.2.3."""
     fmt = MementoTokens.from_tokenizer(tok)
     device = next(model.parameters()).device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
@@ -271,7 +271,7 @@ def generation_copy(model: Qwen3, dtype: torch.dtype) -> Qwen3:
 def refresh_generation_copy(gen: Qwen3, model) -> None:
     """Copy the sharded policy's parameters into `gen`, one all-gathered parameter at a time
     (a collective: every process calls it; the transient is the largest full parameter).
-    Raises ValueError if the two models' parameters differ by name."""
+    Raises ValueError if the two models' parameters differ by name. Paper §A.2.3."""
     mine, theirs = list(gen.named_parameters()), list(model.named_parameters())
     if [n for n, _ in mine] != [n for n, _ in theirs]:
         raise ValueError("refresh_generation_copy: the copy's parameters are not the policy's")
@@ -284,7 +284,7 @@ def distribute(model: Qwen3, ref: Qwen3, world: int, device: torch.device, fsdp:
     processes (sharding.parallelize): under fsdp the policy and the frozen reference are both
     sharded with FSDP2 and rollouts decode through generation_copy (in the reference's dtype,
     the compute dtype), made here before sharding. Raises RuntimeError (one line) for fsdp
-    without torch.distributed."""
+    without torch.distributed. Paper §A.2.3."""
     gen = generation_copy(model, next(ref.parameters()).dtype) if fsdp else None
     wrapped = parallelize(model, world, device, fsdp, cpu_offload)
     if fsdp:

@@ -23,6 +23,7 @@ def openmementos_mask_from(T, prompt=200, block=1150, memento=194, jitter=0.25, 
     uniformly within +-jitter of the given means (seeded). The content of every completed
     block is masked from its <|summary_end|> position on (delimiters stay visible); a block
     whose memento does not end before T is never masked.
+    Paper §4.
     """
     rng = random.Random(seed)
     mf = torch.full((T,), NEVER, dtype=torch.int32)
@@ -40,21 +41,21 @@ def openmementos_mask_from(T, prompt=200, block=1150, memento=194, jitter=0.25, 
 
 
 def visible_pairs(mask_from: torch.Tensor) -> int:
-    """Number of visible (query, key) pairs of a [B, T] mask_from (exact, O(T))."""
+    """Number of visible (query, key) pairs of a [B, T] mask_from (exact, O(T)). Paper §4."""
     T = mask_from.shape[-1]
     j = torch.arange(T, device=mask_from.device)
     return int((mask_from.long().clamp(max=T) - j).clamp(min=0).sum())
 
 
 def dense_mask(mask_from: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] bool: True where query i may see key j (for SDPA)."""
+    """[B, 1, T, T] bool: True where query i may see key j (for SDPA). Paper §4."""
     T = mask_from.shape[-1]
     i = torch.arange(T, device=mask_from.device)
     return ((i[None, :] <= i[:, None])[None] & (i[None, :, None] < mask_from[:, None, :]))[:, None]
 
 
 def time_ms(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn() over reps CUDA-event-timed runs after warmup runs."""
+    """Median milliseconds of fn() over reps CUDA-event-timed runs after warmup runs. Paper §4."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -70,7 +71,7 @@ def time_ms(fn, warmup: int, reps: int) -> float:
 
 
 def peak_bytes(fn, base: int) -> int:
-    """Bytes allocated at the peak of fn() above `base` (the caching allocator's counter)."""
+    """Bytes allocated at the peak of fn() above `base` (the caching allocator's counter). Paper §4."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()

@@ -302,7 +302,7 @@ def tile_report(seq_lens, D=128, dtype=torch.bfloat16, sm=(9, 0), reps=5) -> lis
     causal tiles under its default CUDA tiling; the visiting lists' memory, dense [B, R, C]
     (tile_lists) against compressed (csr_lists, what the kernels read), forward + dQ + dK/dV;
     and the time to build all three on this machine's device as a TileMask does, once per
-    batch. Needs no GPU."""
+    batch. Needs no GPU. Paper §4."""
     out = []
     cfg = _config(D, dtype, True, None, None, sm)
     for T in seq_lens:
@@ -346,7 +346,7 @@ def launch_report(T: int, layers: int, D=128, dtype=torch.bfloat16, sm=(9, 0)) -
     built its forward, dQ and dK/dV lists itself (tile_schedule + tile_lists: 3 builds per
     layer, 4 with checkpointing's recompute of the forward); now one TileMask per batch builds
     them together. Operators counted here, builds per step as the two designs make them (the
-    new one checked by tests/test_kernel.py)."""
+    new one checked by tests/test_kernel.py). Paper §4."""
     mf = openmementos_mask_from(T)[None]
     cfg = _config(D, dtype, True, None, None, sm)
     per_kernel = {}

@@ -92,7 +92,7 @@ MODES = {
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative Frobenius error ||x - ref|| / ||ref||, in fp64 (inf if x holds NaN/Inf)."""
+    """Relative Frobenius error ||x - ref|| / ||ref||, in fp64 (inf if x holds NaN/Inf). Paper §4, §6.1."""
     x, ref = x.double(), ref.double()
     if not torch.isfinite(x).all():
         return math.inf
@@ -101,7 +101,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def mask_rows(B: int, T: int, seed: int = 0) -> torch.Tensor:
     """[B, T] int32 OpenMementos-shaped masks scaled to T (blocks ~T/14 tokens, mementos ~T/85),
-    a different layout per row."""
+    a different layout per row. Paper §4, §6.1."""
     scale = T / 16384
     return torch.stack([openmementos_mask_from(T, prompt=max(2, round(200 * scale)), block=max(4, round(1150 * scale)),
                                                memento=max(2, round(194 * scale)), seed=seed + 7 * b) for b in range(B)])
@@ -110,7 +110,7 @@ def mask_rows(B: int, T: int, seed: int = 0) -> torch.Tensor:
 def cache_layout(B: int, Tk: int, Tq: int, seed: int = 0):
     """(q_pos [B, Tq], k_pos [B, Tk], mask_from [B, Tk]) of a chunk against a compacted cache:
     increasing key positions with gaps where blocks were evicted, some keys masked from a later
-    position, the chunk's queries at the positions of the last Tq keys."""
+    position, the chunk's queries at the positions of the last Tq keys. Paper §4, §6.1."""
     g = torch.Generator().manual_seed(seed)
     gaps = torch.randint(1, 40, (B, Tk), generator=g) * (torch.rand(B, Tk, generator=g) < 0.02)
     k_pos = torch.cumsum(1 + gaps, 1) - 1
@@ -123,7 +123,7 @@ def cache_layout(B: int, Tk: int, Tq: int, seed: int = 0):
 
 def reference(q, k, v, mask_from, q_pos=None, k_pos=None, chunk=512) -> torch.Tensor:
     """The fp32 dense reference (memento_attention.attention_reference), a chunk of queries at
-    a time so that no [T, T] tensor exists; [B, Hq, Tq, D] fp32."""
+    a time so that no [T, T] tensor exists; [B, Hq, Tq, D] fp32. Paper §4, §6.1."""
     B, _, Tq, _ = q.shape
     Tk = k.shape[2]
     if q_pos is None:
@@ -139,7 +139,7 @@ def baseline(q, k, v, mask_from, q_pos=None, k_pos=None, chunk=512) -> torch.Ten
     same inputs. On CUDA torch's SDPA (its fused kernels round P to q's dtype, as flash
     kernels do); elsewhere the plain computation in q's dtype (scores and P rounded to it,
     softmax in fp32): the CPU's SDPA keeps P in fp32, so it errs less than any kernel that
-    rounds P, this one included."""
+    rounds P, this one included. Paper §4, §6.1."""
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     if q_pos is None:
@@ -159,7 +159,7 @@ def baseline(q, k, v, mask_from, q_pos=None, k_pos=None, chunk=512) -> torch.Ten
 
 
 def flex_output(q, k, v, mask_from, q_pos=None, k_pos=None):
-    """FlexAttention with the memento rule as mask_mod (CUDA only; None elsewhere)."""
+    """FlexAttention with the memento rule as mask_mod (CUDA only; None elsewhere). Paper §4, §6.1."""
     if not q.is_cuda:
         return None
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # CUDA + torch.compile only
@@ -180,7 +180,7 @@ def flex_output(q, k, v, mask_from, q_pos=None, k_pos=None):
 
 
 def verdict(name: str, ours: float, baseline: float, margin: float = MARGIN, **extra) -> dict:
-    """One check's record: ours passes when ours <= margin x baseline + FLOOR."""
+    """One check's record: ours passes when ours <= margin x baseline + FLOOR. Paper §4, §6.1."""
     limit = margin * baseline + FLOOR
     return {"check": name, "ok": bool(ours <= limit), "rel_err": ours, "baseline_rel_err": baseline,
             "threshold": limit, **extra}
@@ -188,7 +188,7 @@ def verdict(name: str, ours: float, baseline: float, margin: float = MARGIN, **e
 
 def check_forward(sizes: dict, device, attend=memento_flash_attention) -> list[dict]:
     """The forward cases of the module docstring, for bf16 and fp16; `attend` is the kernel
-    under test (a wrong one must fail: tests/test_gpu_check.py)."""
+    under test (a wrong one must fail: tests/test_gpu_check.py). Paper §4, §6.1."""
     Hq, Hkv = sizes["H"]
     D, chunk = sizes["D"], sizes["chunk"]
     g = torch.Generator(device=device).manual_seed(0)
@@ -227,7 +227,7 @@ def check_forward(sizes: dict, device, attend=memento_flash_attention) -> list[d
 
 def check_backward(sizes: dict, device, attend=memento_flash_attention) -> list[dict]:
     """dQ, dK, dV at grad_T for bf16 and fp16 against the fp32 reference's gradients, the
-    threshold from the baseline's gradients; finite and bitwise repeatable."""
+    threshold from the baseline's gradients; finite and bitwise repeatable. Paper §4, §6.1."""
     Hq, Hkv = sizes["H"]
     D, T = sizes["D"], sizes["grad_T"]
     g = torch.Generator(device=device).manual_seed(1)
@@ -254,7 +254,7 @@ def check_backward(sizes: dict, device, attend=memento_flash_attention) -> list[
 def check_training(sizes: dict, device) -> list[dict]:
     """train_steps AdamW steps of one small Qwen3 (head dim 128 on a GPU) under bf16 autocast
     with the triton backend and with sdpa, from one initialization on the same batches: the
-    per-step losses agree within LOSS_BAND."""
+    per-step losses agree within LOSS_BAND. Paper §4, §6.1."""
     T, steps = sizes["train_T"], sizes["train_steps"]
     head_dim = 128 if device.type == "cuda" else sizes["D"]
     cfg = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -287,7 +287,8 @@ def check_training(sizes: dict, device) -> list[dict]:
 
 def check_paged(sizes: dict, device, attend=paged_attention) -> list[dict]:
     """Decode steps (1 query) and 16-query chunks over a shuffled paged pool against
-    paged_attention_reference, the threshold from the baseline on the gathered K/V in bf16."""
+    paged_attention_reference, the threshold from the baseline on the gathered K/V in bf16.
+    Paper §4, §6.1."""
     Hq, Hkv = sizes["H"]
     D, page = sizes["D"], 16
     g = torch.Generator().manual_seed(3)
@@ -322,7 +323,8 @@ def check_paged(sizes: dict, device, attend=paged_attention) -> list[dict]:
 
 
 def run_script(args: list[str], timeout: int) -> dict:
-    """A repository script as a step: its exit status, last lines of output and JSON lines."""
+    """A repository script as a step: its exit status, last lines of output and JSON lines.
+    Paper §4, §6.1."""
     r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     return {"returncode": r.returncode, "tail": (r.stdout + r.stderr)[-2000:], "records": lines}
@@ -333,7 +335,7 @@ def run(mode: str, device: torch.device, attend=memento_flash_attention, paged=p
     """Every step of `mode` ("full", "quick" or "tiny") on `device`; returns the summary
     (checks, timings, steps with seconds and budgets, ok). attend / paged: the kernels under
     test (tests pass a wrong one to see the checks fail). extended: the native test files and
-    the memory formula's check after the timings (CUDA only)."""
+    the memory formula's check after the timings (CUDA only). Paper §4, §6.1."""
     sizes = MODES[mode]
     summary = {"mode": mode, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
                "torch": torch.__version__, "checks": [], "steps": [], "timings": []}
@@ -401,7 +403,7 @@ def _figures(r: dict) -> str:
 
 def main(argv=None) -> int:
     """Command line; returns the exit status (0: every check passed, 1: one failed, 2: no GPU
-    and no --tiny)."""
+    and no --tiny). Paper §4, §6.1."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sel = ap.add_mutually_exclusive_group()
     sel.add_argument("--quick", action="store_true", help="the checks at 4K and timings at 4K: under three minutes")

@@ -260,6 +260,7 @@ def rl_estimate(cfg, *, world_size: int = 8, fsdp: bool = True, seq_len: int = 3
         RLEstimate, in bytes (tokens and counts where named so).
     Raises:
         ValueError for a non-positive size, or a default pool with no room left.
+    Paper §A.2.3.
     """
     if min(world_size, seq_len, micro_batch_size, prompts_per_step, group_size, max_num_seqs, max_num_batched_tokens) < 1:
         raise ValueError("rl_estimate: sizes must be >= 1")

@@ -18,7 +18,7 @@ from model import Qwen3, Qwen3Config
 
 def workload(tok, n: int, scale: float, seed: int = 0) -> list[tuple[list[int], list[int]]]:
     """n (prompt ids, response ids) pairs shaped like OpenMementos traces, lengths x scale
-    (+-25% jitter; random lowercase letters, one byte-level token each)."""
+    (+-25% jitter; random lowercase letters, one byte-level token each). Paper §6.1."""
     rng = random.Random(seed)
     text = lambda n_: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(max(1, n_)))  # noqa: E731
     jit = lambda x: round(x * scale * rng.uniform(0.75, 1.25))  # noqa: E731
@@ -31,7 +31,7 @@ def workload(tok, n: int, scale: float, seed: int = 0) -> list[tuple[list[int], 
 
 
 def build_model(hidden: int, layers: int, heads: int, kv_heads: int) -> Qwen3:
-    """A random fp32 Qwen3 of this shape (byte-level vocabulary, tied embeddings)."""
+    """A random fp32 Qwen3 of this shape (byte-level vocabulary, tied embeddings). Paper §6.1."""
     cfg = Qwen3Config(vocab_size=272, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                       max_position_embeddings=40960, tie_word_embeddings=True)
@@ -40,7 +40,7 @@ def build_model(hidden: int, layers: int, heads: int, kv_heads: int) -> Qwen3:
 
 @torch.no_grad()
 def serve(model, tok, reqs, *, mode: Mode, pool_tokens: int | None, page_size: int) -> dict:
-    """Run the workload through one Engine (every request may run at once); its figures."""
+    """Run the workload through one Engine (every request may run at once); its figures. Paper §6.1."""
     n = len(reqs)
     config = EngineConfig(MementoConfig(0), mode=mode, max_num_seqs=n, max_num_batched_tokens=max(2048, n),
                           page_size=page_size, kv_cache_tokens=pool_tokens, unbounded_kv_cache=pool_tokens is None)
@@ -59,6 +59,6 @@ def serve(model, tok, reqs, *, mode: Mode, pool_tokens: int | None, page_size: i
 
 
 def quantile(xs: list[float], q: float) -> float:
-    """The q-quantile (nearest rank, lower) of the values that are not None; NaN if none."""
+    """The q-quantile (nearest rank, lower) of the values that are not None; NaN if none. Paper §6.1."""
     xs = sorted(x for x in xs if x is not None)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")

@@ -112,7 +112,7 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 def row_offsets(rows, stride):
     """rows * stride in int64: the element offset of each row. In the model's layout a token's
     row is Hq * D elements from the next, so int32 would wrap once T * Hq * D >= 2**31 (512K
-    tokens at 32 x 128 heads); every row offset of both kernel files goes through here."""
+    tokens at 32 x 128 heads); every row offset of both kernel files goes through here. Paper §4."""
     return rows.to(tl.int64) * stride
 
 
@@ -120,7 +120,7 @@ def row_offsets(rows, stride):
 def program_tile(T, BLOCK: tl.constexpr):
     """(tile, batch x head) of this program. The grid is one axis of cdiv(T, BLOCK) x B x H
     programs, tiles of one head consecutive as a 2-D grid would order them: CUDA allows 2**31 - 1
-    programs on the first axis but 65,535 on the others, which B x H could pass."""
+    programs on the first axis but 65,535 on the others, which B x H could pass. Paper §4."""
     n = tl.cdiv(T, BLOCK)
     pid = tl.program_id(0)
     return pid % n, pid // n
@@ -587,6 +587,7 @@ def csr_lists(schedule: torch.Tensor):
         columns *_idx[*_start[b, r]:*_start[b, r] + *_num[b, r]], in increasing order: the
         same lists as tile_lists, without its [B, R, C] padding. One host sync (the count of
         visited tiles sizes *_idx).
+    Paper §4.
     """
     out = []
     for cls in (FULL, PARTIAL):
@@ -650,7 +651,7 @@ class TileMask:
 
 def launch_grid(tiles: int, batch_heads: int) -> tuple[int]:
     """The one-axis grid of program_tile: tiles x batch_heads programs. Raises ValueError past
-    CUDA's 2**31 - 1 programs on that axis (never reached below ~10^12 tokens x heads)."""
+    CUDA's 2**31 - 1 programs on that axis (never reached below ~10^12 tokens x heads). Paper §4."""
     n = tiles * batch_heads
     if n > 2**31 - 1:
         raise ValueError(f"memento_flash_attention: {tiles} tiles x {batch_heads} batch-heads = {n} programs exceed "
@@ -699,7 +700,7 @@ ARCH_SMEM = {"sm_80": 166912, "sm_86": 101376, "sm_90": 232448, "sm_100": 232448
 
 def arch_family(capability: tuple[int, int]) -> str:
     """The config-table family of a CUDA compute capability (major, minor); an unknown one
-    gets sm_86's table, searched under the smallest shared memory of the families (99 KB)."""
+    gets sm_86's table, searched under the smallest shared memory of the families (99 KB). Paper §4."""
     major, minor = capability
     if major == 8:
         return "sm_80" if minor in (0, 7) else "sm_86"
