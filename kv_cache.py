@@ -20,7 +20,7 @@ of one forward): `append` fills the slots of the new tokens once for all layers,
 layer's `attend` stores its K/V and attends over every held token of each row. After
 compaction a sequence's pages hold only tokens its next queries may see (evicted blocks are
 gone, and a chunk never crosses a mask event), so decoding needs ordinary causal attention
-over pages: on a GPU the paged-attention kernel (kernels/paged_attention.py) reads them in
+over pages: on a GPU the paged-attention kernel (memento_kernels/paged_attention.py) reads them in
 place through the page table; elsewhere, or for a cache that still holds masked tokens, the
 rows are gathered into a padded view for memento_attention.attention.
 """
@@ -487,7 +487,7 @@ _warned: list = []  # the page-size warning is logged once per process
 
 
 def _paged_max_query_len() -> int:
-    from kernels.paged_attention import MAX_QUERY_LEN  # triton: CUDA, or CPU under the interpreter
+    from memento_kernels.paged_attention import MAX_QUERY_LEN  # triton: CUDA, or CPU under the interpreter
 
     return MAX_QUERY_LEN
 
@@ -521,7 +521,7 @@ class _LayerView:
         self.store(k, v)
         kl, vl = c.k[self.layer], c.v[self.layer]
         if b.paged:
-            from kernels.paged_attention import paged_attention  # triton: CUDA, or CPU under the interpreter
+            from memento_kernels.paged_attention import paged_attention  # triton: CUDA, or CPU under the interpreter
 
             y = paged_attention(q.to(kl.dtype), kl, vl, b.table, b.lengths_i32, b.qlens_i32, page_size=c.page_size,
                                 max_context=b.max_length, check_values=False)

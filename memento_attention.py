@@ -104,12 +104,12 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
         backend: "torch" (the dense reference below, the oracle of every test), "sdpa"
             (torch's fused scaled_dot_product_attention with the same rule as a dense boolean
             [B, 1, Tq, Tk] mask: what the paper trained with, and the fast CPU path), or
-            "triton" (the block-masked flash kernel of kernels/, CUDA or TRITON_INTERPRET=1).
+            "triton" (the block-masked flash kernel of memento_kernels/, CUDA or TRITON_INTERPRET=1).
             None reads $MEMENTO_ATTN_BACKEND, else picks triton on CUDA and sdpa elsewhere.
             "triton" never builds a Tq x Tk tensor: whole sequences (training) run the
             differentiable kernel, queries against a KV cache (any number of them) its
             forward with positions. (A serving engine's decode steps read the paged pool
-            directly: kv_cache.py and kernels/paged_attention.py.)
+            directly: kv_cache.py and memento_kernels/paged_attention.py.)
     Mixed precision: under torch.autocast for q's device type, q, k and v are cast to the
     autocast dtype and attention runs in it (as autocast does for SDPA): the output is in
     that dtype. Outside autocast q, k and v must share one dtype (a bf16 model gives bf16).
@@ -130,7 +130,7 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
 
 def prepare_mask(mask_from: torch.Tensor | None, shape: tuple[int, int], device, backend: str | None = None):
     """What a model forward hands every layer as mask_from (§4): under the triton backend a
-    kernels.memento_flash.TileMask, whose tile lists are built once and shared by all layers,
+    memento_kernels.memento_flash.TileMask, whose tile lists are built once and shared by all layers,
     their backward and gradient checkpointing's recompute; under the others mask_from as is.
 
     Args:
@@ -140,7 +140,7 @@ def prepare_mask(mask_from: torch.Tensor | None, shape: tuple[int, int], device,
     """
     if resolve_backend(device, backend) != "triton":
         return mask_from
-    from kernels.memento_flash import TileMask  # triton only when asked for (see _attention)
+    from memento_kernels.memento_flash import TileMask  # triton only when asked for (see _attention)
 
     if mask_from is None:
         mask_from = torch.full(shape, NEVER, device=device, dtype=torch.int32)
@@ -159,7 +159,7 @@ def _attention(q, k, v, mask_from, q_pos, k_pos, backend):
     if backend == "triton" and q_pos is None and k_pos is None and Tq == Tk:
         # imported here: on a CPU the kernels only run under TRITON_INTERPRET=1, which must be
         # set before triton is imported (tests do); the other backends never need triton
-        from kernels.memento_flash import memento_flash_attention
+        from memento_kernels.memento_flash import memento_flash_attention
 
         if mask_from is None:
             mask_from = torch.full((B, Tk), NEVER, device=q.device, dtype=torch.int32)
@@ -170,7 +170,7 @@ def _attention(q, k, v, mask_from, q_pos, k_pos, backend):
         return attention_reference(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
     q_pos, k_pos, mask_from = _defaults(q, k, mask_from, q_pos, k_pos)
     if backend == "triton":
-        from kernels.memento_flash import memento_flash_attention  # see above
+        from memento_kernels.memento_flash import memento_flash_attention  # see above
 
         return memento_flash_attention(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
     vis = visible_mask(q_pos.long(), k_pos.long(), mask_from.long())[:, None]

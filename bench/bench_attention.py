@@ -9,8 +9,8 @@ peak memory, for:
     sdpa_causal    torch SDPA, is_causal=True, no mask (lower bound of the dense approach)
     flex_128x128   FlexAttention with the memento rule as mask_mod, 128 x 128 block mask
     flex_128x64    the same with a 128 x 64 block mask (our forward's tile)
-    ours_causal    kernels.memento_flash with mask_from all NEVER (pure causal)
-    ours_memento   kernels.memento_flash with the memento mask_from (a TileMask prebuilt, as a
+    ours_causal    memento_kernels.memento_flash with mask_from all NEVER (pure causal)
+    ours_memento   memento_kernels.memento_flash with the memento mask_from (a TileMask prebuilt, as a
                    model forward builds it once for all layers)
 
 The memento mask is shaped like OpenMementos traces (bench/attention_cases.py). TFLOP/s count
@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from attention_cases import dense_mask, openmementos_mask_from, peak_bytes, time_ms, visible_pairs  # noqa: E402
 from blocks import NEVER  # noqa: E402
-from kernels.memento_flash import (TileMask, _config, csr_lists, memento_flash_attention, tile_lists,  # noqa: E402
+from memento_kernels.memento_flash import (TileMask, _config, csr_lists, memento_flash_attention, tile_lists,  # noqa: E402
                                    tile_schedule, tile_stats)
 from memento_attention import attention_reference  # noqa: E402
 

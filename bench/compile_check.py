@@ -11,8 +11,8 @@ whether the main loop is software-pipelined: asynchronous copies in the TTGIR
     python bench/compile_check.py [--arch 90] [--dtypes bf16,fp16,fp32] [--dims 64,128] [--json]
                                   [--page-size 16] [--strict]
 
-Kernels: the memento flash kernels (kernels/memento_flash.py: fwd, fwd_pos, dq, dkdv) and the
-paged-attention kernels (kernels/paged_attention.py), each paged variant with the config
+Kernels: the memento flash kernels (memento_kernels/memento_flash.py: fwd, fwd_pos, dq, dkdv) and the
+paged-attention kernels (memento_kernels/paged_attention.py), each paged variant with the config
 paged_attention launches: paged_dec (decode: GQA group x query positions <= 16 rows, split
 KV), paged_dec1 (the same without split: the epilogue normalises and stores), paged_chunk
 (prefill chunks: more rows, split KV), paged_chunk1 (no split), and paged_reduce (combines
@@ -43,8 +43,8 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import kernels.memento_flash as mf  # noqa: E402
-import kernels.paged_attention as pa  # noqa: E402
+import memento_kernels.memento_flash as mf  # noqa: E402
+import memento_kernels.paged_attention as pa  # noqa: E402
 
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
@@ -228,7 +228,7 @@ CANDIDATES = {
 def search(dtype: str, D: int, arch: int) -> dict:
     """The launch config of each kernel for (dtype, D, sm_{arch}): the first of CANDIDATES
     that compiles software-pipelined, spill-free and within smem_limit(arch) (the forward must
-    satisfy this in both forms). How kernels/memento_flash._config's table was made."""
+    satisfy this in both forms). How memento_kernels/memento_flash._config's table was made."""
     real = mf._config
     picked = {}
     try:
@@ -316,7 +316,7 @@ def main():
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel")
     ap.add_argument("--search", action="store_true", help="print the config table _config holds (slow: minutes)")
     ap.add_argument("--search-paged", action="store_true",
-                    help="print the config table kernels/paged_attention._CUDA_CONFIGS holds (slow: minutes)")
+                    help="print the config table memento_kernels/paged_attention._CUDA_CONFIGS holds (slow: minutes)")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 if a kernel of ours spills, exceeds the family's shared memory or has a main loop not pipelined")
     args = ap.parse_args()

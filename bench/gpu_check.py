@@ -26,7 +26,7 @@ and flags a step over its budget):
     training (60 / 25)   20 (quick: 10) optimizer steps of a 2-layer Qwen3 with head dim 128 in
                          bf16 autocast, triton against sdpa from one initialization on the same
                          memento-masked batches: every step's losses within 2% of each other.
-    paged    (30 / 15)   kernels/paged_attention.py on decode steps and 16-query chunks over a
+    paged    (30 / 15)   memento_kernels/paged_attention.py on decode steps and 16-query chunks over a
                          shuffled paged pool, against paged_attention_reference (fp32), the same
                          threshold against the baseline on each row's gathered K/V in bf16.
     graphs   (60 / -)    bench/bench_cuda_graphs.py: eager and CUDA-graph decoding give the
@@ -64,8 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_cases import openmementos_mask_from  # noqa: E402
 from blocks import NEVER  # noqa: E402
-from kernels.memento_flash import memento_flash_attention  # noqa: E402
-from kernels.paged_attention import paged_attention, paged_attention_reference  # noqa: E402
+from memento_kernels.memento_flash import memento_flash_attention  # noqa: E402
+from memento_kernels.paged_attention import paged_attention, paged_attention_reference  # noqa: E402
 from memento_attention import attention_reference, visible_mask  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
 

@@ -11,7 +11,7 @@ import engine as engine_module
 from blocks import MementoConfig
 from cuda_graphs import DecodeGraphs, capture_sizes
 from engine import Engine, EngineConfig, SamplingParams
-from kernels import paged_attention
+from memento_kernels import paged_attention
 from tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()

@@ -10,8 +10,8 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_check  # noqa: E402
 
-from kernels.memento_flash import memento_flash_attention  # noqa: E402
-from kernels.paged_attention import paged_attention  # noqa: E402
+from memento_kernels.memento_flash import memento_flash_attention  # noqa: E402
+from memento_kernels.paged_attention import paged_attention  # noqa: E402
 
 
 def test_the_real_kernels_pass_every_check(tmp_path, capsys):

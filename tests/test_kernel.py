@@ -1,4 +1,4 @@
-"""Tests of the block-masked flash attention kernels (kernels/memento_flash.py, paper §4).
+"""Tests of the block-masked flash attention kernels (memento_kernels/memento_flash.py, paper §4).
 
 Without CUDA every test runs the Triton kernels under the interpreter (TRITON_INTERPRET=1,
 which conftest.py sets before anything imports triton); with CUDA they run natively. Shapes are tiny so the
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from blocks import NEVER
 from conftest import tiny_model
-from kernels.memento_flash import (FULL, PARTIAL, SKIP, TileMask, csr_lists, launch_grid, memento_flash_attention,
+from memento_kernels.memento_flash import (FULL, PARTIAL, SKIP, TileMask, csr_lists, launch_grid, memento_flash_attention,
                                    row_offsets, tile_lists, tile_schedule, tile_stats)
 from memento_attention import attention, attention_reference, visible_mask
 
@@ -266,7 +266,7 @@ def test_non_contiguous_inputs():
 def _count_kernel_calls(monkeypatch):
     # memento_attention.attention imports the kernel at call time, so patching the module
     # attribute catches every call; a silent fallback to the reference would count 0.
-    from kernels import memento_flash
+    from memento_kernels import memento_flash
 
     calls = []
     real = memento_flash.memento_flash_attention
@@ -307,7 +307,7 @@ def test_int64_mask_from_beyond_int32_stays_never():
 
 
 def test_cpu_tensors_without_interpreter_get_one_clear_error(monkeypatch):
-    from kernels import memento_flash
+    from memento_kernels import memento_flash
 
     monkeypatch.setattr(memento_flash, "_INTERPRET", False)
     q = torch.randn(1, 2, 8, 16)
@@ -324,7 +324,7 @@ _CUDA_TILE_CASES = [(64, torch.float32, (9, 0)), (128, torch.float32, (9, 0)), (
 
 @pytest.mark.parametrize("D,dtype,sm", _CUDA_TILE_CASES, ids=lambda x: str(x).removeprefix("torch."))
 def test_head_dims_64_and_128_with_the_cuda_default_tiles(monkeypatch, D, dtype, sm):
-    from kernels import memento_flash
+    from memento_kernels import memento_flash
 
     real, used = memento_flash._config, []
 
@@ -535,7 +535,7 @@ def test_a_model_forward_and_backward_build_the_tile_lists_once(monkeypatch, che
     """Every layer's forward, dQ and dK/dV kernels (and gradient checkpointing's recompute)
     read one TileMask: tile_schedule runs once per distinct tiling of the batch, not three
     times per layer; the loss and gradients still equal the dense reference's."""
-    from kernels import memento_flash
+    from memento_kernels import memento_flash
 
     g = torch.Generator().manual_seed(0)
     T = 70
@@ -725,7 +725,7 @@ def test_each_architecture_family_has_its_table(capability, family):
     unknown one gets the 99 KB table. Every table covers every dtype class and head dim, and
     every tile fits its family's shared memory at 3 bytes per element of Q/K/V tiles
     (a floor that any config of the kernels exceeds)."""
-    from kernels import memento_flash
+    from memento_kernels import memento_flash
 
     assert memento_flash.arch_family(capability) == family
     table = memento_flash._CUDA_CONFIGS[family]

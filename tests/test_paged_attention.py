@@ -1,4 +1,4 @@
-"""Tests of the paged-attention kernels (kernels/paged_attention.py, paper §6.1).
+"""Tests of the paged-attention kernels (memento_kernels/paged_attention.py, paper §6.1).
 
 Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, which
 conftest.py sets before anything imports triton); shapes are tiny so the file runs in seconds on one core. Each
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-import kernels.paged_attention as pa
-from kernels.paged_attention import choose_num_splits, paged_attention, paged_attention_reference
+import memento_kernels.paged_attention as pa
+from memento_kernels.paged_attention import choose_num_splits, paged_attention, paged_attention_reference
 
 CUDA = torch.cuda.is_available()
 

@@ -18,7 +18,7 @@ import sft
 from data import openmementos, toy_task
 from engine import EngineConfig, SamplingParams, sample
 from engine import generate
-from kernels import memento_flash
+from memento_kernels import memento_flash
 from blocks import MementoConfig, MementoTokens, build_mask_from
 from model import IGNORE_INDEX
 from tokenizer import Tokenizer
@@ -36,7 +36,7 @@ def _model(**kw):
 def _count_calls(monkeypatch):
     """Record the query count of every kernel call (the memento kernel; the paged kernel) and
     every dense reference call."""
-    from kernels import paged_attention
+    from memento_kernels import paged_attention
 
     calls = {"kernel": [], "reference": [], "paged": []}
     real_paged = paged_attention.paged_attention

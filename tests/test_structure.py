@@ -110,3 +110,64 @@ def test_the_graph_walk_sees_imports_and_cycles(tmp_path, monkeypatch):
     (tmp_path / "sft.py").write_text("")
     with pytest.raises(AssertionError, match="import cycle: blocks -> training -> engine -> blocks"):
         test_no_module_imports_an_entry_point_and_there_is_no_cycle()
+
+
+def top_level_names(root: Path) -> dict[str, str]:
+    """The names `import X` resolves to this repository when its root is first on sys.path:
+    each top-level .py file and each folder holding Python code (a package, or a namespace
+    package such as data/), mapped to the file or folder that provides it."""
+    out = {}
+    for p in root.iterdir():
+        if p.name.startswith(".") or p.name == "__pycache__":
+            continue
+        if p.is_file() and p.suffix == ".py":
+            out[p.stem] = p.name
+        elif p.is_dir() and p.name.isidentifier() and any(p.glob("*.py")):
+            out[p.name] = p.name + "/"
+    return out
+
+
+def shadowed(root: Path) -> list[str]:
+    """One line per top-level name of `root` that an installed distribution also provides."""
+    import importlib.metadata
+
+    provided = importlib.metadata.packages_distributions()
+    return [f"{path} shadows the top-level name {name!r} of the installed distribution(s) "
+            f"{', '.join(sorted(set(provided[name])))}"
+            for name, path in sorted(top_level_names(root).items()) if name in provided]
+
+
+def test_no_top_level_name_shadows_an_installed_distribution():
+    names = top_level_names(REPO)
+    assert {"model", "engine", "memento_kernels", "data", "tests"} <= set(names)  # the walk sees files and folders
+    bad = shadowed(REPO)
+    assert not bad, "\n".join(bad)
+
+
+def test_the_shadowing_check_names_both_sides(tmp_path):
+    """A throwaway tree with a top-level kernels/ and a yaml.py (both provided by installed
+    distributions: Hugging Face's kernels, which transformers imports, and PyYAML) is reported,
+    naming the file and the distribution."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "yaml.py").write_text("")
+    (tmp_path / "ours.py").write_text("")
+    bad = shadowed(tmp_path)
+    assert bad == ["kernels/ shadows the top-level name 'kernels' of the installed distribution(s) kernels",
+                   "yaml.py shadows the top-level name 'yaml' of the installed distribution(s) PyYAML"], bad
+
+
+def test_transformers_qwen3_imports_with_the_repository_first_on_sys_path():
+    """What every script run from the root does (its folder is sys.path[0]), in a fresh process:
+    importing transformers' Qwen3 model class, which imports Hugging Face's `kernels`, must not
+    find a module of ours instead."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from transformers import Qwen3ForCausalLM; import transformers.integrations.hub_kernels; "
+            "print(Qwen3ForCausalLM.__module__)")
+    r = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "transformers.models.qwen3.modeling_qwen3"

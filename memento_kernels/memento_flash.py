@@ -135,7 +135,7 @@ def load_and_score(q, k_base, v_base, rows, ok, s_k, s_v, qk_scale, BLOCK_M: tl.
     """kT [D, BLOCK_N], v [BLOCK_N, D] of the keys at rows [BLOCK_N] (row indices into k_base /
     v_base, whose rows are s_k / s_v elements apart), and s = q k^T * qk_scale [BLOCK_M,
     BLOCK_N]. MASKED: load only where ok [BLOCK_N] (0 elsewhere); an unmasked tile has no
-    bounds check, so that Triton pipelines its loads. Shared with kernels/paged_attention.py."""
+    bounds check, so that Triton pipelines its loads. Shared with memento_kernels/paged_attention.py."""
     offs_d = tl.arange(0, HEAD_D)
     if MASKED:
         kT = tl.load(k_base + row_offsets(rows, s_k)[None, :] + offs_d[:, None], mask=ok[None, :], other=0.0)
@@ -189,7 +189,7 @@ def _key_tile_scores(q, qp, k_base, v_base, mf_base, kp_base, kt, s_kt, s_vt, TK
 def online_softmax_step(acc, l_i, m_i, s, v, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Fold one key tile (scores s [BLOCK_M, BLOCK_N] in base 2, values v [BLOCK_N, D]) into
     the running (acc, l, m) of every query row; the step every forward loop here and in
-    kernels/paged_attention.py takes."""
+    memento_kernels/paged_attention.py takes."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_shift)

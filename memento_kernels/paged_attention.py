@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.memento_flash import _INTERPRET, load_and_score, online_softmax_step
+from memento_kernels.memento_flash import _INTERPRET, load_and_score, online_softmax_step
 
 _SUPPORTED_D = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
