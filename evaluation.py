@@ -201,7 +201,7 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
     eng = Engine(model, tok, config, on_finish=finished)
     max_tokens = config.sampling.max_tokens or 32768
     for p, m, k in todo:
-        prompt = tok.encode(tok.chat_prompt(p.prompt))
+        prompt = tok.prompt_ids(p.prompt)
         cap = min(max_tokens, toy_cap) if p.kind == "toy" else max_tokens
         params = replace(config.sampling, seed=request_seed(seed, p.id, k),
                          max_tokens=max(1, min(cap, model.config.max_position_embeddings - len(prompt))))

@@ -148,7 +148,7 @@ def main(argv=None):
 
     # (name, prompt ids, forced response ids or None)
     if args.replay:
-        jobs = [(f"{args.replay}:{i}", tok.encode(tok.chat_prompt(str(rec.get("problem", "")))), tok.encode(rec["response"]))
+        jobs = [(f"{args.replay}:{i}", tok.prompt_ids(str(rec.get("problem", ""))), tok.encode(rec["response"]))
                 for i, rec in read_replay(args.replay)]
         if not jobs:
             sys.exit("generate.py: no usable trace in the replay file")
@@ -156,7 +156,7 @@ def main(argv=None):
         texts = [("prompt", args.prompt)] if args.prompt is not None else read_prompts(args.prompts_file)
         if not texts:
             sys.exit("generate.py: no prompt in the prompts file")
-        jobs = [(f"{name}#{k}" if args.num_samples > 1 else name, tok.encode(tok.chat_prompt(text)), None)
+        jobs = [(f"{name}#{k}" if args.num_samples > 1 else name, tok.prompt_ids(text), None)
                 for name, text in texts for k in range(args.num_samples)]
     max_pos = model.config.max_position_embeddings
     for i, (name, prompt, forced) in enumerate(jobs):

@@ -26,6 +26,9 @@ QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", THINK_START, THINK_END]
+# The special tokens an assistant turn may carry back into a conversation (Tokenizer.chat_ids):
+# what the model itself writes, never the turn tokens.
+ASSISTANT_SPECIALS = frozenset([THINK_START, THINK_END, *MEMENTO_TOKENS])
 
 # ChatML as a Hugging Face chat template: the messages as given, no default system prompt,
 # and the opening of the assistant turn (the same text as Tokenizer.chat_prompt).
@@ -49,8 +52,11 @@ def bytes_to_unicode() -> dict[int, str]:
 class Tokenizer:
     """Byte-level BPE tokenizer backed by a `tiktoken.Encoding`.
 
-    Special (and HF "added") tokens are matched in any text passed to `encode`, as HF
-    tokenizers do. Build with `from_file`, `from_dir` or `byte_level`.
+    Special (and HF "added") tokens written in text become their ids in `encode`, as HF
+    tokenizers do, unless `special=False`: then the text is plain text, byte for byte. What a
+    user or a data file writes (a problem, a prompt, a chat message) goes through the plain
+    path (`prompt_ids`, `chat_ids`), so that only the template makes control tokens.
+    Build with `from_file`, `from_dir` or `byte_level`.
     """
 
     def __init__(self, hf_json: dict, source: str = "tokenizer.json", config: dict | None = None):
@@ -186,11 +192,19 @@ class Tokenizer:
         """One more than the largest id in use (the embedding needs at least this many rows)."""
         return max(max(self.ranks.values()), max(self.special_ids.values(), default=-1)) + 1
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens written in the text become their ids."""
+    def encode(self, text: str, special: bool | frozenset[str] = True) -> list[int]:
+        """Token ids of `text` (a str; paper §3 format).
+
+        special: True, every special token written in the text becomes its id (a trace, a
+        template); False, none does: "<|im_end|>" in the text is the bytes of those nine
+        characters, as any other text (what a user or a data file wrote); a set of special
+        token strings: only those become ids. Raises nothing for any str."""
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
-        return self.enc.encode(text, allowed_special="all")
+        if special is True:
+            return self.enc.encode(text, allowed_special="all")
+        allowed = set(special) if special else set()
+        return self.enc.encode(text, allowed_special=allowed, disallowed_special=())
 
     def decode(self, ids) -> str:
         """Text of `ids` (invalid UTF-8 from a cut multi-byte character becomes U+FFFD)."""
@@ -209,8 +223,35 @@ class Tokenizer:
                            "add the memento tokens with checkpoint.add_memento_tokens") from None
 
     def chat_prompt(self, problem: str) -> str:
-        """ChatML for one user turn, no system prompt, opening the assistant turn (§2)."""
+        """ChatML for one user turn, no system prompt, opening the assistant turn (§2), as text.
+        To tokenize a prompt use `prompt_ids`, which keeps the problem's text plain."""
         return f"<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n"
+
+    def prompt_ids(self, problem: str) -> list[int]:
+        """The ids of chat_prompt(problem) (paper §3: ChatML, no system prompt), the problem
+        tokenized as plain text: a control token written in it (ChatML, memento, <think>) stays
+        text and can neither close the user turn nor open a block. Equals
+        encode(chat_prompt(problem)) for a problem without special tokens. Raises nothing."""
+        return self.chat_ids([("user", problem)])
+
+    def chat_ids(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """ChatML ids of (role, content) turns, `<|im_start|>role\ncontent<|im_end|>\n` each,
+        then the assistant turn opened (paper §3). The turn tokens come only from this
+        template. Role and content are plain text (`encode(special=False)`), except that an
+        assistant turn's content keeps the reasoning and memento tokens it was generated with
+        (<think>, </think> and the four block/summary tokens): a conversation sent back
+        reads as the model wrote it, and no turn can forge a turn boundary. Raises KeyError
+        if the tokenizer lacks <|im_start|> or <|im_end|>."""
+        start, end = self.token_id("<|im_start|>"), self.token_id("<|im_end|>")
+        newline = self.encode("\n", special=False)
+        own = ASSISTANT_SPECIALS & self.special_ids.keys()
+        out = []
+        for role, content in messages:
+            # role and content as one piece, as encode(chat_prompt(...)) splits them
+            out += [start, *self.encode(f"{role}\n{content}", special=own if role == "assistant" else False), end, *newline]
+        if add_generation_prompt:
+            out += [start, *self.encode("assistant\n", special=False)]
+        return out
 
 
 def _added(content: str, idx: int) -> dict:

@@ -223,7 +223,7 @@ def rollouts(model, tok, problems: list[Problem], args, step_seed: int) -> list[
     toy_cap = toy_max_new_tokens(tok)
     seqs = []
     for p in problems:
-        prompt = tok.encode(tok.chat_prompt(p.prompt))
+        prompt = tok.prompt_ids(p.prompt)
         cap = min(args.max_new_tokens, toy_cap) if p.kind == "toy" else args.max_new_tokens
         cap = max(1, min(cap, model.config.max_position_embeddings - len(prompt)))
         for k in range(args.group_size):  # full distribution, no top-k/top-p: the log-probs are the policy's

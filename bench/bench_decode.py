@@ -31,7 +31,7 @@ def structured_sequence(tok, n_tokens, seed=0, prompt=200, block=1150, memento=1
     """Prompt ids and a response of about n_tokens: blocks and mementos of random bytes."""
     rng = random.Random(seed)
     text = lambda n: bytes(rng.randrange(97, 123) for _ in range(n)).decode()
-    ids = tok.encode(tok.chat_prompt(text(prompt)))
+    ids = tok.prompt_ids(text(prompt))
     resp = tok.encode("<think>\n")
     while len(resp) < n_tokens:
         resp += tok.encode(f"<|block_start|>{text(block)}<|block_end|>\n<|summary_start|>{text(memento)}<|summary_end|>\n")
@@ -73,7 +73,7 @@ def main():
     if f.exists():
         for i, line in enumerate(f.read_text().splitlines(), 1):
             d = json.loads(line)
-            p, r = tok.encode(tok.chat_prompt(d["problem"])), tok.encode(d["response"])
+            p, r = tok.prompt_ids(d["problem"]), tok.encode(d["response"])
             seqs, _ = generate(model, tok, [p], EngineConfig(MementoConfig(0), replay_chunk=512), forced=[r])
             c, n = seqs[0].curve, len(p) + len(r)
             traces.append({"trace": f"{f.name}:{i}", "domain": d.get("domain"), "tokens": n, "peak_kv_tokens": max(c),

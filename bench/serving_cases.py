@@ -26,7 +26,7 @@ def workload(tok, n: int, scale: float, seed: int = 0) -> list[tuple[list[int], 
     for _ in range(n):
         resp = "<think>\n" + "".join(f"<|block_start|>{text(jit(1150))}<|block_end|>\n<|summary_start|>{text(jit(194))}"
                                      "<|summary_end|>\n" for _ in range(rng.randint(7, 11)))
-        out.append((tok.encode(tok.chat_prompt(text(jit(200)))), tok.encode(resp + "</think>\n" + text(jit(40)))))
+        out.append((tok.prompt_ids(text(jit(200))), tok.encode(resp + "</think>\n" + text(jit(40)))))
     return out
 
 

@@ -113,7 +113,7 @@ def tokenize(records: list[dict], tok, max_seq_len: int) -> tuple[list[Example],
             why = problems[0].split(" at ")[0]
             reasons[why] = reasons.get(why, 0) + 1
             continue
-        prompt = tok.encode(tok.chat_prompt(r["problem"]))
+        prompt = tok.prompt_ids(r["problem"])
         if len(prompt) >= max_seq_len:
             why = "prompt fills --max-seq-len"
             reasons[why] = reasons.get(why, 0) + 1

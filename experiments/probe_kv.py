@@ -171,7 +171,7 @@ def memento_kv(model, tok, prompts: list[str], responses: list[str], *, restart:
     fmt = MementoTokens.from_tokenizer(tok)
     out, n_mem = [], None
     for i in range(0, len(prompts), batch):
-        seqs = [tok.encode(tok.chat_prompt(p)) + tok.encode(r) for p, r in zip(prompts[i:i + batch], responses[i:i + batch])]
+        seqs = [tok.prompt_ids(p) + tok.encode(r) for p, r in zip(prompts[i:i + batch], responses[i:i + batch])]
         B, S = len(seqs), max(map(len, seqs))
         ids = torch.zeros(B, S, dtype=torch.int64)
         for r, s in enumerate(seqs):
@@ -215,7 +215,7 @@ def attention_mass(model, tok, prompts: list[str], responses: list[str], *, src:
     model_module.attention = record
     try:
         for p, r in zip(prompts, responses):
-            ids_list = tok.encode(tok.chat_prompt(p)) + tok.encode(r)
+            ids_list = tok.prompt_ids(p) + tok.encode(r)
             tr = BlockTracker(fmt, MementoConfig(0))
             for t in ids_list:
                 tr.step(t)
@@ -384,7 +384,7 @@ def task_metrics(model, tok, n: int, seed: int, design: str = "restate") -> dict
     fresh problems. Returns {task_accuracy, task_n, memento_sum_accuracy}."""
     rng = random.Random(f"task:{seed}")
     samples = [digits.sample(rng, design=design) for _ in range(n)]
-    prompts = [tok.encode(tok.chat_prompt(p.prompt)) for p, _, _ in samples]
+    prompts = [tok.prompt_ids(p.prompt) for p, _, _ in samples]
     ok = 0
     for i in range(0, n, 100):  # generate's eviction costs O(batch) per block; 100 is a middle ground
         seqs, _ = generate(model, tok, prompts[i:i + 100], EngineConfig(MementoConfig(0)),
@@ -393,7 +393,7 @@ def task_metrics(model, tok, n: int, seed: int, design: str = "restate") -> dict
     fmt = MementoTokens.from_tokenizer(tok)
     hit, tot, width = 0, 0, 3 if design == "cumulative" else 1  # digits in a memento's sum
     for (p, r, _) in samples:  # one prefill per trace under the stage-2 mask (= compaction)
-        full = tok.encode(tok.chat_prompt(p.prompt)) + tok.encode(r)
+        full = tok.prompt_ids(p.prompt) + tok.encode(r)
         ids = torch.tensor([full])
         logits = model(ids, mask_from=build_mask_from(ids, fmt, MementoConfig(0)))[0]
         pred = logits.argmax(-1)

@@ -83,7 +83,7 @@ def test_prompt_tokens_carry_no_loss_and_malformed_traces_are_counted():
     ]
     ex, report = openmementos.tokenize([good] + bad, tok, 4096)
     assert report["kept"] == 1 and report["skipped"] == len(bad) and sum(report["reasons"].values()) == len(bad)
-    n_prompt = len(tok.encode(tok.chat_prompt(good["problem"])))
+    n_prompt = len(tok.prompt_ids(good["problem"]))
     e = ex[0]
     assert e.labels[:n_prompt] == [-100] * n_prompt
     assert e.labels[n_prompt:] == e.input_ids[n_prompt:] and e.input_ids[-1] == tok.token_id("<|im_end|>")
