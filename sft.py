@@ -331,5 +331,6 @@ def train(args) -> dict:
         print(f"stage {args.stage} done in {metrics['seconds']:.0f} s; final loss "
               f"{'n/a' if final is None else f'{final:.4f}'}; wrote {run}", flush=True)
     if world > 1:
+        dist.barrier()  # leave together: a gloo rank torn down while its peer still sends can abort
         dist.destroy_process_group()
     return metrics

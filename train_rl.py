@@ -435,6 +435,7 @@ def train(args) -> dict:
     if metrics_out:
         metrics_out.close()
     if world > 1:
+        dist.barrier()  # leave together: a gloo rank torn down while its peer still sends can abort
         dist.destroy_process_group()
     return {"log": log, "seconds": time.perf_counter() - t0, "stopped": stop.name}
 

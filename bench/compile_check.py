@@ -8,8 +8,8 @@ the table reports per kernel: registers per thread, stack bytes (spills), shared
 whether the main loop is software-pipelined: asynchronous copies in the TTGIR
 (`async_copy_global_to_local`, TMA loads) and LDGSTS / UTMALDG instructions in the SASS.
 
-    python bench/compile_check.py [--arch 90] [--dtypes bf16,fp16,fp32] [--dims 64,128] [--json]
-                                  [--page-size 16] [--strict]
+    python bench/compile_check.py [--arch 90 | --arch 80,90] [--dtypes bf16,fp16,fp32] [--dims 64,128]
+                                  [--page-size 16] [--strict] [--jobs 2] [--json]
 
 Kernels: the memento flash kernels (memento_kernels/memento_flash.py: fwd, fwd_pos, dq, dkdv) and the
 paged-attention kernels (memento_kernels/paged_attention.py), each paged variant with the config
@@ -303,16 +303,29 @@ def _yes(flag) -> str:
     return "n/a" if flag is None else "yes" if flag else "NO"
 
 
+def _compile_row(task: tuple) -> tuple[tuple, dict | str]:
+    """One compile of main's table, in a worker process: (task, figures) or (task, error line)."""
+    name, dt, D, arch, page_size = task
+    try:
+        return task, compile_kernel(name, dt, D, arch, page_size)
+    except Exception as e:  # report and go on: one bad config should not hide the rest
+        return task, f"FAILED: {type(e).__name__}: {str(e)[:300]}"
+
+
 def main():
-    """Compile every kernel config for --arch and print one row per kernel."""
+    """Compile every kernel config for each --arch and print one row per kernel (rows in a fixed
+    order whatever --jobs is); exit 1 under --strict if any kernel of ours is not acceptable."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, default=90,
-                    help="SM version: 80, 86, 89, 90, 100 or 120 (each family has its own config table)")
+    ap.add_argument("--arch", default="90",
+                    help="SM version(s), comma-separated: 80, 86, 89, 90, 100 or 120 (each family has its own "
+                         "config table)")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--dims", default="16,32,64,128,256")
     ap.add_argument("--kernels", default="reference,fwd,fwd_pos,dq,dkdv,paged_dec,paged_dec1,paged_chunk,paged_chunk1,"
                                          "paged_reduce")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per page for the paged kernels")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="compiles at once, in worker processes (each compile is one core: Triton, then ptxas)")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel")
     ap.add_argument("--search", action="store_true", help="print the config table _config holds (slow: minutes)")
     ap.add_argument("--search-paged", action="store_true",
@@ -320,42 +333,55 @@ def main():
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 if a kernel of ours spills, exceeds the family's shared memory or has a main loop not pipelined")
     args = ap.parse_args()
-    if args.search:
-        for dt in args.dtypes.split(","):
-            for D in map(int, args.dims.split(",")):
-                print(json.dumps({"dtype": dt, "D": D, "arch": args.arch, **search(dt, D, args.arch)}), flush=True)
-        return
-    if args.search_paged:
-        for dt in args.dtypes.split(","):
-            for D in map(int, args.dims.split(",")):
-                picked = search_paged(dt, D, args.arch)
-                print(json.dumps({"dtype": dt, "D": D, "arch": args.arch, **picked}), flush=True)
+    try:
+        archs = [int(a) for a in args.arch.split(",")]
+    except ValueError:
+        ap.error(f"--arch {args.arch}: use SM versions such as 80 or 80,90")
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: use 1 or more")
+    if args.search or args.search_paged:
+        for arch in archs:
+            for dt in args.dtypes.split(","):
+                for D in map(int, args.dims.split(",")):
+                    picked = search(dt, D, arch) if args.search else search_paged(dt, D, arch)
+                    print(json.dumps({"dtype": dt, "D": D, "arch": arch, **picked}), flush=True)
         return
     head = (f"{'dtype':5} {'D':>4} {'kernel':12} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'smem':>7} "
             f"{'regs':>5} {'stack':>5} {'async':>5} {'LDGSTS':>6} {'UTMALDG':>7} {'pipelined':>9} {'wgmma':>5} {'s':>5}")
+    tasks = [(name, dt, D, arch, args.page_size) for arch in archs for dt in args.dtypes.split(",")
+             for D in map(int, args.dims.split(",")) for name in args.kernels.split(",")]
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.jobs)
+        results = pool.map(_compile_row, tasks)
+    else:
+        pool, results = None, map(_compile_row, tasks)
+    failures, arch_seen, t0 = 0, None, time.time()
+    for (name, dt, D, arch, _), r in results:
+        if arch != arch_seen and not args.json:
+            print(f"sm_{arch}, pointers and strides specialized as 16-divisible (an aligned launch); "
+                  f"paged kernels at page size {args.page_size}")
+            print(head)
+        arch_seen = arch
+        if isinstance(r, str):
+            failures += 1
+            print(f"{dt:5} {D:>4} {name:12} {r}")
+            continue
+        if args.strict and name != "reference" and not acceptable(r):
+            failures += 1
+        if args.json:
+            print(json.dumps(r), flush=True)
+            continue
+        piped = "n/a" if name in _NO_LOOP else "yes" if pipelined(r) else "NO"
+        print(f"{dt:5} {D:>4} {name:12} {r['block_m']:>4} {r['block_n']:>4} {r['warps']:>5} {r['stages']:>6} "
+              f"{r['smem']:>7} {r['regs']:>5} {r['stack']:>5} {r['async_copies']:>5} {r['ldgsts']:>6} "
+              f"{r['utmaldg']:>7} {piped:>9} {_yes(wgmma(r)):>5} {r['seconds']:>5}", flush=True)
+    if pool is not None:
+        pool.shutdown()
     if not args.json:
-        print(f"sm_{args.arch}, pointers and strides specialized as 16-divisible (an aligned launch); "
-              f"paged kernels at page size {args.page_size}")
-        print(head)
-    failures = 0
-    for dt in args.dtypes.split(","):
-        for D in map(int, args.dims.split(",")):
-            for name in args.kernels.split(","):
-                try:
-                    r = compile_kernel(name, dt, D, args.arch, args.page_size)
-                except Exception as e:  # report and go on: one bad config should not hide the rest
-                    failures += 1
-                    print(f"{dt:5} {D:>4} {name:12} FAILED: {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                if args.strict and name != "reference" and not acceptable(r):
-                    failures += 1
-                if args.json:
-                    print(json.dumps(r), flush=True)
-                    continue
-                piped = "n/a" if name in _NO_LOOP else "yes" if pipelined(r) else "NO"
-                print(f"{dt:5} {D:>4} {name:12} {r['block_m']:>4} {r['block_n']:>4} {r['warps']:>5} {r['stages']:>6} "
-                      f"{r['smem']:>7} {r['regs']:>5} {r['stack']:>5} {r['async_copies']:>5} {r['ldgsts']:>6} "
-                      f"{r['utmaldg']:>7} {piped:>9} {_yes(wgmma(r)):>5} {r['seconds']:>5}", flush=True)
+        print(f"{len(tasks)} compiles for sm_{', sm_'.join(map(str, archs))} in {time.time() - t0:.0f} s "
+              f"with {args.jobs} job(s); {failures} not acceptable" + (" (--strict)" if args.strict else ""))
     sys.exit(1 if failures else 0)
 
 

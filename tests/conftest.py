@@ -11,6 +11,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`pytest -n auto`) each worker is one process per core: one torch thread
+# each, and the processes tests start inherit one thread too (two torch processes with two
+# threads each on two cores run about ten times slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED_DATA = Path(os.environ.get("MEMENTO_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -122,3 +129,13 @@ def killed_after(checkpoint: str, fn, *args):
             fn(*args)
     finally:
         training.save_checkpoint = real
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for torchrun's --master_port and test
+    servers: tests run in parallel under pytest-xdist, so fixed ports could collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, killed_after
+from conftest import REPO, free_port, killed_after
 from safetensors.torch import load_file
 
 import sft
@@ -279,7 +279,7 @@ def test_fsdp_processes_generate_disjoint_shares_and_shard_the_reference(policy,
     within 1e-4); the sharded reference holds half its bytes on each process and gives the
     unsharded reference's log-probs."""
     out = tmp_path / "shares.json"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                         "tests/rl_shards_worker.py", str(local_checkpoint(policy)), str(out)], cwd=REPO,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

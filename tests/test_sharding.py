@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, free_port
 from safetensors.torch import load_file
 
 import sft
@@ -62,7 +62,7 @@ def runs(stage1, tmp_path_factory):
     common = ["--stage", "2", "--init-from", stage1, *TINY, "--save-every", "3", "--keep-checkpoints", "3"]
     one = single(*common, "--max-steps", "6", "--batch-size", "4", "--out", d / "one")
     two = torchrun(*common, "--max-steps", "6", "--batch-size", "2", "--fsdp", "--gradient-checkpointing",
-                   "--out", d / "two", port=29531)
+                   "--out", d / "two", port=free_port())
     return d, one, two
 
 
@@ -109,7 +109,7 @@ def test_fsdp_resume_after_3_of_6_steps_is_exact(runs, stage1):
     (half / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
     common = ["--stage", "2", "--init-from", stage1, *TINY, "--save-every", "3", "--keep-checkpoints", "3",
               "--max-steps", "6", "--batch-size", "2", "--fsdp", "--gradient-checkpointing", "--out", half]
-    torchrun(*common, "--resume", port=29533)
+    torchrun(*common, "--resume", port=free_port())
     wa, wb = weights(d / "two"), weights(half)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) == 0.0
     assert losses(half) == losses(d / "two")
@@ -128,7 +128,7 @@ def test_fsdp_validation_loss_with_uneven_shares_equals_one_process(stage1, tmp_
     common = ["--stage", "2", "--init-from", stage1, "--data", data, "--val-frac", "0.2", "--val-every", "1",
               "--max-steps", "2", "--max-seq-len", "512", "--no-progress"]
     one = single(*common, "--batch-size", "4", "--out", tmp_path / "one")
-    two = torchrun(*common, "--batch-size", "2", "--fsdp", "--out", tmp_path / "two", port=29535)
+    two = torchrun(*common, "--batch-size", "2", "--fsdp", "--out", tmp_path / "two", port=free_port())
     assert "'validation': 5" in one.stdout and "'validation': 5" in two.stdout
     va = [json.loads(x)["val_loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     vb = [json.loads(x)["val_loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, killed_after
+from conftest import REPO, free_port, killed_after
 
 import sft
 import training
@@ -136,7 +136,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one = subprocess.run([sys.executable, "train_sft.py", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                           "train_sft.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
