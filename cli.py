@@ -69,8 +69,9 @@ _any_temperature = _number(float, 0.0, MAX_TEMPERATURE, what=f"use 0 (greedy) or
 
 
 def temperature(text: str) -> float:
-    """--temperature: 0 (greedy) or a number in [MIN_TEMPERATURE, MAX_TEMPERATURE] (sampling.py:
-    below it float32 logits overflow)."""
+    """--temperature (paper §6.1 sampling): 0 (greedy) or a number in [MIN_TEMPERATURE,
+    MAX_TEMPERATURE] (sampling.py: below it float32 logits overflow). Raises
+    argparse.ArgumentTypeError otherwise (one line through ArgumentParser.error)."""
     x = _any_temperature(text)
     if 0 < x < MIN_TEMPERATURE:
         raise argparse.ArgumentTypeError(f"{text} is out of range: use 0 (greedy) or a number in "

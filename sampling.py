@@ -114,9 +114,10 @@ def _utf8(text: str) -> bool:
 
 
 def show(value, width: int = 40) -> str:
-    """A value for a one-line error message: its repr cut to `width` characters; an integer of
-    more than 18 digits by its size alone (its decimal string can be slower than the request
-    deserves, and past 4,300 digits Python refuses to make it). Raises nothing."""
+    """A value for a one-line error message (paper §6.1 sampling and serving): its repr cut to
+    `width` characters; an integer of more than 18 digits by its size alone (its decimal
+    string can be slower than the request deserves, and past 4,300 digits Python refuses to
+    make it). Raises nothing."""
     if _is_int(value) and abs(value) >= 10**18:
         return f"<an integer of {value.bit_length()} bits>"
     try:

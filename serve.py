@@ -104,14 +104,14 @@ class APIError(Exception):
 
 
 def internal_error(rid: str) -> APIError:
-    """The 500 a request gets when the server fails on it: no internal detail, its id to find
-    the one traceback in the server log."""
+    """The 500 a request gets when the server fails on it (paper §6.1 serving): no internal
+    detail, its id to find the one traceback in the server log. rid: the response id."""
     return APIError(500, f"the server failed on this request (id {rid}); the details are in the server log", None,
                     "internal_error")
 
 
 def engine_dead() -> APIError:
-    """The 503 every request gets once the engine thread has died."""
+    """The 503 every request gets once the engine thread has died (paper §6.1 serving)."""
     return APIError(503, "the engine thread has stopped: this server cannot run requests any more (see its log); "
                          "restart it", None, "engine_dead")
 
@@ -422,7 +422,7 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def alive(self) -> bool:
-        """Whether the engine thread runs (and has not begun to die)."""
+        """Whether the engine thread runs and has not begun to die (paper §6.1 serving; /health)."""
         return not self.dead and self.thread.is_alive()
 
     def put(self, kind: str, job: Job | None = None) -> None:
@@ -848,7 +848,8 @@ class BrowserGuard:
         self.origins = {o.strip().lower().rstrip("/") for o in origins}
 
     def host_ok(self, host: str) -> bool:
-        """Whether a Host header value may be served (see the class)."""
+        """Whether a Host header value (str, e.g. "localhost:8000") may be served (see the
+        class; paper §6.1 serving). Raises nothing."""
         name = _host_name(host)
         if "*" in self.hosts or name in self.hosts:
             return True
