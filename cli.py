@@ -16,7 +16,7 @@ import torch
 from blocks import MementoConfig
 from engine import EngineConfig, load
 from kv_cache import kv_bytes_per_token
-from sampling import SamplingParams
+from sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingParams
 
 DEFAULT_CHECKPOINT = "out/stage2"  # where `python train_sft.py --stage 2` writes its run
 
@@ -64,7 +64,19 @@ nonnegative_int = _number(int, 0, what="use an integer >= 0")
 positive_float = _number(float, 0.0, low_open=True, what="use a number > 0")
 fraction = _number(float, 0.0, 1.0, high_open=True, what="use a number in [0, 1)")
 probability = _number(float, 0.0, 1.0, low_open=True, what="use a number in (0, 1]")
-temperature = _number(float, 0.0, what="use a number >= 0 (0 = greedy)")
+_any_temperature = _number(float, 0.0, MAX_TEMPERATURE, what=f"use 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, "
+                           f"{MAX_TEMPERATURE:g}]")
+
+
+def temperature(text: str) -> float:
+    """--temperature (paper §6.1 sampling): 0 (greedy) or a number in [MIN_TEMPERATURE,
+    MAX_TEMPERATURE] (sampling.py: below it float32 logits overflow). Raises
+    argparse.ArgumentTypeError otherwise (one line through ArgumentParser.error)."""
+    x = _any_temperature(text)
+    if 0 < x < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: use 0 (greedy) or a number in "
+                                         f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+    return x
 unit_interval = _number(float, 0.0, 1.0, what="use a number in [0, 1]")
 
 

@@ -51,7 +51,7 @@ from cuda_graphs import DecodeGraphs
 from kv_cache import PagedKVCache, curve_stats, kv_bytes_per_token
 from memento_attention import resolve_backend
 from model import Qwen3
-from sampling import STOP_TOKENS, SamplingParams, request_seed, sample
+from sampling import STOP_TOKENS, SamplingParams, request_seed, sample, show
 from tokenizer import Tokenizer
 
 log = logging.getLogger("memento.engine")
@@ -253,6 +253,7 @@ class Sequence:
     footprint: int = 0                                    # pages its (re-)prefill will hold at most
     computed: int = 0                                     # positions < computed are in the cache (or evicted)
     out_bytes: bytearray = field(default_factory=bytearray)  # the decoded response, for stop strings
+    stop_ids: frozenset = frozenset()                     # params.stop_token_ids, for an O(1) check per token
 
     @property
     def length(self) -> int:
@@ -334,6 +335,13 @@ class Engine:
             kind is one of "block", "memento", "delimiter", "text".
         on_finish: callback(Sequence) when a request finishes (its curve and stop_reason set).
     The KV budget is logged once (logger "memento.engine") and kept in `kv_cache_note`.
+
+    One request never fails another: an exception while handling one sequence (planning its
+    chunk, reading its tokens, sampling its row, its stop check, decoding its text, on_token)
+    ends that sequence alone with stop_reason "error: <exception>", frees its pages and calls
+    on_finish; its traceback is logged once and `stats["failed"]` counts it; the step goes on
+    for the others. An exception raised by on_finish is logged and the sequence stays
+    finished. Only what is batch-wide (a model forward, say out of memory) leaves step().
     Raises:
         KeyError if the tokenizer lacks a memento token; ValueError from default_kv_cache_tokens.
     """
@@ -367,7 +375,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # steps: scheduler iterations that ran a forward; forwards: model forwards; tokens: fed tokens
-        self.stats = {"steps": 0, "forwards": 0, "tokens": 0, "preemptions": 0, "rejected": 0,
+        self.stats = {"steps": 0, "forwards": 0, "tokens": 0, "preemptions": 0, "rejected": 0, "failed": 0,
                       "batch_size_sum": 0, "max_running": 0}
 
     # ------------------------------------------------------------------------- requests
@@ -376,23 +384,35 @@ class Engine:
             mode: Mode | str | None = None) -> Sequence:
         """Queue a request and return its Sequence (filled in by step()/run()).
 
-        prompt: token ids (ChatML applied). params: SamplingParams (None: the engine's).
-        forced: a response to teacher-force instead of sampling (replay). mode: its Mode
-        (None: the engine's). Everything is checked before the engine changes: ValueError
-        for an empty prompt, an id outside the vocabulary, a prompt plus forced response or
-        max_tokens beyond max_position_embeddings, or restart mode where it is undefined.
+        prompt: token ids (ChatML applied). params: SamplingParams (None: the engine's; its
+        own fields are checked when it is made). forced: a response to teacher-force instead
+        of sampling (replay). mode: its Mode (None: the engine's). Everything is checked
+        before the engine changes; ValueError, one line naming the field, for: params that
+        are not a SamplingParams; an empty prompt; a prompt, forced or stop_token_ids id
+        that is not an int in 0..n_vocab-1 of the TOKENIZER (the embedding may have more
+        rows, which no text decodes); logprobs above n_vocab; a prompt plus forced response
+        or max_tokens beyond max_position_embeddings; restart mode where it is undefined.
         A request whose footprint (§A.3.1 peak of its prefill, or of its whole replay) can
         never fit the KV pool is not queued: it finishes at once, stop_reason naming the figures.
         """
-        params = params or self.config.sampling
+        params = self.config.sampling if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         mode = self.config.mode if mode is None else check_mode(mode, self.config.masking)
-        if not prompt:
-            raise ValueError("an empty prompt has no last token to continue from; give at least one token")
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("an empty prompt has no last token to continue from; give a list of at least one token id")
+        if forced is not None and not isinstance(forced, (list, tuple)):
+            raise ValueError(f"forced must be a list of token ids, got {type(forced).__name__}")
+        # ids the tokenizer cannot decode would fail this request's text (and used to take the
+        # engine down with it): the bound is the tokenizer's, and the embedding's if smaller
+        limit = min(self.vocab, self.model.config.vocab_size)
+        for name, ids in (("prompt", prompt), ("forced", forced or ()), ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < limit)), None)
+            if bad is not None:
+                raise ValueError(f"{name}: token id {show(bad)} is outside the tokenizer's vocabulary (0..{limit - 1})")
+        if params.logprobs is not None and params.logprobs > limit:
+            raise ValueError(f"logprobs={show(params.logprobs)} is above the vocabulary's {limit} tokens")
         stream = list(prompt) + list(forced or [])
-        n_embed = self.model.config.vocab_size
-        bad = [t for t in stream if not (isinstance(t, int) and 0 <= t < n_embed)]
-        if bad:
-            raise ValueError(f"token id {bad[0]!r} is outside the model's vocabulary (0..{n_embed - 1})")
         if forced is None:
             room = self.max_pos - len(prompt)
             if room < 1:
@@ -401,16 +421,19 @@ class Engine:
             if params.max_tokens is None:
                 params = replace(params, max_tokens=room)
             elif params.max_tokens > room:
-                raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
+                raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {show(params.max_tokens)} exceeds "
                                  f"max_position_embeddings={self.max_pos}; lower max_tokens to {room} or less")
         elif len(stream) > self.max_pos:
             raise ValueError(f"prompt + forced response = {len(stream)} tokens exceeds max_position_embeddings="
                              f"{self.max_pos}; truncate the trace")
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
         s = Sequence(len(self.sequences), list(prompt), params, mode, None if forced is None else list(forced), seed,
-                     arrival_time=time.perf_counter())
+                     arrival_time=time.perf_counter(), stop_ids=frozenset(params.stop_token_ids))
         self.sequences.append(s)
-        self._enqueue(s, front=False)
+        try:
+            self._enqueue(s, front=False)
+        except Exception as e:  # noqa: BLE001 -- a bug reading this request ends it alone
+            self._fail(s, e)
         return s
 
     @torch.inference_mode()  # freeing pages writes to the pool, which steps made under inference mode
@@ -457,7 +480,8 @@ class Engine:
     @torch.inference_mode()  # never autograd: no graph through the KV pool, and less bookkeeping per op than no_grad
     def step(self) -> None:
         """One scheduler iteration: schedule running sequences, then admit waiting ones, run
-        the scheduled tokens, sample for every sequence whose tokens are all fed."""
+        the scheduled tokens, sample for every sequence whose tokens are all fed. A sequence
+        whose own handling raises ends with an error; the others go on (see the class)."""
         rows = self._schedule()
         if not rows:
             return
@@ -497,15 +521,22 @@ class Engine:
         i = 0
         while i < len(self.running):
             s = self.running[i]
-            start, n = self._plan(s, budget - (len(self.running) - i - 1))
-            need = self.cache.pages_to_append(s.id, n)
+            try:
+                start, n = self._plan(s, budget - (len(self.running) - i - 1))
+                need = self.cache.pages_to_append(s.id, n)
+            except Exception as e:  # noqa: BLE001 -- s alone ends; running[i] is the next one now
+                self._fail(s, e)
+                continue
             while need > self.cache.free_page_count() - promised and self.running[-1] is not s:
                 self._preempt(self.running[-1])
             if need > self.cache.free_page_count() - promised:
                 if i == 0:  # alone in the pool and still short: it can never grow here
-                    keep = max(0, len(s.curve) - len(s.prompt))  # tokens not fed are dropped
-                    del s.tokens[keep:], s.logprobs[keep:], s.top_logprobs[keep:]
-                    self._end(s, f"KV pool full: the sequence alone outgrew it ({self.cache.num_pages} pages)")
+                    # Its tokens were all emitted (on_token: a server streamed them), so they all
+                    # stay its response; the ones not fed count what the cache would hold.
+                    try:
+                        self._finish_unfed(s, f"KV pool full: the sequence alone outgrew it ({self.cache.num_pages} pages)")
+                    except Exception as e:  # noqa: BLE001 -- see _fail
+                        self._fail(s, e)
                 else:
                     self._preempt(s)
                 continue
@@ -524,8 +555,12 @@ class Engine:
                     continue
                 break
             self.waiting.popleft()
-            self._start(s)
-            start, n = self._plan(s, budget)
+            try:
+                self._start(s)
+                start, n = self._plan(s, budget)
+            except Exception as e:  # noqa: BLE001 -- see _fail
+                self._fail(s, e)
+                continue
             rows.append((s, start, n))
             promised += self.cache.pages_to_append(s.id, n)
             budget -= n
@@ -564,21 +599,45 @@ class Engine:
         self.cache.free(s.id)
         s.preemptions += 1
         self.stats["preemptions"] += 1
-        self._enqueue(s, front=True)
+        try:
+            self._enqueue(s, front=True)
+        except Exception as e:  # noqa: BLE001 -- see _fail
+            self._fail(s, e)
 
     def _end(self, s: Sequence, reason: str) -> None:
-        """Finish s: results set, pages freed (unless keep_cache), on_finish called."""
-        s.done, s.stop_reason, s.finished_time = True, reason, time.perf_counter()
-        if s.tracker is not None:
-            s.blocks_completed = len(s.tracker.completed)
-        if s.text is None:
-            s.text = self.tok.decode(s.tokens)
+        """Finish s: out of the running set, pages freed (unless keep_cache), results set,
+        on_finish called. The bookkeeping comes first, so that a text that cannot be decoded
+        or a callback that raises still leaves the pool and the batch clean."""
+        s.done, s.stop_reason, s.finished_time, s.last = True, reason, time.perf_counter(), None
         if s in self.running:
             self.running.remove(s)
         if s.id in self.cache.seqs and not self.config.keep_cache:
             self.cache.free(s.id)
+        if s.tracker is not None:
+            s.blocks_completed = len(s.tracker.completed)
+        if s.text is None:
+            try:
+                s.text = self.tok.decode(s.tokens)
+            except Exception as e:  # noqa: BLE001 -- ids are checked in add; a tokenizer bug ends this one only
+                log.error(f"request {s.id}: its text cannot be decoded", exc_info=e)
+                self.stats["failed"] += not reason.startswith("error")  # _fail counted the first error
+                s.text, s.stop_reason = "", reason if reason.startswith("error") else _error(e)
         if self.on_finish:
-            self.on_finish(s)
+            try:
+                self.on_finish(s)
+            except Exception as e:  # noqa: BLE001 -- the caller's bug: it is finished all the same
+                log.error(f"request {s.id}: on_finish raised", exc_info=e)
+
+    def _fail(self, s: Sequence, e: BaseException) -> None:
+        """End s alone after an exception while handling it: its traceback logged once,
+        stop_reason "error: <exception>", out of the queue or the running set, its pages
+        freed, on_finish called (every other sequence is untouched)."""
+        log.error(f"request {s.id} failed; it alone is ended", exc_info=e)
+        self.stats["failed"] += 1
+        if s in self.waiting:
+            self.waiting.remove(s)
+        if not s.done:
+            self._end(s, _error(e))
 
     # ------------------------------------------------------------------------- forwards and sampling
 
@@ -620,9 +679,29 @@ class Engine:
                 self._end(s, "end of trace")
 
     def _sample(self, ready: list[Sequence]) -> None:
-        """Sample the next token of every ready sequence in one call, then stop the ones done."""
+        """Sample the next token of every ready sequence in one call, then stop the ones done.
+        If the batched draw raises, each sequence draws alone (the same token: sampling is per
+        row), so that only the one that raises fails; a row's own handling is guarded too."""
         if not ready:
             return
+        try:
+            ready, picks, lp, top, want_lp = self._draw(ready)
+        except Exception as e:  # noqa: BLE001 -- find the row that raised
+            if len(ready) == 1:
+                self._fail(ready[0], e)
+            else:
+                for s in ready:
+                    self._sample([s])
+            return
+        for r, s in enumerate(ready):
+            try:
+                self._take(s, picks[r], r, lp, top, want_lp)
+            except Exception as e:  # noqa: BLE001 -- see _fail
+                self._fail(s, e)
+
+    def _draw(self, ready: list[Sequence]) -> tuple:
+        """The batched part of _sample: (ready regrouped by forward, picked ids, log-probs
+        [rows wanting them, V] or None, their top-k or None, those rows' indices)."""
         # the rows' logits, one indexing per forward they came from (usually one: the whole batch)
         by_forward = {}
         for s in ready:
@@ -634,29 +713,33 @@ class Engine:
             parts.append(logits if rows == list(range(len(logits))) else logits[rows])
         last = parts[0] if len(parts) == 1 else torch.cat(parts)
         want_lp = [r for r, s in enumerate(ready) if s.params.logprobs is not None]
+        lp = top = None
         if want_lp:  # the model's full distribution, as a training forward computes it
             lp = torch.log_softmax(last[want_lp].float(), -1)
             top_k = max(ready[r].params.logprobs for r in want_lp)
             top = lp.topk(top_k, dim=-1) if top_k else None
         last[:, self.vocab:] = float("-inf")  # the embedding may be padded beyond the tokenizer
         picks = sample(last, [s.params for s in ready], [s.seed for s in ready], [len(s.tokens) for s in ready]).tolist()
-        for r, s in enumerate(ready):
-            s.last = None
-            t = picks[r]
-            ob = s.tracker.open_block_start
-            forced = bool(self.config.max_block_tokens and ob is not None and s.length - ob - 1 >= self.config.max_block_tokens)
-            if forced:
-                t = self.format.block_end
-            if s.params.logprobs is not None:
-                j = want_lp.index(r)
-                s.logprobs.append(float("nan") if forced else float(lp[j, t]))
-                if s.params.logprobs:
-                    k = s.params.logprobs
-                    s.top_logprobs.append(dict(zip(top.indices[j, :k].tolist(), top.values[j, :k].tolist())))
-            self._emit(s, t)
-            reason = self._stop_reason(s, t)
-            if reason:
-                self._finish_unfed(s, reason)
+        return ready, picks, lp, top, want_lp
+
+    def _take(self, s: Sequence, t: int, r: int, lp, top, want_lp: list[int]) -> None:
+        """Row r's sampled token t for s (or <|block_end|> forced by max_block_tokens): its
+        log-probabilities, on_token, the stop check."""
+        s.last = None
+        ob = s.tracker.open_block_start
+        forced = bool(self.config.max_block_tokens and ob is not None and s.length - ob - 1 >= self.config.max_block_tokens)
+        if forced:
+            t = self.format.block_end
+        if s.params.logprobs is not None:
+            j = want_lp.index(r)
+            s.logprobs.append(float("nan") if forced else float(lp[j, t]))
+            if s.params.logprobs:
+                k = s.params.logprobs
+                s.top_logprobs.append(dict(zip(top.indices[j, :k].tolist(), top.values[j, :k].tolist())))
+        self._emit(s, t)
+        reason = self._stop_reason(s, t)
+        if reason:
+            self._finish_unfed(s, reason)
 
     def _emit(self, s: Sequence, t: int) -> None:
         """Append a response token (sampled or forced): timing, stop-string text, on_token."""
@@ -675,7 +758,7 @@ class Engine:
     def _stop_reason(self, s: Sequence, t: int) -> str:
         """Why s stops after sampling t ("" if it does not): a stop token, a stop string (the
         text is cut before it), or its length."""
-        if (t in self.eos_ids and not s.params.ignore_eos) or t in s.params.stop_token_ids:
+        if (t in self.eos_ids and not s.params.ignore_eos) or t in s.stop_ids:
             return "stop token"
         if s.params.stop:
             tail = max(len(x.encode()) for x in s.params.stop) + len(self.tok.decode_bytes([t]))
@@ -690,11 +773,17 @@ class Engine:
 
     def _finish_unfed(self, s: Sequence, reason: str) -> None:
         """End a sequence whose last token was sampled but is not fed (nothing would read its
-        K/V): the tracker still reads it and its arrival still evicts, and the curve counts
-        what the cache would hold after it (§A.3.1), so every token has its entry."""
+        K/V, or the pool has no room for it): the tracker still reads it and its arrival
+        still evicts, and the curve counts what the cache would hold after it (§A.3.1), so
+        every token has its entry. Several tokens not fed (a re-prefill the pool cut short)
+        get kv_replay's count of what feeding them would hold."""
         while s.tracker.pos < s.length:
             self._read(s, s.ids(s.tracker.pos, s.tracker.pos + 1)[0])
-        s.curve.append(self.cache.length(s.id) + s.length - s.computed)
+        missing = s.length - len(s.curve)
+        if missing == 1:
+            s.curve.append(self.cache.length(s.id) + s.length - s.computed)
+        elif missing > 1:
+            s.curve.extend(kv_replay(s.ids(0, s.length), self.format, self.config.masking, s.mode)[1][len(s.curve):])
         self._end(s, reason)
 
     # ------------------------------------------------------------------------- the mechanism
@@ -743,6 +832,13 @@ def _forward_groups(rows: list) -> list[list]:
             groups.append([row])
             real = row[2]
     return groups
+
+
+def _error(e: BaseException) -> str:
+    """The stop_reason of a sequence ended by an exception: "error: <type>: <message>"
+    (first line, 200 characters at most)."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"error: {type(e).__name__}: {text[:200]}"
 
 
 def _kind(tracker: BlockTracker, t: int, fmt: MementoTokens) -> str:

@@ -15,23 +15,36 @@ import torch
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end of turn and end of text: the model's EOS tokens
 
 
+MAX_TEMPERATURE = 100.0
+# Below this a positive temperature divides float32 logits into overflow (1e-300 is 0 in float32:
+# inf, then NaN probabilities); vLLM raises such a temperature to 0.01 with a warning, this
+# repository refuses it, so that a request gets what it asked for or an error.
+MIN_TEMPERATURE = 0.01
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples and when it stops; vLLM's names and meanings (paper §6.1 defaults).
 
-    temperature: >= 0; 0 is greedy (argmax, no randomness drawn).
+    temperature: 0 (greedy: argmax, no randomness drawn) or a number in [0.01, 100].
     top_p: nucleus mass kept, in (0, 1]. top_k: candidates kept (0 or -1: all).
     min_p: drop tokens below min_p x the most likely token's probability, in [0, 1].
-    max_tokens: response tokens at most; None: as many as max_position_embeddings allows.
+    max_tokens: response tokens at most (>= 1); None: as many as max_position_embeddings allows.
     stop: strings that end the response; matched on the decoded text across token
-        boundaries, and the returned `Sequence.text` excludes them.
-    stop_token_ids: token ids that end the response (the token is kept).
+        boundaries, and the returned `Sequence.text` excludes them. Each a non-empty str that
+        is valid Unicode (no lone surrogate: it must have a UTF-8 encoding).
+    stop_token_ids: token ids (ints >= 0) that end the response (the token is kept).
     ignore_eos: do not stop at the end-of-turn / end-of-text tokens (STOP_TOKENS).
-    seed: the request's random stream (None: a seed drawn from torch's global CPU generator
-        when the request arrives, so torch.manual_seed makes a run reproducible).
+    seed: an int, the request's random stream (any size: it is used modulo 2**64; None: a
+        seed drawn from torch's global CPU generator when the request arrives, so
+        torch.manual_seed makes a run reproducible).
     logprobs: None: none; 0: the sampled token's log-probability (under the model's raw
         distribution, before temperature and filtering); k > 0: also the k most likely tokens'.
-    Raises ValueError naming the field for a value out of range.
+    The numbers are checked by value and type (a bool is not a number; NaN, infinities and
+    integers too large for a float fall outside every range), temperature, top_p and min_p
+    are stored as floats. Raises ValueError, one line naming each bad field, its value and
+    the range to use. Engine.add checks what depends on the model (ids below the
+    tokenizer's vocabulary, logprobs, max_tokens against the positions).
     """
 
     temperature: float = 0.6
@@ -46,26 +59,72 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         bad = []
-        if not self.temperature >= 0:
-            bad.append(f"temperature={self.temperature} (use >= 0; 0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            bad.append(f"top_p={self.top_p} (use a number in (0, 1])")
-        if self.top_k < -1:
-            bad.append(f"top_k={self.top_k} (use >= 1, or 0 / -1 for all tokens)")
-        if not 0 <= self.min_p <= 1:
-            bad.append(f"min_p={self.min_p} (use a number in [0, 1])")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad.append(f"max_tokens={self.max_tokens} (use >= 1)")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad.append(f"stop={list(self.stop)!r} (use non-empty strings)")
-        if self.logprobs is not None and self.logprobs < 0:
-            bad.append(f"logprobs={self.logprobs} (use >= 0)")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x and _utf8(x) for x in stop):
+            bad.append(f"stop={show(self.stop)} (use non-empty strings of valid Unicode, no lone surrogates)")
+        else:
+            object.__setattr__(self, "stop", tuple(stop))
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
+            bad.append(f"stop_token_ids={show(ids)} (use a list of token ids >= 0)")
+        else:
+            object.__setattr__(self, "stop_token_ids", tuple(ids))
+        # comparisons with Python numbers are exact for any int and false for NaN: a bounded
+        # range refuses NaN, infinities and 400-digit integers without converting them first
+        t = self.temperature
+        if not (_is_real(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+            bad.append(f"temperature={show(t)} (use 0 for greedy or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}])")
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            bad.append(f"top_p={show(self.top_p)} (use a number in (0, 1])")
+        if not (_is_int(self.top_k) and self.top_k >= -1):
+            bad.append(f"top_k={show(self.top_k)} (use an integer >= 1, or 0 / -1 for all tokens)")
+        if not (_is_real(self.min_p) and 0 <= self.min_p <= 1):
+            bad.append(f"min_p={show(self.min_p)} (use a number in [0, 1])")
+        if self.max_tokens is not None and not (_is_int(self.max_tokens) and self.max_tokens >= 1):
+            bad.append(f"max_tokens={show(self.max_tokens)} (use an integer >= 1)")
+        if not isinstance(self.ignore_eos, bool):
+            bad.append(f"ignore_eos={show(self.ignore_eos)} (use true or false)")
+        if self.seed is not None and not _is_int(self.seed):
+            bad.append(f"seed={show(self.seed)} (use an integer)")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and self.logprobs >= 0):
+            bad.append(f"logprobs={show(self.logprobs)} (use an integer >= 0)")
         if bad:
             raise ValueError(f"SamplingParams: {'; '.join(bad)}")
+        for name in ("temperature", "top_p", "min_p"):  # in range, so float() cannot overflow
+            object.__setattr__(self, name, float(getattr(self, name)))
 
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _utf8(text: str) -> bool:
+    """Whether text has a UTF-8 encoding (a str holding a lone surrogate, as JSON's "\\ud800"
+    gives, has none)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def show(value, width: int = 40) -> str:
+    """A value for a one-line error message (paper §6.1 sampling and serving): its repr cut to
+    `width` characters; an integer of more than 18 digits by its size alone (its decimal
+    string can be slower than the request deserves, and past 4,300 digits Python refuses to
+    make it). Raises nothing."""
+    if _is_int(value) and abs(value) >= 10**18:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        r = repr(value)
+    except Exception:  # noqa: BLE001 -- a message must still come out
+        r = f"<{type(value).__name__}>"
+    return r if len(r) <= width else r[:width - 3] + "..."
 
 
 _M32 = 0xFFFFFFFF

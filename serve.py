@@ -13,8 +13,14 @@ One engine.Engine runs in one background thread. Handlers put new requests and a
 thread-safe queue; between two Engine.step calls the thread calls Engine.add / Engine.abort,
 and after each step it hands every request the step's tokens in one call to its asyncio queue.
 Sampling, stop strings and per-request metrics are the engine's; the server parses and formats.
-It binds to loopback unless --host says otherwise; --api-key (or MEMENTO_API_KEY) guards every
-endpoint but /health. Examples: docs/serving.md, "Serving over HTTP".
+
+One request never hurts another: every field is checked before anything reaches the engine
+(parse_request: 400 naming the field), an exception while the engine handles one sequence ends
+that request alone (500 with its id, the traceback in the log), and if the engine thread dies
+/health and every request say 503 at once. It binds to loopback unless --host says otherwise;
+--api-key (or MEMENTO_API_KEY) guards every endpoint but /health; bodies must be JSON, a Host
+must name the server and a browser's cross-site request is refused unless --allowed-hosts /
+--allowed-origins say otherwise (BrowserGuard). Examples: docs/serving.md, "Serving over HTTP".
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import asyncio
 import codecs
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -36,6 +43,7 @@ from pathlib import Path
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
@@ -44,23 +52,46 @@ from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_generation_args, engine
                  nonnegative_int, positive_float, positive_int)
 from engine import Engine, Mode, check_mode
 from kv_cache import curve_stats
-from sampling import SamplingParams, request_seed
+from sampling import SamplingParams, request_seed, show
 
 log = logging.getLogger("memento.serve")
 FINISH = {"stop token": "stop", "stop string": "stop", "end of trace": "stop", "abort": "abort"}  # else "length"
-# OpenAI fields that change what is generated and that this server does not implement: refused, never ignored
-UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}), "best_of": (None, 1),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
-               "tools": (None, [])}
+INT64 = (-(2**63), 2**63 - 1)  # the range of `seed`, as vLLM's request schema bounds it
+# Fields of OpenAI's and vLLM's request schemas that would change the output and are not
+# implemented: refused with 400 unless absent, null or one of these no-op values, never ignored.
+UNSUPPORTED = {"echo": (False,), "suffix": ("",), "logit_bias": ({},), "best_of": (1,), "use_beam_search": (False,),
+               "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "length_penalty": (1,),
+               "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+               "response_format": ({"type": "text"},), "min_tokens": (0,), "reasoning_effort": (), "audio": (),
+               "modalities": (["text"],), "web_search_options": (), "prompt_logprobs": (), "bad_words": ([],),
+               "allowed_token_ids": (), "logits_processors": (), "truncate_prompt_tokens": (), "guided_json": (),
+               "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+               "include_stop_str_in_output": (False,), "skip_special_tokens": (False,), "add_generation_prompt": (True,),
+               "continue_final_message": (False,), "chat_template": (), "chat_template_kwargs": (), "documents": ()}
+# Fields that change nothing this server computes (an end user's id, storage and billing hints
+# of OpenAI's, tool-call parallelism without tools): accepted and ignored.
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+COMMON = {"model", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
+          "seed", "stream", "stream_options", "memento_mode", "memento_replay"}
+FIELDS = {False: COMMON | {"prompt", "logprobs"} | IGNORED | UNSUPPORTED.keys(),
+          True: COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"} | IGNORED | UNSUPPORTED.keys()}
+ROLES = ("system", "user", "assistant")  # the ChatML roles of the paper's format (§3)
 
 
 class APIError(Exception):
     """A request that gets an OpenAI error object {"error": {message, type, param, code}} with
-    an HTTP status (paper §6.1 serving): 4xx for the client's mistakes, 5xx for the server's."""
+    an HTTP status (paper §6.1 serving): 4xx for the client's mistakes (`param` names the
+    request field at fault, where there is one), 5xx for the server's (a generic message and
+    the request id: the details go to the server log, never to the client). A message is
+    made valid UTF-8 (a lone surrogate a client sent becomes a visible escape). `headers`:
+    extra response headers (405's Allow)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
         """The error object, as a dict."""
@@ -68,8 +99,21 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        """The error object as a JSON response with its status."""
-        return JSONResponse(self.body(), status_code=self.status)
+        """The error object as a JSON response with its status (and headers)."""
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def internal_error(rid: str) -> APIError:
+    """The 500 a request gets when the server fails on it (paper §6.1 serving): no internal
+    detail, its id to find the one traceback in the server log. rid: the response id."""
+    return APIError(500, f"the server failed on this request (id {rid}); the details are in the server log", None,
+                    "internal_error")
+
+
+def engine_dead() -> APIError:
+    """The 503 every request gets once the engine thread has died (paper §6.1 serving)."""
+    return APIError(503, "the engine thread has stopped: this server cannot run requests any more (see its log); "
+                         "restart it", None, "engine_dead")
 
 
 # ----------------------------------------------------------------------------- requests
@@ -79,9 +123,10 @@ class APIError(Exception):
 class Job:
     """One HTTP request's work for the engine (paper §6.1 serving): a (prompt ids, SamplingParams)
     pair per choice, its Mode, a response to teacher-force (or None), how to answer. `queue`
-    receives lists of events from the engine thread: ("accepted",), ("error", status, message),
+    receives lists of events from the engine thread: ("accepted",), ("error", APIError),
     ("token", choice, id, logprob, top) and ("finish", choice, result); `seqs` is the engine
-    thread's, `finished` the event loop's."""
+    thread's, `finished` the event loop's. `rid` is the response id (also in the log);
+    `prompt_param` / `max_tokens_param` name the fields an engine refusal is about."""
 
     choices: list[tuple[list[int], SamplingParams]]
     mode: Mode
@@ -91,6 +136,9 @@ class Job:
     stream_usage: bool
     logprobs: int | None
     n: int = 1
+    rid: str = ""
+    prompt_param: str = "prompt"
+    max_tokens_param: str = "max_tokens"
     loop: asyncio.AbstractEventLoop | None = None
     queue: asyncio.Queue | None = None
     seqs: list = dataclasses.field(default_factory=list)
@@ -104,105 +152,221 @@ def _field(body: dict, name: str, kinds: tuple, what: str, default=None):
     if v is None:
         return default
     if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
-        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(v)[:40]}", name)
+        raise APIError(400, f"'{name}' must be {what}, got {show(v)}", name)
     return v
 
 
-def chat_text(messages) -> str:
-    """OpenAI chat messages as the ChatML this repository trains with (paper §3, no system prompt
-    added): one `<|im_start|>role\\ncontent<|im_end|>\\n` per message, then the assistant turn
-    opened; for one user message exactly Tokenizer.chat_prompt. Content is a string or a list
-    of text parts. Raises APIError 400 for a missing or malformed list."""
+def check_text(body: dict) -> None:
+    """Every string in the body (keys too, at any depth) must be valid Unicode: JSON's
+    "\\ud800" escape gives Python a lone surrogate, which has no UTF-8 encoding and used to
+    fail deep inside a tokenizer, a stop check or an error message (paper §6.1 serving).
+    Walks iteratively (a deep body cannot exhaust the stack). Raises APIError 400 naming the
+    top-level field that holds one."""
+    stack = [(v, k) for k, v in body.items()] + [(k, k) for k in body]
+    while stack:
+        v, top = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"'{top}' holds a lone surrogate (an escape such as \\ud800 alone): not valid "
+                                    "Unicode text", top) from None
+        elif isinstance(v, dict):
+            stack.extend((x, top) for x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, top) for x in v)
+
+
+def _ids_ok(x, n_vocab: int) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in x)
+
+
+def _bad_id(ids: list, n_vocab: int) -> str:
+    bad = next(t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab))
+    return f"token id {show(bad)} is outside the tokenizer's vocabulary (0..{n_vocab - 1})"
+
+
+def chat_turns(messages) -> list[tuple[str, str]]:
+    """OpenAI chat messages as (role, content) turns for Tokenizer.chat_ids (paper §3: ChatML,
+    no system prompt added). A role is one of ROLES; content is a string or a list of
+    {"type": "text", "text": str} parts, joined; other keys of a message must be absent or
+    null (a `name` or tool call would be ignored otherwise). Raises APIError 400 naming
+    `messages` for anything else."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' is required: a non-empty list of {role, content}", "messages")
     out = []
     for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str) or not isinstance(m.get("role"), str):
-            raise APIError(400, f"messages[{i}] needs a string 'role' and a text 'content'", "messages")
-        out.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
-    return "".join(out) + "<|im_start|>assistant\n"
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'", "messages")
+        extra = [k for k, v in m.items() if k not in ("role", "content") and v not in (None, [], "")]
+        if extra:
+            raise APIError(400, f"messages[{i}].{extra[0]} is not supported by this server (only role and text "
+                                "content)", "messages")
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                             isinstance(p.get("text"), str) and p.keys() <= {"type", "text"}
+                                             for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}] needs a text 'content': a string or a list of "
+                                '{"type": "text", "text": ...} parts', "messages")
+        if m.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {show(m.get('role'))}",
+                           "messages")
+        out.append((m["role"], content))
+    return out
 
 
-def prompt_ids(prompt, tok) -> list[list[int]]:
+def completion_prompts(prompt, tok) -> list[list[int]]:
     """The token ids of each prompt of a completions request: a string, a list of strings, a
     list of token ids or a list of such lists (special tokens written in text become their
-    ids, as in generate.py; paper §6.1 serving). Raises APIError 400 for anything else."""
+    ids, as in generate.py: a completions prompt is the whole ChatML; paper §6.1 serving).
+    Raises APIError 400 naming `prompt` for anything else, an empty prompt, or an id outside
+    the tokenizer's vocabulary (the embedding may have more rows, which no text decodes)."""
     is_ids = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
+    out = None
     if isinstance(prompt, str):
-        return [tok.encode(prompt)]
-    if isinstance(prompt, list) and prompt:
+        out = [tok.encode(prompt)]
+    elif isinstance(prompt, list) and prompt:
         if is_ids(prompt):
-            return [prompt]
-        if all(isinstance(p, str) for p in prompt):
-            return [tok.encode(p) for p in prompt]
-        if all(is_ids(p) for p in prompt):
-            return prompt
-    raise APIError(400, "'prompt' is required: a string, a list of strings, token ids, or lists of token ids", "prompt")
+            out = [prompt]
+        elif all(isinstance(p, str) for p in prompt):
+            out = [tok.encode(p) for p in prompt]
+        elif all(is_ids(p) for p in prompt):
+            out = prompt
+    if out is None:
+        raise APIError(400, "'prompt' is required: a string, a list of strings, token ids, or lists of token ids",
+                       "prompt")
+    for p in out:
+        if not p:
+            raise APIError(400, "an empty prompt has no last token to continue from", "prompt")
+        if not _ids_ok(p, tok.n_vocab):
+            raise APIError(400, f"'prompt': {_bad_id(p, tok.n_vocab)}", "prompt")
+    return out
 
 
-def parse_request(body, chat: bool, srv: Server) -> Job:
-    """A Job from a (chat) completions request body, every field checked (paper §6.1 serving).
+def parse_request(body, chat: bool, srv: Server, rid: str = "") -> Job:
+    """A Job from a (chat) completions request body, every field checked before anything
+    reaches the engine (paper §6.1 serving): the fields the schema knows (others: 400), the
+    unsupported ones at their no-op values, types, ranges (SamplingParams'), token ids below
+    the tokenizer's vocabulary, lengths against max_position_embeddings, the server's limits.
     Choice k of prompt p samples with seed request_seed(seed, p * n + k), as generate.py's
-    request of that index. Raises APIError: 404 for another model, 400 for the rest."""
+    request of that index. Raises APIError: 404 for another model, 400 naming the field for
+    the rest."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_text(body)
     model = _field(body, "model", (str,), "a string", srv.name)
     if model != srv.name:
-        raise APIError(404, f"the model `{model}` does not exist; this server serves `{srv.name}`", "model",
+        raise APIError(404, f"the model {show(model)} does not exist; this server serves `{srv.name}`", "model",
                        "model_not_found")
-    bad = [k for k, ok in UNSUPPORTED.items() if body.get(k) not in ok]
+    unknown = sorted(k for k in body if k not in FIELDS[chat])
+    if unknown:
+        raise APIError(400, f"unknown field {show(unknown[0])}: this server does not implement it", unknown[0])
+    bad = [k for k, ok in UNSUPPORTED.items() if body.get(k) is not None and body[k] not in ok]
     if bad:
-        raise APIError(400, f"'{bad[0]}' is not supported by this server", bad[0])
-    prompts = [srv.tok.encode(chat_text(body.get("messages")))] if chat else prompt_ids(body.get("prompt"), srv.tok)
+        allowed = " or ".join(json.dumps(v) for v in UNSUPPORTED[bad[0]])
+        raise APIError(400, f"'{bad[0]}' is not supported by this server" + (f" (leave it out or send {allowed})"
+                                                                              if allowed else ""), bad[0])
+    tok, pname = srv.tok, "messages" if chat else "prompt"
+    prompts = [tok.chat_ids(chat_turns(body.get("messages")))] if chat else completion_prompts(body.get("prompt"), tok)
+    for p in prompts:
+        if len(p) >= srv.max_pos:
+            raise APIError(400, f"prompt of {len(p)} tokens does not fit max_position_embeddings={srv.max_pos} "
+                                "(a response needs at least one position); shorten it", pname)
     n = _field(body, "n", (int,), "an integer", 1)
     if not 1 <= n * len(prompts) <= srv.max_n:
-        raise APIError(400, f"n={n} for {len(prompts)} prompt(s): use n >= 1 and at most --max-n {srv.max_n} "
+        raise APIError(400, f"n={show(n)} for {len(prompts)} prompt(s): use n >= 1 and at most --max-n {srv.max_n} "
                             "choices per request", "n")
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    if name != "max_tokens" and body.get("max_tokens") not in (None, body[name]):
+        raise APIError(400, "'max_tokens' and 'max_completion_tokens' differ: send one of them", "max_tokens")
     max_tokens = _field(body, name, (int,), "an integer")
-    if max_tokens is not None and max_tokens > srv.max_tokens_limit:
-        raise APIError(400, f"{name}={max_tokens} is above this server's --max-tokens-limit {srv.max_tokens_limit}", name)
+    if max_tokens is not None:
+        if max_tokens > srv.max_tokens_limit:
+            raise APIError(400, f"{name}={show(max_tokens)} is above this server's --max-tokens-limit "
+                                f"{srv.max_tokens_limit}", name)
+        longest = max(map(len, prompts))
+        if max_tokens >= 1 and longest + max_tokens > srv.max_pos:
+            raise APIError(400, f"prompt of {longest} tokens + {name} {max_tokens} exceeds max_position_embeddings="
+                                f"{srv.max_pos}; lower {name} to {srv.max_pos - longest} or less", name)
+    lp_name = "top_logprobs" if chat else "logprobs"
     if chat:
-        k = _field(body, "top_logprobs", (int,), "an integer", 0) if _field(body, "logprobs", (bool,), "a boolean") else None
+        want = _field(body, "logprobs", (bool,), "a boolean", False)
+        k = _field(body, "top_logprobs", (int,), "an integer")
+        if k is not None and not want:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        k = (k or 0) if want else None
     else:
         k = _field(body, "logprobs", (int,), "an integer")
-    if k is not None and k > srv.max_logprobs:
-        raise APIError(400, f"{k} top log-probabilities asked; this server gives at most --max-logprobs {srv.max_logprobs}",
-                       "top_logprobs" if chat else "logprobs")
+    if k is not None and not 0 <= k <= srv.max_logprobs:
+        raise APIError(400, f"{lp_name}={show(k)}: use 0 to at most --max-logprobs {srv.max_logprobs} top "
+                            "log-probabilities", lp_name)
     replay = _field(body, "memento_replay", (str, list), "a string or a list of token ids")
-    replay = srv.tok.encode(replay) if isinstance(replay, str) else replay
-    if replay is not None and not (replay and all(isinstance(t, int) and not isinstance(t, bool) for t in replay)):
-        raise APIError(400, "'memento_replay' must be a non-empty string or list of token ids", "memento_replay")
-    if replay is not None and k is not None:
-        raise APIError(400, "log-probabilities are not computed for a teacher-forced response (memento_replay)", "logprobs")
+    if replay is not None:
+        replay = tok.encode(replay) if isinstance(replay, str) else replay  # a trace: its memento tokens are tokens
+        if not replay or not all(isinstance(t, int) and not isinstance(t, bool) for t in replay):
+            raise APIError(400, "'memento_replay' must be a non-empty string or list of token ids", "memento_replay")
+        if not _ids_ok(replay, tok.n_vocab):
+            raise APIError(400, f"'memento_replay': {_bad_id(replay, tok.n_vocab)}", "memento_replay")
+        # A replay runs to the end of the response it was given: the fields that would end it
+        # earlier or score it are refused rather than ignored (truncate the replay instead).
+        if k is not None:
+            raise APIError(400, "log-probabilities are not computed for a teacher-forced response (memento_replay)",
+                           "logprobs")
+        for f in ("max_tokens", "max_completion_tokens", "stop", "stop_token_ids"):
+            if body.get(f) not in (None, [], ""):
+                raise APIError(400, f"'{f}' does not apply to a teacher-forced response (memento_replay), which runs "
+                                    "to its end: leave it out (truncate the replay to stop it earlier)", f)
+        longest = max(map(len, prompts))
+        if longest + len(replay) > srv.max_pos:
+            raise APIError(400, f"prompt + memento_replay = {longest + len(replay)} tokens exceeds "
+                                f"max_position_embeddings={srv.max_pos}; truncate the trace", "memento_replay")
     try:
         mode = check_mode(_field(body, "memento_mode", (str,), "a string", "memento"), srv.loop.engine.config.masking)
     except ValueError as e:
         raise APIError(400, str(e), "memento_mode") from None
+    stop = _field(body, "stop", (str, list), "a string or a list of strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None:
+        if not all(isinstance(x, str) for x in stop):
+            raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+        if len(stop) > srv.max_stop:
+            raise APIError(400, f"{len(stop)} stop sequences: at most --max-stop-sequences {srv.max_stop}", "stop")
+        if any(len(x) > srv.max_stop_length for x in stop):
+            raise APIError(400, f"a stop sequence of {max(map(len, stop))} characters: at most "
+                                f"--max-stop-sequence-length {srv.max_stop_length}", "stop")
+    stop_ids = _field(body, "stop_token_ids", (list,), "a list of token ids")
+    if stop_ids is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise APIError(400, "'stop_token_ids' must be a list of token ids", "stop_token_ids")
+    if stop_ids is not None and not _ids_ok(stop_ids, tok.n_vocab):
+        raise APIError(400, f"'stop_token_ids': {_bad_id(stop_ids, tok.n_vocab)}", "stop_token_ids")
     number, what = (int, float), "a number"
     given = {"temperature": _field(body, "temperature", number, what), "top_p": _field(body, "top_p", number, what),
              "top_k": _field(body, "top_k", (int,), "an integer"), "min_p": _field(body, "min_p", number, what),
-             "stop": _field(body, "stop", (str, list), "a string or a list of strings"),
-             "stop_token_ids": _field(body, "stop_token_ids", (list,), "a list of token ids"),
-             "ignore_eos": _field(body, "ignore_eos", (bool,), "a boolean"), "max_tokens": max_tokens, "logprobs": k}
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in given["stop_token_ids"] or ()):
-        raise APIError(400, "'stop_token_ids' must be a list of token ids", "stop_token_ids")
+             "stop": stop, "stop_token_ids": stop_ids, "ignore_eos": _field(body, "ignore_eos", (bool,), "a boolean"),
+             "max_tokens": max_tokens, "logprobs": k}
     seed = _field(body, "seed", (int,), "an integer")
+    if seed is not None and not INT64[0] <= seed <= INT64[1]:
+        raise APIError(400, f"seed={show(seed)}: use an integer in [-2**63, 2**63 - 1]", "seed")
     stream = _field(body, "stream", (bool,), "a boolean", False)
     options = _field(body, "stream_options", (dict,), "an object", {})
+    if options and not stream:
+        raise APIError(400, "'stream_options' needs 'stream': true", "stream_options")
+    if options.keys() - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, "'stream_options' takes one key, include_usage (a boolean)", "stream_options")
     try:
         base = dataclasses.replace(srv.sampling, **{f: v for f, v in given.items() if v is not None})
         # without max_tokens a response may run to the last position, as in generate.py
         default = lambda p: max(1, min(base.max_tokens, srv.max_tokens_limit, srv.max_pos - len(p)))  # noqa: E731
         choices = [(p, dataclasses.replace(base, seed=request_seed(seed, i * n + j), max_tokens=max_tokens or default(p)))
                    for i, p in enumerate(prompts) for j in range(n)]
-    except (ValueError, TypeError) as e:  # SamplingParams names the field: "SamplingParams: top_p=2 (...)"
+    except ValueError as e:  # SamplingParams names the field: "SamplingParams: top_p=2 (...)"
         m = re.search(r"(\w+)=", str(e))
-        raise APIError(400, str(e), m.group(1) if m else None) from None
-    return Job(choices, mode, replay, chat, stream, bool(options.get("include_usage")), k, n)
+        field = m.group(1) if m else None
+        field = {"logprobs": lp_name, "max_tokens": name}.get(field, field)
+        raise APIError(400, str(e), field) from None
+    return Job(choices, mode, replay, chat, stream, bool(options.get("include_usage")), k, n, rid, pname, name)
 
 
 # ----------------------------------------------------------------------------- the engine thread
@@ -237,21 +401,59 @@ class EngineLoop:
     thread-safe queue between steps, runs Engine.step while anything waits or runs, and after
     each step hands each Job its events with one loop.call_soon_threadsafe. Idle, it blocks on
     the queue. A finished request's Sequence is dropped from Engine.sequences, which a server
-    running for weeks would otherwise keep forever."""
+    running for weeks would otherwise keep forever.
+
+    Failures stay with their request: a sequence the Engine ended with an error fails its Job
+    alone (500, its other choices aborted after the step); a step that raises (batch-wide: a
+    forward out of memory, say) fails the Jobs in flight with 500 and the thread goes on. If
+    the thread itself dies, its one traceback is logged, `dead` is set, every Job in flight or
+    queued gets 503 and `put` refuses new ones at once (503), so nothing waits for a thread
+    that is gone."""
 
     def __init__(self, model, tok, config, metrics: Metrics):
         self.engine = Engine(model, tok, config, on_token=self._on_token, on_finish=self._on_finish)
         self.tok, self.metrics, self.inbox = tok, metrics, queue.Queue()
         self.jobs: dict[int, tuple[Job, int]] = {}  # sequence id -> (its Job, choice index), while it runs
         self.out: dict[Job, list] = {}              # events of this iteration
+        self.failed: list[Job] = []                 # Jobs a sequence of which ended in an error this iteration
         self.preemptions = 0
+        self.dead = False
+        self.lock = threading.Lock()                # orders `put` against the thread's death
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
+    def alive(self) -> bool:
+        """Whether the engine thread runs and has not begun to die (paper §6.1 serving; /health)."""
+        return not self.dead and self.thread.is_alive()
+
     def put(self, kind: str, job: Job | None = None) -> None:
-        """Queue "add" or "abort" for a Job, or "stop" (the thread ends)."""
-        self.inbox.put((kind, job))
+        """Queue "add" or "abort" for a Job, or "stop" (the thread ends). Raises APIError 503
+        for an "add" once the thread has died (an abort is then a no-op)."""
+        with self.lock:
+            if self.dead:
+                if kind == "add":
+                    raise engine_dead()
+                return
+            self.inbox.put((kind, job))
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 -- a bug in this loop: say so once, fail fast from now on
+            log.critical("the engine thread died; every request gets 503 from now on", exc_info=e)
+            with self.lock:
+                self.dead = True
+            err = [("error", engine_dead())]
+            for job in {j for j, _ in self.jobs.values()}:
+                self._send(job, err)
+            while True:
+                try:
+                    kind, job = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    self._send(job, err)
+
+    def _serve(self) -> None:
         eng = self.engine
         while True:
             items = []
@@ -271,10 +473,17 @@ class EngineLoop:
             if eng.waiting or eng.running:
                 try:
                     eng.step()
-                except Exception as e:  # a bug or out of memory: fail what is in flight, keep serving
-                    log.exception("engine step failed")
-                    for job in {j for j, _ in self.jobs.values()}:
-                        self._fail(job, 500, f"the engine failed: {type(e).__name__}: {e}")
+                except Exception as e:  # noqa: BLE001 -- batch-wide (out of memory, a bug): what is in flight fails
+                    jobs = {j for j, _ in self.jobs.values()}
+                    log.error(f"engine step failed; {len(jobs)} request(s) in flight get 500: "
+                              f"{', '.join(sorted(j.rid for j in jobs))}", exc_info=e)
+                    for job in jobs:
+                        self._fail(job, internal_error(job.rid))
+                    for s in [*eng.running, *eng.waiting]:  # of no request: none, unless a bug lost one
+                        eng.release(eng.abort(s))
+            for job in dict.fromkeys(self.failed):
+                self._fail(job, internal_error(job.rid))
+            self.failed = []
             self._flush()
 
     def _add(self, job: Job) -> None:
@@ -283,27 +492,33 @@ class EngineLoop:
             for prompt, params in job.choices:
                 s = eng.add(prompt, params, forced=job.forced, mode=job.mode)
                 job.seqs.append(s)
+                if s.done and s.stop_reason.startswith("error"):
+                    raise RuntimeError(f"Engine.add ended it at once: {s.stop_reason}")
                 if s.done:  # refused at once: its prefill can never fit the pool
                     raise ValueError(f"prompt of {len(prompt)} tokens cannot fit the KV pool of "
                                      f"{eng.cache.num_pages * eng.cache.page_size} tokens ({s.stop_reason})")
-        except ValueError as e:  # Engine.add refused it, before anything changed
-            self._fail(job, 400, str(e))
+        except ValueError as e:  # Engine.add refused it, before anything changed (parse_request checks first)
+            msg = str(e)
+            param = ("memento_replay" if "replay" in msg or "forced" in msg else
+                     job.max_tokens_param if "max_tokens" in msg else "stop_token_ids" if "stop_token_ids" in msg else
+                     "logprobs" if "logprobs" in msg else job.prompt_param)
+            self._fail(job, APIError(400, msg, param))
             return
-        except Exception as e:  # a bug: this request fails, the server goes on
-            log.exception("Engine.add failed")
-            self._fail(job, 500, f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 -- a bug: this request fails, the server goes on
+            log.error(f"{job.rid}: Engine.add failed", exc_info=e)
+            self._fail(job, internal_error(job.rid))
             return
         self.jobs.update((s.id, (job, i)) for i, s in enumerate(job.seqs))
         self._send(job, [("accepted",)])
 
-    def _fail(self, job: Job, status: int, message: str) -> None:
-        """End all of a Job's sequences without telling it, then send it one error."""
+    def _fail(self, job: Job, error: APIError) -> None:
+        """End all of a Job's sequences without telling it, then send it one error (between
+        steps: Engine.abort must not run inside one)."""
         for s in job.seqs:
             self.jobs.pop(s.id, None)
         self._abort(job)
         self.out.pop(job, None)
-        param = "max_tokens" if "max_tokens" in message else None
-        self._send(job, [("error", status, message, param)])
+        self._send(job, [("error", error)])
 
     def _abort(self, job: Job) -> None:
         for s in job.seqs:
@@ -324,7 +539,17 @@ class EngineLoop:
         if s.id not in self.jobs:  # refused by Engine.add, or failed: the client got an error instead
             return
         job, i = self.jobs.pop(s.id)
-        self.out.setdefault(job, []).append(("finish", i, self._result(s)))
+        if s.stop_reason.startswith("error"):  # the engine logged its traceback; this says whose it was
+            log.error(f"{job.rid}: choice {i} (engine request {s.id}) ended with {s.stop_reason}; the request gets 500")
+            self.metrics.requests.labels("error").inc()
+            self.failed.append(job)
+            return
+        try:
+            self.out.setdefault(job, []).append(("finish", i, self._result(s)))
+        except Exception as e:  # noqa: BLE001 -- a bug building this answer: this request alone fails
+            log.error(f"{job.rid}: choice {i}: its answer could not be built", exc_info=e)
+            self.failed.append(job)
+            return
         m, metrics, curve = s.metrics(), self.metrics, s.curve
         metrics.requests.labels(FINISH.get(s.stop_reason, "length")).inc()
         metrics.prompt_tokens.inc(len(s.prompt))
@@ -434,12 +659,19 @@ class Server:
         path = Path(args.checkpoint)  # a directory is named by its name, a hub id by itself
         self.name = args.served_model_name or (path.resolve().name if path.exists() else args.checkpoint)
         self.max_n, self.max_logprobs, self.timeout = args.max_n, args.max_logprobs, args.request_timeout
+        self.max_stop, self.max_stop_length = args.max_stop_sequences, args.max_stop_sequence_length
         self.max_tokens_limit = args.max_tokens_limit or self.max_pos
         self.max_request_bytes, self.created = args.max_request_bytes, int(time.time())
 
     async def read_json(self, request: Request):
-        """The request body as JSON. Raises APIError 413 past --max-request-bytes (counted as
-        it arrives, whatever Content-Length claims), 400 when it is not JSON."""
+        """The request body as JSON. Raises APIError 415 unless it is sent as application/json
+        (a browser sends text/plain and form bodies to any site without a CORS preflight),
+        413 past --max-request-bytes (counted as it arrives, whatever Content-Length claims),
+        400 when it is not JSON (or nests deeper than the parser's recursion limit)."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(415, f"send the body as JSON with `Content-Type: application/json` (got {show(kind or None)})",
+                           None, "unsupported_media_type")
         limit, raw = self.max_request_bytes, bytearray()
         size = request.headers.get("content-length", "")
         too_big = APIError(413, f"request body over --max-request-bytes {limit}", None, "request_too_large")
@@ -451,12 +683,13 @@ class Server:
                 raise too_big
         try:
             return json.loads(raw)
-        except ValueError as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: [[[[...]]]] deeper than the parser goes
+            raise APIError(400, f"the request body is not valid JSON ({show(str(e), 120)})") from None
 
     async def next_events(self, job: Job, deadline: float, request: Request | None = None) -> list:
         """The Job's next list of events. Raises APIError 504 at the deadline (--request-timeout)
-        or for an engine error its status; with `request`, ConnectionError once the client left."""
+        or the engine thread's error for this Job; with `request`, ConnectionError once the
+        client left."""
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -469,19 +702,32 @@ class Server:
                 continue
             for e in events:
                 if e[0] == "error":
-                    raise APIError(e[1], e[2], e[3])
+                    raise e[1]
                 job.finished += e[0] == "finish"
             return events
 
     async def complete(self, request: Request, chat: bool):
         """One (chat) completions request: parse, queue, answer as JSON or as server-sent events.
-        The request is aborted in the engine if it times out or the client disconnects."""
-        job = parse_request(await self.read_json(request), chat, self)
+        The request is aborted in the engine if it times out or the client disconnects. A bug
+        on the way gets the generic 500 with the request id; its traceback is logged once."""
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        try:
+            return await self._complete(request, chat, rid)
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- our bug: this request alone fails, without internal detail
+            log.error(f"{rid}: failed", exc_info=e)
+            return internal_error(rid).response()
+
+    async def _complete(self, request: Request, chat: bool, rid: str):
+        if not self.loop.alive():
+            raise engine_dead()
+        job = parse_request(await self.read_json(request), chat, self, rid)
         job.loop, job.queue = asyncio.get_running_loop(), asyncio.Queue()
         deadline = time.monotonic() + self.timeout
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": self.name, "object": "chat.completion.chunk" if chat and job.stream else
-                "chat.completion" if chat else "text_completion"}
+        head = {"id": rid, "created": int(time.time()), "model": self.name,
+                "object": "chat.completion.chunk" if chat and job.stream else "chat.completion" if chat else
+                "text_completion"}
         self.loop.put("add", job)
         streaming = False  # from then on the stream aborts the request when it ends early
         try:
@@ -543,6 +789,9 @@ class Server:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(job, done)})}\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:  # noqa: BLE001 -- our bug, after the headers went: an error event, then [DONE]
+            log.error(f"{job.rid}: failed while streaming", exc_info=e)
+            yield f"data: {json.dumps(internal_error(job.rid).body())}\n\n"
         finally:
             if job.finished < len(job.choices):
                 self.loop.put("abort", job)
@@ -553,35 +802,109 @@ class Server:
 
 
 class APIKeyGuard:
-    """ASGI middleware: every path but /health needs `Authorization: Bearer <key>`, compared in
-    constant time (hmac.compare_digest); 401 with an error object otherwise (paper §6.1 serving)."""
+    """ASGI middleware: every path but /health needs `Authorization: Bearer <key>` (the scheme
+    in any case, RFC 7235; the key compared in constant time, hmac.compare_digest); 401 with
+    an error object otherwise (paper §6.1 serving)."""
 
     def __init__(self, app, key: str):
-        self.app, self.expected = app, b"Bearer " + key.encode()
+        self.app, self.expected = app, key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            right_key = hmac.compare_digest(token.strip(b" "), self.expected)
+            if scheme.lower() != b"bearer" or not right_key:
                 err = APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", None, "invalid_api_key")
                 return await err.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-def build_app(srv: Server, api_key: str | None) -> FastAPI:
+def _host_name(host: str) -> str:
+    """The name of a Host header value or --host, lower case, without port, brackets or a
+    final dot: "[::1]:8000" -> "::1", "LocalHost.:80" -> "localhost"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    return host.rstrip(".")
+
+
+class BrowserGuard:
+    """ASGI middleware against requests a web page makes the browser send (paper §6.1 serving).
+
+    Host: a DNS-rebinding page reaches a loopback server under its own name (evil.example
+    resolving to 127.0.0.1), so a request is served only when its Host names an IP address
+    (a page cannot be served from one that is this server), `localhost`, the --host value or
+    one of --allowed-hosts ("*": any); 403 otherwise. The port is not compared, so that an
+    ssh tunnel to another local port still works. Origin: a browser sends it with every
+    cross-site request; one not in --allowed-origins ("*": any) gets 403 before anything is
+    read. Paired with the JSON content type that read_json requires, no page can post to the
+    server unless --allowed-origins lets its origin in (with CORS headers, CORSMiddleware)."""
+
+    def __init__(self, app, hosts: list[str], origins: list[str]):
+        self.app = app
+        self.hosts = {_host_name(h) for h in hosts}
+        self.origins = {o.strip().lower().rstrip("/") for o in origins}
+
+    def host_ok(self, host: str) -> bool:
+        """Whether a Host header value (str, e.g. "localhost:8000") may be served (see the
+        class; paper §6.1 serving). Raises nothing."""
+        name = _host_name(host)
+        if "*" in self.hosts or name in self.hosts:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host, origin = headers.get(b"host"), headers.get(b"origin")
+            err = None
+            if host is not None and not self.host_ok(host.decode("latin-1")):
+                err = APIError(403, f"Host {show(host.decode('latin-1'))} is not this server's name: a request must name "
+                                    "it by an IP address, localhost, --host or one of --allowed-hosts (against DNS "
+                                    "rebinding)", None, "host_not_allowed")
+            elif origin is not None and "*" not in self.origins and \
+                    origin.decode("latin-1").strip().lower().rstrip("/") not in self.origins:
+                err = APIError(403, f"requests from the web page origin {show(origin.decode('latin-1'))} are refused; "
+                                    "start the server with --allowed-origins to allow one", None, "origin_not_allowed")
+            if err is not None:
+                return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def build_app(srv: Server, api_key: str | None, allowed_hosts: list[str] = (), allowed_origins: list[str] = (),
+              host: str = "127.0.0.1") -> FastAPI:
     """The FastAPI app over a Server (paper §6.1 serving); no interactive docs (they would be
-    endpoints outside the API key's guard)."""
+    endpoints outside the API key's guard). From the outside in: BrowserGuard (Host and
+    Origin; `host` is the bound address), CORS headers only for `allowed_origins`, the API
+    key, the routes. Errors are OpenAI error objects; a 405 names the allowed methods."""
     app = FastAPI(title="memento", docs_url=None, redoc_url=None, openapi_url=None)
     if api_key:
         app.add_middleware(APIKeyGuard, key=api_key)
+    if allowed_origins:  # outside the key's guard: a preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "HEAD"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BrowserGuard, hosts=["localhost", host, *allowed_hosts], origins=list(allowed_origins))
     app.add_exception_handler(APIError, lambda request, e: e.response())
-    app.add_exception_handler(HTTPException, lambda request, e: APIError(e.status_code, str(e.detail)).response())
-    app.add_exception_handler(Exception, lambda request, e: APIError(500, f"{type(e).__name__}: {e}").response())
+    app.add_exception_handler(HTTPException, lambda request, e: APIError(e.status_code, str(e.detail),
+                                                                         headers=e.headers).response())
 
-    @app.get("/health")
+    def crash(request, e):  # a bug outside the handlers: no detail to the client, one traceback in the log
+        rid = f"req-{uuid.uuid4().hex}"
+        log.error(f"{rid}: {request.method} {request.url.path} failed", exc_info=e)
+        return internal_error(rid).response()
+
+    app.add_exception_handler(Exception, crash)
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         """200 while the engine thread lives, else 503 (no key needed)."""
-        return Response(status_code=200 if srv.loop.thread.is_alive() else 503)
+        return Response(status_code=200 if srv.loop.alive() else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -616,11 +939,20 @@ def main(argv=None):
     ap.add_argument("--port", type=positive_int, default=8000, help="TCP port")
     ap.add_argument("--served-model-name", default=None, help="the `model` requests name (default: the checkpoint's name)")
     ap.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $MEMENTO_API_KEY if set)")
+    ap.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
+                    help="Host names served besides IP addresses, localhost and --host (DNS rebinding); * = any")
+    ap.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                    help="web page origins (scheme://host:port) allowed to call the API, with CORS headers; * = any "
+                         "(default: none, requests carrying an Origin get 403)")
     ap.add_argument("--max-request-bytes", type=positive_int, default=1 << 20, help="request body limit (413 above)")
     ap.add_argument("--max-n", type=positive_int, default=16, help="choices per request (n x prompts) at most")
     ap.add_argument("--max-tokens-limit", type=positive_int, default=None,
                     help="max_tokens a request may ask at most (default: max_position_embeddings)")
     ap.add_argument("--max-logprobs", type=nonnegative_int, default=20, help="top log-probabilities per token at most")
+    ap.add_argument("--max-stop-sequences", type=nonnegative_int, default=4,
+                    help="stop strings per request at most (OpenAI's limit is 4)")
+    ap.add_argument("--max-stop-sequence-length", type=positive_int, default=256,
+                    help="characters per stop string at most")
     ap.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds before a request is aborted")
     ap.add_argument("--uvicorn-log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_generation_args(ap, max_new_tokens=2048)
@@ -638,8 +970,8 @@ def main(argv=None):
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(f"serve.py: listening on {args.host} without --api-key: anyone who can reach it may use it")
     try:
-        uvicorn.run(build_app(srv, api_key), host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                    timeout_graceful_shutdown=5)
+        uvicorn.run(build_app(srv, api_key, args.allowed_hosts, args.allowed_origins, args.host), host=args.host,
+                    port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
     finally:
         srv.loop.put("stop")
 

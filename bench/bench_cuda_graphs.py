@@ -35,7 +35,8 @@ def run(model, tok, batch: int, prompt_len: int, new_tokens: int, eager: bool) -
                           kv_cache_tokens=batch * (prompt_len + new_tokens + 32), enforce_eager=eager)
     eng = Engine(model, tok, config)
     g = torch.Generator().manual_seed(0)
-    seqs = [eng.add(torch.randint(300, 9000, (prompt_len,), generator=g).tolist(),
+    # prompt ids within the byte-level tokenizer's (Engine.add refuses ids it cannot decode)
+    seqs = [eng.add(torch.randint(0, 256, (prompt_len,), generator=g).tolist(),
                     SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=new_tokens, ignore_eos=True, seed=i))
             for i in range(batch)]
     times = []

@@ -181,6 +181,8 @@ def test_any_workload_finishes_as_with_an_unlimited_pool(reqs, page_size, pool_t
             continue
         if s.stop_reason.startswith("KV pool full"):  # a sampled sequence that alone outgrew the pool
             assert f is None and math.ceil(peak / page_size) > pool_pages
+            # what it sampled stays its response (it was emitted), every token with its KV entry
+            assert s.tokens == alone[0].tokens[:len(s.tokens)] and s.curve == alone[0].curve[:s.length]
             continue
         assert s.stop_reason == ("end of trace" if f is not None else "max_tokens"), s.stop_reason
         assert s.tokens == alone[0].tokens and s.curve == alone[0].curve
@@ -411,14 +413,31 @@ def test_bad_input_is_refused_before_anything_changes():
                 dict(max_num_batched_tokens=4, max_num_seqs=8), dict(kv_cache_tokens=64, unbounded_kv_cache=True)):
         with pytest.raises(ValueError):
             EngineConfig(**bad)
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(min_p=2), dict(max_tokens=0), dict(stop=[""])):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+    huge = 10**400  # a float cannot hold it: a check that converts first would raise OverflowError
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(min_p=2), dict(max_tokens=0), dict(stop=[""]),
+                dict(temperature=float("inf")), dict(temperature=float("nan")), dict(temperature=1e39),
+                dict(temperature=1e-300), dict(temperature=huge), dict(temperature=True), dict(temperature="hot"),
+                dict(top_p=float("nan")), dict(min_p=huge), dict(top_k=1.5), dict(max_tokens=2.0), dict(seed="s"),
+                dict(logprobs=-1), dict(stop=["\ud800"]), dict(stop=5), dict(stop_token_ids=[-1]),
+                dict(stop_token_ids=[True]), dict(ignore_eos=1)):
+        with pytest.raises(ValueError, match=next(iter(bad))) as e:
             SamplingParams(**bad)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 200  # one line, a huge value shown by its size
+    assert SamplingParams(temperature=0).temperature == 0 and SamplingParams(temperature=100).temperature == 100.0
+    assert SamplingParams(temperature=0.01, top_p=1, min_p=0).top_p == 1.0
     eng = Engine(model, TOK, EngineConfig(MementoConfig(1)))
     max_pos = model.config.max_position_embeddings
+    n_vocab = TOK.n_vocab  # 265: the embedding has 272 rows, ids 265..271 decode to nothing
+    assert model.config.vocab_size > n_vocab
     cases = [(([],), {}, "empty prompt"), ((prompt,), dict(forced=[0] * max_pos), "exceeds max_position_embeddings"),
              ((prompt, SamplingParams(max_tokens=max_pos)), {}, "lower max_tokens"),
-             ((prompt,), dict(mode="restart"), "restart mode"), ((prompt + [10**6],), {}, "outside the model's vocabulary")]
+             ((prompt,), dict(mode="restart"), "restart mode"),
+             ((prompt + [10**6],), {}, "prompt: token id 1000000 is outside the tokenizer's vocabulary"),
+             ((prompt + [n_vocab],), {}, "prompt: token id 265 is outside the tokenizer's vocabulary \\(0..264\\)"),
+             ((prompt,), dict(forced=[n_vocab]), "forced: token id 265"),
+             ((prompt, SamplingParams(stop_token_ids=[n_vocab])), {}, "stop_token_ids: token id 265"),
+             ((prompt, SamplingParams(logprobs=n_vocab + 1)), {}, "logprobs=266"),
+             ((prompt, {"temperature": 0}), {}, "SamplingParams")]
     for args, kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             eng.add(*args, **kw)
@@ -426,6 +445,147 @@ def test_bad_input_is_refused_before_anything_changes():
     s = eng.add(prompt, forced=resp)
     eng.run()
     assert s.stop_reason == "end of trace" and s.id == 0
+
+
+# ------------------------------------------------------------------ one request never fails another
+
+
+def _victim_raises(eng, victim_prompt, where, at=3):
+    """Make the engine raise while handling the one request whose prompt is `victim_prompt`,
+    at `where`, once it has `at` tokens: in planning its chunk, in the batched draw (when its
+    row is in it), in on_token, in its stop check, in decoding its text, or in on_finish
+    (set as eng.on_token / eng.on_finish). Returns the list on_finish appends to."""
+    import engine as engine_module
+
+    finished, is_victim = [], lambda s: s is not None and s.prompt == victim_prompt  # noqa: E731
+
+    def boom():
+        raise RuntimeError("injected: secret detail")
+
+    if where == "plan":
+        real_plan = eng._plan
+        eng._plan = lambda s, limit: boom() if is_victim(s) and len(s.tokens) >= at else real_plan(s, limit)
+    elif where == "sample":
+        real_sample = engine_module.sample
+        victim = lambda params: next((s for s in eng.running if s.params is params and is_victim(s)), None)  # noqa: E731
+
+        def sample(logits, params, seeds, counters):
+            if any(victim(p) is not None and len(victim(p).tokens) >= at for p in params):
+                boom()
+            return real_sample(logits, params, seeds, counters)
+        engine_module.sample = sample
+    elif where == "stop check":
+        real_stop = eng._stop_reason
+        eng._stop_reason = lambda s, t: boom() if is_victim(s) and len(s.tokens) >= at else real_stop(s, t)
+    elif where == "decode":
+        real_decode = eng.tok.decode
+
+        class Tok:  # the engine's tokenizer, whose decode fails on the victim's response
+            def __getattr__(self, name):
+                return getattr(TOK, name)
+
+            def decode(self, ids):
+                if any(ids is s.tokens and is_victim(s) for s in eng.sequences if s is not None):
+                    boom()
+                return real_decode(ids)
+        eng.tok = Tok()
+    eng.on_token = None
+    if where == "on_token":
+        eng.on_token = lambda i, t, kind: boom() if is_victim(eng.sequences[i]) and len(eng.sequences[i].tokens) >= at \
+            else None
+
+    def on_finish(s):
+        finished.append(s)
+        if where == "on_finish" and is_victim(s):
+            boom()
+    eng.on_finish = on_finish
+    return finished
+
+
+@pytest.mark.parametrize("where", ["plan", "sample", "on_token", "stop check", "decode", "on_finish"])
+def test_a_request_that_raises_ends_alone_and_the_others_equal_their_runs_alone(where, caplog):
+    """Four requests in one batch, a pool small enough to preempt; the engine raises while
+    handling one of them (at its third token, or at its end): that one ends with stop_reason
+    "error: ..." (on_finish: it keeps its own reason), leaves the running set and the pool,
+    gets on_finish once, and its traceback is logged once; the three others get the tokens
+    they get alone, and every page comes back."""
+    import engine as engine_module
+
+    model = tiny_model(layers=1, seed=6)
+    prompts = [TOK.encode(TOK.chat_prompt(f"sum {i} blocks from {i + 1}")) for i in range(4)]
+    params = [SamplingParams(temperature=0.9, max_tokens=30, ignore_eos=True, seed=i, stop=("zz",)) for i in range(4)]
+    alone = [generate(model, TOK, [p], EngineConfig(), sp)[0][0] for p, sp in zip(prompts, params)]
+    eng = Engine(model, TOK, EngineConfig(page_size=4, kv_cache_tokens=4 * ((2 * len(prompts[0]) + 60) // 4)))
+    real_sample = engine_module.sample
+    try:
+        finished = _victim_raises(eng, prompts[1], where)
+        seqs = [eng.add(p, sp) for p, sp in zip(prompts, params)]
+        with caplog.at_level("ERROR", logger="memento.engine"):
+            while eng.waiting or eng.running:
+                eng.step()
+                _pool_counts_are_consistent(eng.cache)
+    finally:
+        engine_module.sample = real_sample
+    victim = seqs[1]
+    if where == "on_finish":
+        assert victim.stop_reason == "max_tokens" and victim.tokens == alone[1].tokens
+    else:
+        assert victim.stop_reason == "error: RuntimeError: injected: secret detail", victim.stop_reason
+        assert victim.tokens == alone[1].tokens[:len(victim.tokens)] and eng.stats["failed"] == 1
+    assert victim.done and victim not in eng.running and victim.id not in eng.cache.seqs
+    assert finished.count(victim) == 1 and len(finished) == 4
+    assert sum(r.exc_info is not None for r in caplog.records) == 1
+    for i in (0, 2, 3):
+        assert seqs[i].stop_reason == alone[i].stop_reason and seqs[i].tokens == alone[i].tokens, i
+    assert eng.cache.held_page_count() == 0 and eng.stats["preemptions"] > 0
+
+
+_stream_case = st.tuples(st.integers(1, 40), st.integers(1, 90), st.booleans())  # (prompt chars, max_tokens, ignore_eos)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(_stream_case, min_size=1, max_size=4), st.sampled_from([1, 4, 16]), st.integers(24, 200),
+       st.sampled_from(["memento", "full", "restart"]), st.integers(0, 3))
+def test_what_on_token_emits_is_the_final_response(reqs, page_size, pool_tokens, mode, seed):
+    """Random pools (some smaller than one request's response: it alone outgrows the pool),
+    page sizes, lengths and modes: the tokens on_token emitted for each request are exactly
+    its final tokens, in order (a streamed token is never dropped afterwards), its text is
+    their decoding, every token has its KV entry, and the tokens are a prefix of (finished
+    normally: equal to) the request's run with an unlimited pool."""
+    model = tiny_model(layers=1, hidden=16, heads=2, kv_heads=1, seed=8)
+    pool = max(page_size, pool_tokens // page_size * page_size)
+    emitted = {}
+    eng = Engine(model, TOK, EngineConfig(mode=mode, page_size=page_size, kv_cache_tokens=pool, max_num_seqs=3),
+                 on_token=lambda i, t, kind: emitted.setdefault(i, []).append(t))
+    work = [(TOK.encode(TOK.chat_prompt("x" * n)), SamplingParams(temperature=0.8, max_tokens=m, ignore_eos=e,
+                                                                  seed=seed + j))
+            for j, (n, m, e) in enumerate(reqs)]
+    seqs = [eng.add(p, sp) for p, sp in work]
+    eng.run()
+    for (p, sp), s in zip(work, seqs):
+        assert emitted.get(s.id, []) == s.tokens and s.text == TOK.decode(s.tokens)
+        if s.stop_reason.startswith("rejected"):
+            continue
+        assert len(s.curve) == s.length
+        ref = generate(model, TOK, [p], EngineConfig(mode=mode, unbounded_kv_cache=True), sp)[0][0]
+        assert s.tokens == ref.tokens[:len(s.tokens)] and s.curve == ref.curve[:s.length]
+        if not s.stop_reason.startswith("KV pool full"):
+            assert (s.stop_reason, s.tokens) == (ref.stop_reason, ref.tokens)
+    assert eng.cache.held_page_count() == 0
+
+
+def test_the_issue_case_a_sequence_alone_outgrows_a_640_token_pool():
+    """serve.py's report: --kv-cache-tokens 640, max_tokens 700, ignore_eos, full mode, greedy:
+    the sequence outgrows the pool alone; every token on_token emitted is in its response (the
+    server streamed 622 tokens and answered 621)."""
+    model = tiny_model(layers=1, seed=9)
+    prompt = TOK.encode(TOK.chat_prompt("sum 5 blocks from 3"))
+    emitted = []
+    eng = Engine(model, TOK, EngineConfig(mode="full", kv_cache_tokens=640), on_token=lambda i, t, k: emitted.append(t))
+    s = eng.add(prompt, SamplingParams(temperature=0, max_tokens=700, ignore_eos=True))
+    eng.run()
+    assert s.stop_reason.startswith("KV pool full") and emitted == s.tokens and len(s.tokens) == 640 - len(prompt) + 1
+    assert s.curve == list(range(1, s.length + 1)) and eng.cache.held_page_count() == 0
 
 
 def test_a_request_that_can_never_fit_is_rejected_with_its_figures():

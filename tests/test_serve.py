@@ -297,7 +297,9 @@ def test_memento_modes_equal_the_engines_modes(server, model):
     for mode in ("memento", "full", "restart"):
         for replay in (None, trace):
             body = {"memento_mode": mode} | ({"memento_replay": replay} if replay else {})
-            r = c.completions.create(model=name, prompt=prompt, max_tokens=16, temperature=1.0, seed=9, extra_body=body)
+            # a replay runs to its end: max_tokens is refused with it
+            r = c.completions.create(model=name, prompt=prompt, temperature=1.0, seed=9, extra_body=body,
+                                     **({} if replay else {"max_tokens": 16}))
             sp = SamplingParams(temperature=1.0, max_tokens=16, seed=request_seed(9, 0))
             ref = offline(model, [(TOK.encode(prompt), sp, mode, None if replay is None else TOK.encode(replay))])[0]
             assert r.choices[0].text == answer_text(ref)
@@ -410,7 +412,7 @@ def test_a_request_past_its_timeout_is_aborted(servers):
 
 def test_api_key(servers):
     """$MEMENTO_API_KEY and --api-key: no header or a wrong key get 401 with an error object on
-    every endpoint but /health; the right key works."""
+    every endpoint but /health; the right key works, its scheme in any case (RFC 7235)."""
     for srv, key in ((servers["main"], KEY), (servers["slow"], "k2")):
         for path in ("/v1/models", "/metrics", "/v1/completions"):
             for headers in ({}, {"Authorization": f"Bearer {key}x"}, {"Authorization": key}):
@@ -420,6 +422,11 @@ def test_api_key(servers):
         assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
         ok = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
         assert ok.status_code == 200 and ok.json()["data"][0]["max_model_len"] == MAX_POS
+        for scheme in ("bearer", "BEARER", "bEaReR"):
+            r = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": f"{scheme} {key}"}, timeout=10)
+            assert r.status_code == 200 and r.json() == ok.json(), scheme
+        for wrong in (f"Basic {key}", f"Bearer{key}", f"Bearer {key} {key}"):
+            assert httpx.get(f"{srv.url}/v1/models", headers={"Authorization": wrong}, timeout=10).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         client(servers["main"], key="wrong").models.list()
 
@@ -436,8 +443,8 @@ def test_bad_input_gets_an_error_object_and_the_server_keeps_serving(server, mod
         ("chat/completions", {"max_tokens": 4}, 400, "messages", ["messages"]),
         ("chat/completions", {"messages": [{"role": "user"}]}, 400, "messages", ["content"]),
         ("completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", ["gpt-4"]),
-        ("completions", {"prompt": "a" * 2100}, 400, None, ["2100", str(MAX_POS)]),
-        ("completions", {"prompt": "a" * 1300}, 400, None, ["1300", str(POOL)]),
+        ("completions", {"prompt": "a" * 2100}, 400, "prompt", ["2100", str(MAX_POS)]),
+        ("completions", {"prompt": "a" * 1300}, 400, "prompt", ["1300", str(POOL)]),
         ("completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", ["max_tokens"]),
         ("completions", {"prompt": "x", "max_tokens": MAX_POS}, 400, "max_tokens", [str(MAX_POS)]),
         ("completions", {"prompt": "x", "n": 0}, 400, "n", ["n=0"]),
@@ -453,12 +460,13 @@ def test_bad_input_gets_an_error_object_and_the_server_keeps_serving(server, mod
     ]
     for path, body, status, param, words in cases:
         kw = {"content": body} if isinstance(body, bytes) else {"json": {"model": name, **body}}
-        r = httpx.post(f"{server.url}/v1/{path}", headers=auth, timeout=30, **kw)
+        r = httpx.post(f"{server.url}/v1/{path}", headers={**auth, "Content-Type": "application/json"}, timeout=30, **kw)
         err = r.json()["error"]
         assert r.status_code == status and set(err) == {"message", "type", "param", "code"}, (body, r.text)
         assert err["param"] == param and all(w in err["message"] for w in words), (body, err)
     # a chunked body (no Content-Length) is counted as it arrives
-    r = httpx.post(f"{server.url}/v1/completions", headers=auth, content=(b"x" * 1000 for _ in range(10)), timeout=30)
+    r = httpx.post(f"{server.url}/v1/completions", headers={**auth, "Content-Type": "application/json"},
+                   content=(b"x" * 1000 for _ in range(10)), timeout=30)
     assert r.status_code == 413 and "error" in r.json()
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     ids = TOK.encode("hello")
@@ -558,17 +566,22 @@ def test_streamed_pieces_join_to_the_final_text(ids, hold, data):
     assert len(text) - len(sent) <= hold + 4 or not ids  # only the held bytes (and a cut character) wait
 
 
-def test_chat_text_is_the_checkpoints_chatml():
-    """serve.chat_text equals Tokenizer.chat_prompt for one user turn and the saved ChatML
-    template (rendered by jinja2) for a conversation."""
+def test_chat_messages_are_the_checkpoints_chatml():
+    """serve.chat_turns through Tokenizer.chat_ids equals Tokenizer.chat_prompt for one user
+    turn and the saved ChatML template (rendered by jinja2) for a conversation, text parts
+    joined."""
     import jinja2
 
-    from serve import chat_text
+    from serve import chat_turns
 
-    assert chat_text([{"role": "user", "content": "sum 3"}]) == TOK.chat_prompt("sum 3")
+    assert TOK.chat_ids(chat_turns([{"role": "user", "content": "sum 3"}])) == TOK.encode(TOK.chat_prompt("sum 3"))
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
-    assert chat_text(msgs) == jinja2.Template(CHATML_TEMPLATE).render(messages=msgs, add_generation_prompt=True)
+    want = TOK.encode(jinja2.Template(CHATML_TEMPLATE).render(messages=msgs, add_generation_prompt=True))
+    assert TOK.chat_ids(chat_turns(msgs)) == want
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:1]}, {"type": "text", "text": m["content"][1:]}]}
+             for m in msgs]
+    assert TOK.chat_ids(chat_turns(parts)) == want
 
 
 def test_http_benchmark_runs(tmp_path):
