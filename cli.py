@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from blocks import MementoConfig
+from data.records import BAD_RECORDS
 from engine import EngineConfig, load
 from kv_cache import kv_bytes_per_token
 from sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingParams
@@ -78,6 +79,15 @@ def temperature(text: str) -> float:
                                          f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
     return x
 unit_interval = _number(float, 0.0, 1.0, what="use a number in [0, 1]")
+
+
+def add_bad_records_arg(ap: ArgumentParser, default: str) -> None:
+    """--bad-records error|skip: what a record that fails its schema does (data/records.py):
+    stop the run with one line naming its file, line and field, or be skipped and counted by
+    reason with its line numbers. Evaluation and replay default to error, training to skip."""
+    ap.add_argument("--bad-records", choices=BAD_RECORDS, default=default,
+                    help="a data record that fails its check: 'error' stops with FILE:LINE: field: what is wrong; "
+                         "'skip' leaves it out and reports the skips by reason")
 
 
 def check_device(ap: ArgumentParser, device: str) -> str:

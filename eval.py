@@ -6,62 +6,106 @@
 The command line over evaluation.py (modes memento / full / restart, seeds, records, summary,
 answer checking: see there). Each finished sample is appended to --out at once, one JSON
 line; rerunning the same command skips what is there, so a killed run continues where it
-stopped, and a rerun with other run-defining flags is refused. The summary per mode is
-printed as a Markdown table and written to --out with .summary.json in place of .jsonl.
+stopped, and a rerun with other run-defining flags, other weights or other data (the
+--data file's SHA-256) is refused. --data is read and checked by data/records.py: a bad row
+stops the run with one line, FILE:LINE: field: what is wrong (--bad-records skip: skipped and
+counted). The summary per mode is printed as a Markdown table and written to --out with
+.summary.json in place of .jsonl.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from checkpoint import model_fingerprint
-from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_generation_args, engine_config, kv_cache_budget, load_or_exit,
-                 nonnegative_int, positive_int)
+from checkpoint import model_fingerprint, write_json
+from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_bad_records_arg, add_generation_args, engine_config,
+                 kv_cache_budget, load_or_exit, nonnegative_int, positive_int)
+from data import records
 from evaluation import MODES, load_problems, markdown, run, summarize, toy_problems
 from kv_cache import kv_bytes_per_token
 from model import QWEN3_SHAPES, Qwen3Config
 
 # Flags whose change makes earlier results incomparable: a rerun with another value is refused.
+# The data's content hash (data_sha256) and the weights' (checkpoint_sha256) are compared too.
 RUN_DEFINING = ("checkpoint", "data", "split", "config", "problem_key", "answer_key", "seed", "temperature",
                 "top_p", "top_k", "min_p",
                 "max_new_tokens", "max_block_tokens", "keep_last_n_blocks", "mask_delimiters",
                 "keep_last_block_for_answer", "dtype")
+NOT_OURS = "not results of eval.py: pass --overwrite or another --out"
+
+# One results line (evaluation.record) as far as a rerun reads it back: the key of the sample
+# and what summarize averages. Anything else in the line is kept as it is.
+RESULT = {"problem": records.count, "mode": records.one_of(*MODES), "sample": records.count,
+          "correct": records.nullable(records.boolean), "extracted": records.nullable(records.string),
+          "kv_pool_cut": records.optional(records.boolean),
+          **{k: records.number for k in ("tokens", "blocks", "mean_block_tokens", "mean_memento_tokens",
+                                         "peak_kv_tokens", "kv_auc")}}
 
 
 # ----------------------------------------------------------------------------- results file
 
 def read_done(path: Path) -> list[dict]:
-    """The records already in a results file. A last line cut by a kill is dropped from the
-    file (it is rewritten without it), so appending continues on a clean line."""
+    """The records already in a results file, each checked against RESULT (a line that is
+    valid JSON but not a results record is refused, naming its line and field). A last line
+    cut by a kill (no newline) is cut off the file, so appending continues on a clean line.
+    Raises ValueError (records.DataError, one line) for a file that is not eval.py's results."""
     if not path.exists():
         return []
-    raw = path.read_bytes()
-    keep = raw[:raw.rfind(b"\n") + 1] if not raw.endswith(b"\n") else raw
-    if keep != raw:
-        path.write_bytes(keep)
-    out = []
-    for i, line in enumerate(keep.decode("utf-8").splitlines(), 1):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{i}: not a results line; pass --overwrite or another --out") from None
-    return out
+    data = records.read_bytes(path)
+    keep = data.rfind(b"\n") + 1
+    report = records.Report(str(path), "error", hint=NOT_OURS)
+    rows = records.validate([r for r in records.jsonl_rows(str(path), data[:keep], report) if r.data is not None],
+                            RESULT, report)
+    for r in rows:
+        if r.data["correct"] is None and not r.data.get("kv_pool_cut"):
+            report.reject(r.where, "correct: null in a sample the KV pool did not end")
+        for k, v in r.data.items():
+            if k.startswith(("peak_kv_gb@", "kv_auc_gb_ktok@")) and not records.is_number(v):
+                report.reject(r.where, f"{k}: {records.kind(v)}, expected a number")
+    if keep != len(data):
+        os.truncate(path, keep)  # our own line, cut by a kill
+    return [r.data for r in rows]
+
+
+def read_config(path: Path) -> dict | None:
+    """The settings saved beside a results file (None if there are none). Raises ValueError
+    (one line naming the file) when it is not a JSON object."""
+    if not path.exists():
+        return None
+    data = records.read_bytes(path)
+    try:
+        saved = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a results config ({str(e).splitlines()[0]}); pass --overwrite or another "
+                         "--out") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a results config ({records.kind(saved)}, expected an object); pass "
+                         "--overwrite or another --out")
+    return saved
 
 
 def check_config(path: Path, config: dict, overwrite: bool, keys=RUN_DEFINING) -> None:
     """Refuse to mix results of different settings in one file (one line naming the flags);
-    `keys`: the entries compared (the flags, or the checkpoint's fingerprint once it is
-    loaded: a checkpoint retrained in the same directory is another checkpoint)."""
-    if overwrite or not path.exists():
+    `keys`: the entries compared (the flags and the data's content hash, or the checkpoint's
+    fingerprint once it is loaded: a checkpoint retrained in the same directory is another
+    checkpoint). A key the saved config lacks is not compared. Raises ValueError."""
+    if overwrite:
         return
-    saved = json.loads(path.read_text())
-    diff = [f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, now {config[k]!r})"
-            for k in keys if k in saved and saved.get(k) != config[k]]
+    saved = read_config(path) or {}
+    diff = []
+    for k in keys:
+        if k not in saved or saved[k] == config[k]:
+            continue
+        if k == "data_sha256":
+            diff.append(f"--data {config['data']} holds other data (saved {saved[k]}, now {config[k]})")
+        else:
+            diff.append(f"--{k.replace('_', '-')} (saved {saved[k]!r}, now {config[k]!r})")
     if diff:
         raise ValueError(f"results in this --out were made with other settings: {'; '.join(diff)}; "
                          "rerun with the saved values, or pass --overwrite or another --out")
@@ -70,12 +114,16 @@ def check_config(path: Path, config: dict, overwrite: bool, keys=RUN_DEFINING) -
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None) -> dict:
-    """Run the evaluation command; returns the summary dict."""
+    """Run the evaluation command (paper Table 1, §A.2.2); returns the summary dict. A problem
+    the user can fix (bad data, a results file that is not ours, other settings) exits with
+    one line; nothing in --out changes before every input was checked."""
     ap = ArgumentParser(prog="eval.py", description=__doc__)
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint dir, training run dir or hub id")
     ap.add_argument("--data", default="toy", help="'toy', a .jsonl/.parquet file or a hub dataset id")
     ap.add_argument("--problem-key", default="problem", help="column holding the problem")
-    ap.add_argument("--answer-key", default="answer", help="column holding the reference answer")
+    ap.add_argument("--answer-key", default="answer",
+                    help="column holding the reference answer: a string, a number, or a list of acceptable answers")
+    add_bad_records_arg(ap, "error")
     ap.add_argument("--grading-workers", type=nonnegative_int, default=1,
                     help="processes grading answers beside decoding (0: grade in the decoding thread)")
     ap.add_argument("--split", default=None, help="the dataset split (required when it has several, e.g. test)")
@@ -103,33 +151,35 @@ def main(argv=None) -> dict:
     engine = engine_config(ap, args, "restart" if "restart" in modes else "memento")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
 
-    if args.data == "toy":
-        problems, skipped = toy_problems(args.toy_problems, args.seed), []
+    if args.data == "toy":  # generated from --seed: no file to hash
+        problems, report = toy_problems(args.toy_problems, args.seed), None
     else:
         try:
-            problems, skipped = load_problems(args.data, args.problem_key, args.answer_key, split=args.split,
-                                              config=args.config, seed=args.seed)
+            problems, report = load_problems(args.data, args.problem_key, args.answer_key, split=args.split,
+                                             config=args.config, seed=args.seed, bad=args.bad_records)
         except (FileNotFoundError, ValueError, ImportError) as e:
             sys.exit(f"eval.py: {e}")
-        if skipped:
-            rows = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
-            print(f"eval.py: skipped {len(skipped)} row(s) without {args.problem_key!r} or {args.answer_key!r}: "
-                  f"row(s) {rows}", file=sys.stderr)
+        if report.n_skipped:
+            print(f"eval.py: {report.summary()}", file=sys.stderr)
         if not problems:
             sys.exit(f"eval.py: --data {args.data}: no usable problem")
     problems = problems[:args.limit]
 
+    # Every input is checked before anything in --out changes: the data above, then the
+    # results already there (their settings, data and lines), then the checkpoint.
     out = Path(args.out)
     config_path = out.with_name(out.name.removesuffix(".jsonl") + ".config.json")
     summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
-    config = {k: getattr(args, k) for k in RUN_DEFINING}
-    try:
-        check_config(config_path, config, args.overwrite)
-        if args.overwrite and out.exists():
-            out.unlink()
-        previous = read_done(out)
-    except ValueError as e:
-        sys.exit(f"eval.py: {e}")
+    config = {**{k: getattr(args, k) for k in RUN_DEFINING}, "data_sha256": report and report.data_hash}
+    previous = []
+    if not args.overwrite:
+        if out.exists() and not config_path.exists():
+            sys.exit(f"eval.py: --out {out} exists without {config_path.name}, so it is {NOT_OURS}")
+        try:
+            check_config(config_path, config, False, (*RUN_DEFINING, "data_sha256"))
+            previous = read_done(out)
+        except ValueError as e:
+            sys.exit(f"eval.py: {e}")
     model, tok = load_or_exit("eval.py", args.checkpoint, args.device, getattr(torch, args.dtype))
     config["checkpoint_sha256"] = model_fingerprint(model)
     try:
@@ -137,7 +187,9 @@ def main(argv=None) -> dict:
     except ValueError as e:
         sys.exit(f"eval.py: {e}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(config, indent=1) + "\n")
+    if args.overwrite:  # the new run is known to start: the old results go
+        out.unlink(missing_ok=True)
+    write_json(config_path, config)
 
     wanted = {(p.id, m, k) for p in problems for m in modes for k in range(args.n_samples)}
     latest = {(r["problem"], r["mode"], r["sample"]): r for r in previous}  # a retried sample's last line counts
@@ -163,10 +215,11 @@ def main(argv=None) -> dict:
     summary = summarize(records, modes)
     new_tokens = sum(r["tokens"] for r in new)
     result = {"summary": summary, "config": {**config, "modes": modes, "n_samples": args.n_samples,
-                                             "problems": len(problems), "skipped_rows": skipped},
+                                             "problems": len(problems),
+                                             "skipped_rows": report.skipped if report else {}},
               "generated": {"samples": len(new), "tokens": new_tokens, "seconds": seconds,
                             "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0}}
-    summary_path.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(summary_path, result)
     print(markdown(summary))
     print(f"\n{len(new)} samples generated in {seconds:.1f} s ({result['generated']['tokens_per_s']:.0f} tokens/s); "
           f"results in {out}, summary in {summary_path}", file=sys.stderr)

@@ -33,8 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from blocks import MementoTokens, trace_stats
-from data import benchmarks, grading, toy_task
-from data.openmementos import read_records
+from data import benchmarks, grading, records, toy_task
 from engine import Engine, EngineConfig, Mode, Sequence, check_mode
 from kv_cache import curve_stats, kv_bytes_per_token
 from sampling import request_seed
@@ -45,12 +44,14 @@ POOL_CUT = ("KV pool full", "rejected")
 GB = 1e9  # the paper's GB (§A.3.1)
 @dataclass(frozen=True)
 class Problem:
-    """One evaluation problem. id: its index in the data (stable across runs); kind: "math",
-    "choice" or "toy" (data/grading.py); gold: the reference answer (None for toy)."""
+    """One evaluation problem. id: its index in the data (stable across runs); prompt: the
+    problem as the data wrote it (tokenized as plain text: tokenizer.prompt_ids); kind:
+    "math", "choice" or "toy" (data/grading.py); gold: the reference answer, or a tuple of
+    acceptable answers (None for toy)."""
 
     id: int
     prompt: str
-    gold: str | None
+    gold: str | tuple[str, ...] | None
     kind: str
 
 
@@ -69,35 +70,42 @@ def toy_max_new_tokens(tok) -> int:
 
 
 def load_problems(source: str, problem_key: str, answer_key: str, *, split: str | None = None,
-                  config: str | None = None, seed: int = 0) -> tuple[list[Problem], list[int]]:
-    """Problems of a benchmark (paper §6.2): a local .jsonl/.parquet file
-    (data/openmementos.read_records, offline), or through data/benchmarks.load_rows a .csv
-    file, a local directory split by file names, or a hub dataset id with `split` / `config`.
-    GPQA's own rows (question, correct and incorrect answers) become lettered multiple-choice
-    problems (benchmarks.letter_gpqa, shuffled by `seed`); problem_key/answer_key then do not apply.
+                  config: str | None = None, seed: int = 0,
+                  bad: str = "error") -> tuple[list[Problem], records.Report]:
+    """Problems of a benchmark (paper §6.2): a local .jsonl/.json/.csv/.parquet file read by
+    data/records.py (offline), or through data/benchmarks.load_rows a local directory split by
+    file names or a hub dataset id with `split` / `config`. Each row is checked: the problem a
+    non-empty string, the answer records.answer (a string, a number, or a list of acceptable
+    answers, any one graded correct). GPQA's own rows (question, correct and incorrect
+    answers) become lettered multiple-choice problems (benchmarks.letter_gpqa, shuffled by
+    `seed`); problem_key/answer_key then do not apply. A Problem's id is its row's index in
+    the data, which a skipped row does not shift.
 
-    Returns (problems, rows skipped because their problem or answer is empty, 1-based).
-    Raises FileNotFoundError/ValueError with one line: no such file or unreachable hub id,
-    several splits and none named, or neither column present (naming the columns found)."""
-    if Path(source).is_file() and Path(source).suffix in (".jsonl", ".parquet") and split is None:
-        rows = read_records(source)
+    Returns (problems, report): report.data_hash names the data, report.skipped what `bad`
+    ("skip") left out. Raises FileNotFoundError/ValueError (records.DataError) with one line:
+    no such file or unreachable hub id, several splits and none named, neither column present
+    (naming the columns found), or under bad="error" the first bad row (FILE:LINE: field: ...)."""
+    path = Path(source)
+    if not path.exists() and not records.looks_like_hub_id(source):  # never tried on the hub
+        raise records.DataError(f"{source}: no such file or directory")
+    if path.is_file():
+        if split not in (None, "train"):
+            raise ValueError(f"--split {split}: --data {source} is one file, with no splits")
+        report = records.Report(str(path), bad)
+        rows = records.read_files([path], report)
     else:
-        rows = benchmarks.load_rows(source, split, config)
-    if benchmarks.is_gpqa(rows):
-        rows, problem_key, answer_key = benchmarks.letter_gpqa(rows, seed), "problem", "answer"
-    if rows and not any(problem_key in r and answer_key in r for r in rows):
-        found = sorted({k for r in rows for k in r if not k.startswith("_")})
+        rows, report = benchmarks.load_rows(source, split, config, bad)
+    if benchmarks.is_gpqa([r.data for r in rows[:1]]):
+        rows = [r._replace(data=benchmarks.letter_gpqa(r.data, r.n, seed))
+                for r in records.validate(rows, benchmarks.GPQA_SCHEMA, report)]
+        problem_key, answer_key = "problem", "answer"
+    elif rows and not any(problem_key in r.data and answer_key in r.data for r in rows):
+        found = sorted({k for r in rows for k in r.data})
         raise ValueError(f"--data {source}: no row has both {problem_key!r} and {answer_key!r}; columns found: "
-                         f"{', '.join(found) or 'none'} (use --problem-key / --answer-key)")
-    problems, skipped = [], []
-    for i, r in enumerate(rows):
-        q, a = r.get(problem_key), r.get(answer_key)
-        if q is None or a is None or not str(q).strip() or not str(a).strip():
-            skipped.append(i + 1)
-            continue
-        gold = str(a).strip()
-        problems.append(Problem(i, str(q), gold, grading.infer_kind(gold)))
-    return problems, skipped
+                         f"{', '.join(map(str, found)) or 'none'} (use --problem-key / --answer-key)")
+    rows = records.validate(rows, {problem_key: records.text, answer_key: records.answer}, report)
+    return [Problem(r.n, r.data[problem_key], r.data[answer_key], grading.infer_kind(r.data[answer_key]))
+            for r in rows], report
 
 
 def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, fmt: MementoTokens,
@@ -251,8 +259,9 @@ def summarize(records: list[dict], modes: list[str]) -> dict:
                "kv_pool_cut": cut}
         for key in ("tokens", "blocks", "mean_block_tokens", "mean_memento_tokens", "peak_kv_tokens", "kv_auc"):
             row[key] = mean(key)
+        shared = set.intersection(*(set(r) for r in rs))  # a rerun with other --kv-shapes reports fewer
         for key in rs[0]:
-            if key.startswith(("peak_kv_gb@", "kv_auc_gb_ktok@")):
+            if key.startswith(("peak_kv_gb@", "kv_auc_gb_ktok@")) and key in shared:
                 row[key] = mean(key)
         out[m] = row
     if "memento" in out:

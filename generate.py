@@ -17,12 +17,12 @@ import dataclasses
 import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
-from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_generation_args, engine_config, kv_cache_budget, load_or_exit,
-                 positive_int)
+from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_bad_records_arg, add_generation_args, engine_config,
+                 kv_cache_budget, load_or_exit, positive_int)
+from data import records
 from data.toy_task import check_trace, parse_prompt
 from engine import Mode, Sequence, generate
 from kv_cache import curve_stats
@@ -51,53 +51,28 @@ STYLE = {"block": "\033[2m", "memento": "\033[1;36m", "delimiter": "\033[33m", "
 RESET = "\033[0m"
 
 
-def _read_lines(path: str, flag: str) -> list[str]:
+def read_inputs(args) -> tuple[list[records.Row], records.Report | None]:
+    """The prompts or traces of --prompts-file / --replay, read and checked by data/records.py
+    (--replay: records.TRACE, a non-empty `problem` and a well-formed memento `response`;
+    --prompts-file: records.read_prompts); [] and None for --prompt. A bad record stops the
+    run (one line: FILE:LINE: field: what is wrong) or, with --bad-records skip, is skipped
+    and the skips are reported on stderr. Exits with one line when the file cannot be read or
+    nothing usable is left."""
+    if args.prompt is not None:
+        return [], None
+    flag, path = ("--replay", args.replay) if args.replay else ("--prompts-file", args.prompts_file)
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        sys.exit(f"generate.py: cannot read {flag} file: {e}")
-    except UnicodeDecodeError:
-        sys.exit(f"generate.py: {flag} {path}: not a UTF-8 text file")
-
-
-def read_replay(path: str) -> list[tuple[int, dict]]:
-    """(line number, record) for each usable line of an OpenMementos .jsonl; bad lines are
-    reported on stderr with their number and skipped."""
-    out = []
-    for i, line in enumerate(_read_lines(path, "--replay"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            print(f"{path}:{i}: not JSON ({e.msg}); skipped", file=sys.stderr)
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("response"), str):
-            print(f"{path}:{i}: no 'response' string; skipped", file=sys.stderr)
-            continue
-        out.append((i, rec))
-    return out
-
-
-def read_prompts(path: str) -> list[tuple[str, str]]:
-    """(name, user message) per non-empty line: plain text, or a JSON object with `problem`."""
-    out = []
-    for i, line in enumerate(_read_lines(path, "--prompts-file"), 1):
-        if not line.strip():
-            continue
-        text = line
-        if line.lstrip().startswith("{"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                print(f"{path}:{i}: not JSON ({e.msg}); skipped", file=sys.stderr)
-                continue
-            if not isinstance(rec.get("problem"), str):
-                print(f"{path}:{i}: no 'problem' string; skipped", file=sys.stderr)
-                continue
-            text = rec["problem"]
-        out.append((f"{path}:{i}", text))
-    return out
+        if args.replay:
+            rows, report = records.load(path, records.TRACE, args.bad_records)
+        else:
+            rows, report = records.read_prompts(path, args.bad_records)
+    except (ValueError, ImportError) as e:
+        sys.exit(f"generate.py: {flag} {e}")
+    if report.n_skipped:
+        print(f"generate.py: {report.summary()}", file=sys.stderr)
+    if not rows:
+        sys.exit(f"generate.py: {flag} {path}: no usable {'trace' if args.replay else 'prompt'}")
+    return rows, report
 
 
 def plot_curves(path: str, curves: list[tuple[str, list[int]]]) -> None:
@@ -120,12 +95,15 @@ def plot_curves(path: str, curves: list[tuple[str, list[int]]]) -> None:
 
 
 def main(argv=None):
+    """Run the generation command (paper §6.1, §A.3): prompts, samples or replayed traces
+    through the engine, then the KV summary. A bad flag or input file exits with one line."""
     ap = ArgumentParser(prog="generate.py", description=__doc__)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the user message (ChatML is applied); the embedded task's prompts are "
                                       "'sum N blocks from S' with N 3-6 and S 0-9")
     src.add_argument("--prompts-file", metavar="FILE", help="one prompt per line (plain text, or JSON with 'problem')")
     src.add_argument("--replay", metavar="FILE.jsonl", help="teacher-force OpenMementos traces (problem, response)")
+    add_bad_records_arg(ap, "error")
     ap.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt (each with its own seed)")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint dir, training run dir or hub id")
     ap.add_argument("--restart", action="store_true", help="restart mode: recompute mementos without their block")
@@ -143,19 +121,16 @@ def main(argv=None):
     mode = Mode.FULL if args.no_compaction else Mode.RESTART if args.restart else Mode.MEMENTO
     config = engine_config(ap, args, mode, replay_chunk=args.replay_chunk)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
+    rows, _ = read_inputs(args)  # before the model: a bad file costs no load
     model, tok = load_or_exit("generate.py", args.checkpoint, args.device, getattr(torch, args.dtype))
     config = kv_cache_budget(ap, args, config, model.config)
 
-    # (name, prompt ids, forced response ids or None)
+    # (name, prompt ids, forced response ids or None). A problem is plain text (prompt_ids: a
+    # control token written in it stays text); a replayed response keeps its special tokens.
     if args.replay:
-        jobs = [(f"{args.replay}:{i}", tok.prompt_ids(str(rec.get("problem", ""))), tok.encode(rec["response"]))
-                for i, rec in read_replay(args.replay)]
-        if not jobs:
-            sys.exit("generate.py: no usable trace in the replay file")
+        jobs = [(r.where, tok.prompt_ids(r.data["problem"]), tok.encode(r.data["response"])) for r in rows]
     else:
-        texts = [("prompt", args.prompt)] if args.prompt is not None else read_prompts(args.prompts_file)
-        if not texts:
-            sys.exit("generate.py: no prompt in the prompts file")
+        texts = [("prompt", args.prompt)] if args.prompt is not None else [(r.where, r.data["problem"]) for r in rows]
         jobs = [(f"{name}#{k}" if args.num_samples > 1 else name, tok.prompt_ids(text), None)
                 for name, text in texts for k in range(args.num_samples)]
     max_pos = model.config.max_position_embeddings

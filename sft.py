@@ -26,18 +26,19 @@ from tqdm import tqdm
 
 from blocks import MementoConfig, MementoTokens, build_mask_from
 from checkpoint import add_memento_tokens, resolve_checkpoint
-from cli import ArgumentParser, fraction, nonnegative_int, positive_float, positive_int
-from data import openmementos, toy_task
+from cli import ArgumentParser, add_bad_records_arg, fraction, nonnegative_int, positive_float, positive_int
+from data import openmementos, records, toy_task
 from model import Qwen3, Qwen3Config
 from sharding import grad_sync, load_optimizer_state, local_bytes, parallelize, total_norm
 from tokenizer import Tokenizer
 from training import (StopRequest, TrainingError, add_optimizer_args, add_run_args, check_resume_args, check_run_args,
-                      compute_autocast, evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
+                      clear_run, compute_autocast, evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
 
 # Flags whose change would make a resumed run differ from an uninterrupted one.
-RUN_DEFINING = ("stage", "data", "val_data", "val_frac", "init_from", "seed", "batch_size", "grad_accum", "world_size",
-                "max_seq_len", "max_steps", "epochs", "lr", "warmup_frac", "grad_clip", "keep_last_n_blocks",
-                "mask_delimiters", "keep_last_block_for_answer", "layers", "hidden", "heads", "kv_heads")
+RUN_DEFINING = ("stage", "data", "data_sha256", "val_data", "val_data_sha256", "val_frac", "init_from", "seed",
+                "batch_size", "grad_accum", "world_size", "max_seq_len", "max_steps", "epochs", "lr", "warmup_frac",
+                "grad_clip", "keep_last_n_blocks", "mask_delimiters", "keep_last_block_for_answer", "layers", "hidden",
+                "heads", "kv_heads")
 
 
 def parse_args(argv=None, description: str | None = None):
@@ -51,6 +52,7 @@ def parse_args(argv=None, description: str | None = None):
     ap.add_argument("--data", default="toy", help="'toy' (the embedded task: 'sum N blocks from S', N 3-6, S 0-9), "
                                                   "a .jsonl/.parquet file or folder, or a hub dataset id")
     ap.add_argument("--val-data", default=None, help="held-out .jsonl/.parquet (or hub id) for the validation loss")
+    add_bad_records_arg(ap, "skip")
     ap.add_argument("--val-frac", type=fraction, default=0.0, help="hold out this fraction of --data instead")
     ap.add_argument("--val-every", type=nonnegative_int, default=100, help="steps between validation losses (0 = end only)")
     ap.add_argument("--max-seq-len", type=positive_int, default=32768,
@@ -145,36 +147,55 @@ def build_model(args, resume_from: Path | None):
 class Batches:
     """The global batch of every step, fixed by (seed, step): `--resume` and every process of a
     distributed run see the same data in the same order. Rank r trains on its contiguous slice.
-    Also the held-out examples for the validation loss (`val`)."""
+    Also the held-out examples for the validation loss (`val`). Reading the data (records.py)
+    sets args.data_sha256 and args.val_data_sha256, the content hashes --resume compares.
+    Raises TrainingError (one line) for data that cannot be read or holds no usable trace."""
 
     def __init__(self, args, tok, rank: int, world: int):
         self.args, self.tok, self.rank, self.world = args, tok, rank, world
         self.global_batch = args.batch_size * args.grad_accum * world
         self.val: list[openmementos.Example] = []
+        args.data_sha256 = args.val_data_sha256 = None
         if args.data == "toy":
-            self.examples, self.report = None, {"kept": "generated", "skipped": 0}
+            self.examples, self.report = None, "generated"
             return
-        records = self._read(args.data, "--data")
-        val_records = self._read(args.val_data, "--val-data") if args.val_data else []
-        if args.val_frac:
-            order = list(range(len(records)))
+        rows, report = self._read(args.data, "--data")
+        args.data_sha256 = report.data_hash
+        val_rows, val_report = [], records.Report(args.data, "skip")
+        if args.val_data:
+            val_rows, val_report = self._read(args.val_data, "--val-data")
+            args.val_data_sha256 = val_report.data_hash
+        elif args.val_frac:
+            order = list(range(len(rows)))
             random.Random(f"val:{args.seed}").shuffle(order)
-            held = set(order[:max(1, round(args.val_frac * len(records)))])
-            val_records = [r for i, r in enumerate(records) if i in held]
-            records = [r for i, r in enumerate(records) if i not in held]
-        self.examples, self.report = openmementos.tokenize(records, tok, args.max_seq_len)
+            held = set(order[:max(1, round(args.val_frac * len(rows)))])
+            val_rows = [r for i, r in enumerate(rows) if i in held]
+            rows = [r for i, r in enumerate(rows) if i not in held]
+        self.examples, self.report = self._tokenize(rows, report)
         if not self.examples:
-            raise TrainingError(f"no usable trace in {args.data} ({self.report})")
-        if val_records:
-            self.val, self.val_report = openmementos.tokenize(val_records, tok, args.max_seq_len)
-            self.report["validation"] = len(self.val)
+            raise TrainingError(f"--data {args.data}: no usable trace ({self.report})")
+        if args.val_data or args.val_frac:
+            self.val, val_text = self._tokenize(val_rows, val_report)
+            if not self.val:  # asked for a validation loss: never silently without one
+                flag = f"--val-data {args.val_data}" if args.val_data else f"--val-frac {args.val_frac}"
+                raise TrainingError(f"{flag}: no usable held-out trace ({val_text})")
+            self.report += f"; validation: {val_text}"
 
-    @staticmethod
-    def _read(source: str, flag: str):
+    def _read(self, source: str, flag: str):
         try:
-            return openmementos.read_records(source)
+            return openmementos.read_records(source, self.args.bad_records)
         except (FileNotFoundError, ValueError, ImportError, OSError) as e:
-            raise TrainingError(f"{flag}: {e}")
+            raise TrainingError(f"{flag}: {e}") from None
+
+    def _tokenize(self, rows, report) -> tuple[list[openmementos.Example], str]:
+        """The examples of checked rows, and one line on what was kept, cut and skipped (a
+        prompt that fills --max-seq-len is counted in `report` with its place)."""
+        examples, stats = openmementos.tokenize([r.data for r in rows], self.tok, self.args.max_seq_len)
+        for why, where in stats["reasons"].items():
+            for i in where:
+                report.count(rows[i].where, why)
+        text = f"{len(examples)} examples, {stats['truncated']} cut at --max-seq-len"
+        return examples, text + (f"; {report.summary()}" if report.n_skipped else "")
 
     def steps_for(self, epochs: float) -> int:
         return max(1, math.ceil(len(self.examples) * epochs / self.global_batch))
@@ -256,6 +277,8 @@ def train(args) -> dict:
     if opt_state is not None:
         load_optimizer_state(model, opt, opt_state)
     autocast = compute_autocast(device)
+    if args.overwrite and rank == 0:  # every input checked: now the old run may go
+        clear_run(run)
     metrics_out = metrics_file(run, start) if rank == 0 else None
     if rank == 0:
         print(f"stage {args.stage}: {sum(p.numel() for p in model.parameters()):,} parameters, {total} steps"

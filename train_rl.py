@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from blocks import MementoConfig, MementoTokens, build_mask_from, trace_stats
 from checkpoint import resolve_checkpoint
-from cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
+from cli import ArgumentParser, add_bad_records_arg, nonnegative_int, positive_float, positive_int, probability
 from data import grading
 from engine import Engine, EngineConfig
 from evaluation import Problem, load_problems, toy_max_new_tokens, toy_problems
@@ -63,11 +63,11 @@ from sampling import SamplingParams, request_seed
 from sharding import grad_sync, load_optimizer_state, parallelize, total_norm
 from tokenizer import Tokenizer
 from training import (StopRequest, TrainingError, add_optimizer_args, add_run_args, check_resume_args, check_run_args,
-                      compute_autocast, evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
+                      clear_run, compute_autocast, evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due,
+                      start_run)
 
-RUN_DEFINING = ("init_from", "data", "split", "config", "problem_key", "answer_key", "seed", "prompts_per_step",
-                "group_size",
-                "minibatches", "max_steps", "lr", "warmup_frac", "eps_low", "eps_high", "beta", "temperature",
+RUN_DEFINING = ("init_from", "data", "data_sha256", "split", "config", "problem_key", "answer_key", "seed",
+                "prompts_per_step", "group_size", "minibatches", "max_steps", "lr", "warmup_frac", "eps_low", "eps_high", "beta", "temperature",
                 "max_new_tokens", "max_block_tokens", "world_size")
 
 
@@ -79,7 +79,9 @@ def parse_args(argv=None):
     # problems
     ap.add_argument("--data", default="toy", help="'toy', or a .jsonl/.parquet file or hub id with problems and answers")
     ap.add_argument("--problem-key", default="problem", help="column holding the problem")
-    ap.add_argument("--answer-key", default="answer", help="column holding the reference answer")
+    ap.add_argument("--answer-key", default="answer",
+                    help="column holding the reference answer: a string, a number, or a list of acceptable answers")
+    add_bad_records_arg(ap, "skip")
     ap.add_argument("--split", default=None, help="the dataset split (required when it has several, e.g. test)")
     ap.add_argument("--config", default=None, help="the hub dataset's config (subset), e.g. gpqa_diamond")
     # steps: P prompts x G rollouts, then --minibatches optimizer steps
@@ -329,16 +331,18 @@ def train(args) -> dict:
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise TrainingError(f"cannot load --init-from {args.init_from}: {e}") from None
     model.fp32_lm_head = ref.fp32_lm_head = True  # sampler and trainer log-probs from one fp32 head
-    if args.data == "toy":
-        pool, skipped = None, []
-    else:
+    args.data_sha256, skipped = None, ""
+    pool = None
+    if args.data != "toy":
         try:
-            pool, skipped = load_problems(args.data, args.problem_key, args.answer_key, split=args.split,
-                                              config=args.config, seed=args.seed)
+            pool, report = load_problems(args.data, args.problem_key, args.answer_key, split=args.split,
+                                         config=args.config, seed=args.seed, bad=args.bad_records)
         except (FileNotFoundError, ValueError, ImportError) as e:
             raise TrainingError(str(e)) from None
         if not pool:
             raise TrainingError(f"--data {args.data}: no row with a problem and an answer")
+        args.data_sha256 = report.data_hash  # compared by --resume: other data is another run
+        skipped = f" ({report.summary()})" if report.n_skipped else ""
     start, log, opt_state = 0, [], None
     if resume_from is not None:
         start, log, saved, opt_state = load_training_state(resume_from, model)
@@ -354,9 +358,10 @@ def train(args) -> dict:
     pad = tok.token_id("<|endoftext|>")
     if rank == 0:
         print(f"RL: {sum(p.numel() for p in model.parameters()):,} parameters, {args.max_steps} steps of "
-              f"{args.prompts_per_step} prompts x {args.group_size} rollouts, data {args.data}"
-              f"{f' ({len(skipped)} rows without problem or answer skipped: rows {skipped[:10]})' if skipped else ''}, "
+              f"{args.prompts_per_step} prompts x {args.group_size} rollouts, data {args.data}{skipped}, "
               f"{world} process(es), run {run}", flush=True)
+    if args.overwrite and rank == 0:  # every input checked: now the old run may go
+        clear_run(run)
     metrics_out = metrics_file(run, start) if rank == 0 else None
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, dynamic_ncols=True,
                disable=rank != 0 or args.no_progress)

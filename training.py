@@ -49,7 +49,8 @@ def add_run_args(ap: ArgumentParser, *, out: str | None, save_every: int) -> Non
     --resume-anyway, --save-every, --keep-checkpoints, --save-dtype, --device, --fsdp,
     --cpu-offload, --no-progress. Check them with `check_run_args`."""
     ap.add_argument("--out", default=out, help="run directory")
-    ap.add_argument("--overwrite", action="store_true", help="delete the checkpoints and metrics in --out and start over")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over in --out: its checkpoints and metrics are deleted once the new run's inputs are checked")
     ap.add_argument("--resume", nargs="?", const="required", choices=("required", "auto"), default=None,
                     help="continue the run in --out from its newest complete checkpoint ('auto': start fresh if none)")
     ap.add_argument("--resume-anyway", action="store_true",
@@ -124,18 +125,16 @@ def start_run(args) -> tuple[int, int, torch.device, Path, Path | None]:
 def prepare_run(args, run: Path) -> Path | None:
     """Decide where training starts: the checkpoint to resume from, or None for a fresh run.
 
-    A fresh run refuses a --out that already holds checkpoints (unless --overwrite, which
-    deletes them and the metrics). --resume takes the newest complete checkpoint; a missing
-    one is an error, or a fresh start with --resume auto. Raises TrainingError on a conflict."""
+    A fresh run refuses a --out that already holds checkpoints unless --overwrite; nothing is
+    deleted here: the old run stays until every input of the new one was read and checked
+    (clear_run, called by the script just before its first step). --resume takes the newest
+    complete checkpoint; a missing one is an error, or a fresh start with --resume auto.
+    Raises TrainingError on a conflict."""
     if (run / "config.json").exists():
         raise TrainingError(f"--out {run} is a checkpoint directory, not a training run; pass another --out "
                             "(or remove it)")
     existing = run_checkpoints(run)
     if args.overwrite:
-        for d in existing:
-            shutil.rmtree(d)
-        for f in (run / LATEST, run / METRICS):
-            f.unlink(missing_ok=True)
         return None
     if args.resume is None:
         if existing:
@@ -150,12 +149,33 @@ def prepare_run(args, run: Path) -> Path | None:
     return existing[-1]
 
 
+def clear_run(run: Path) -> None:
+    """--overwrite, once the new run is known to start (its data, model and flags all read and
+    checked): delete the old run's checkpoints, `latest` and metrics. Only the files a run
+    writes are touched. Raises nothing for a run directory that does not exist."""
+    for d in run_checkpoints(run):
+        shutil.rmtree(d)
+    for f in (run / LATEST, run / METRICS):
+        f.unlink(missing_ok=True)
+
+
 def check_resume_args(args, world: int, saved: dict, run_defining: tuple[str, ...]) -> None:
     """Refuse (TrainingError, one line) to resume with flags that change the data stream or the
-    model, naming each one with its saved and current value; --resume-anyway goes on regardless."""
+    model, naming each one with its saved and current value, and with data whose content
+    changed (a `*_sha256` key: the saved and the current hash; data/records.py); --resume-anyway
+    goes on regardless. A hash missing from a run saved before hashes were kept is not compared."""
     now = {**{k: v for k, v in vars(args).items() if k != "memento"}, "world_size": world}
-    diff = [f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, now {now.get(k)!r})"
-            for k in run_defining if saved.get(k) != now.get(k)]
+    diff = []
+    for k in run_defining:
+        if k.endswith("_sha256") and k not in saved:
+            continue
+        if saved.get(k) == now.get(k):
+            continue
+        if k.endswith("_sha256"):
+            flag = k.removesuffix("_sha256")
+            diff.append(f"--{flag.replace('_', '-')} {now.get(flag)} holds other data (saved {saved.get(k)}, now {now.get(k)})")
+        else:
+            diff.append(f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, now {now.get(k)!r})")
     if diff and not args.resume_anyway:
         raise TrainingError(f"--resume: this run was started with other settings: {', '.join(diff)}; rerun with the "
                             "saved values, or add --resume-anyway")

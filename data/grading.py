@@ -180,13 +180,15 @@ def _choice_letter(text: str) -> str | None:
     return None
 
 
-def grade(response: str, gold: str | None, kind: str, prompt: str | None = None) -> dict:
+def grade(response: str, gold: str | tuple[str, ...] | list[str] | None, kind: str,
+          prompt: str | None = None) -> dict:
     """Grade one response (paper §A.2.2 pass@1 answer checking).
 
     Args:
         response: the decoded response, <think> ... </think> then the answer.
         gold: the reference answer (math: any string, a \\boxed{} in it is unwrapped; choice: a
-            letter A-D); ignored for kind "toy".
+            letter A-D), or a tuple/list of acceptable answers, any one of which makes the
+            response correct; ignored for kind "toy".
         kind: "math", "choice" or "toy" (see infer_kind).
         prompt: for "toy" only, the problem's prompt ("sum 4 blocks from 7").
     Returns:
@@ -206,12 +208,14 @@ def grade(response: str, gold: str | None, kind: str, prompt: str | None = None)
         return {"correct": check["correct"], "extracted": (answer or "").strip() or None, "reason": check["reason"]}
     if gold is None:
         raise ValueError(f"grading kind {kind!r} needs a gold answer, got None")
+    golds = [gold] if isinstance(gold, str) else list(gold)
     if kind == "choice":
         letter = _choice_letter(answer) if answer is not None else None
-        return {"correct": letter is not None and letter == gold.strip().strip("()").upper(), "extracted": letter}
+        return {"correct": letter is not None and letter in {g.strip().strip("()").upper() for g in golds},
+                "extracted": letter}
     pred = extract_answer(answer) if answer is not None else None
-    gold = _last_boxed(gold) or gold
-    return {"correct": pred is not None and _equivalent(pred, gold), "extracted": pred}
+    return {"correct": pred is not None and any(_equivalent(pred, _last_boxed(g) or g) for g in golds),
+            "extracted": pred}
 
 
 def grade_math(response: str, gold: str) -> bool:
@@ -249,7 +253,9 @@ def majority(answers: list[str | None], kind: str = "math") -> int | None:
     return max(classes, key=lambda c: (len(c), -c[0]))[0]
 
 
-def infer_kind(gold: str) -> str:
-    """'choice' when `gold` is a single letter A-D (optionally "(C)"), else 'math' (paper §A.2.2).
-    Never raises; 'toy' cannot be told from a gold answer and must be asked for."""
-    return "choice" if re.fullmatch(r"\(?[A-D]\)?", gold.strip()) else "math"
+def infer_kind(gold: str | tuple[str, ...] | list[str]) -> str:
+    """'choice' when `gold` is a single letter A-D (optionally "(C)"), or a list of acceptable
+    answers that all are, else 'math' (paper §A.2.2). Never raises for a str or a list of str;
+    'toy' cannot be told from a gold answer and must be asked for."""
+    golds = [gold] if isinstance(gold, str) else list(gold)
+    return "choice" if golds and all(re.fullmatch(r"\(?[A-D]\)?", g.strip()) for g in golds) else "math"

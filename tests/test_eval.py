@@ -151,10 +151,14 @@ def test_math_data_rows_graded_and_bad_rows_reported(ckpt, tmp_path, capsys):
     data.write_text("\n".join(json.dumps(r) for r in [
         {"problem": "What is 1+1?", "answer": "2"}, {"problem": "no answer here"},
         {"problem": "Pick one", "answer": "C"}, {"problem": "", "answer": "3"}]) + "\n")
-    res = run_cli(["--checkpoint", ckpt, "--data", data, "--n-samples", 1, "--max-new-tokens", 8,
-                   "--out", tmp_path / "o.jsonl", "--modes", "memento"])
+    common = ["--checkpoint", ckpt, "--data", data, "--n-samples", 1, "--max-new-tokens", 8,
+              "--out", tmp_path / "o.jsonl", "--modes", "memento"]
+    with pytest.raises(SystemExit) as e:  # by default a bad row stops the run, naming it
+        run_cli(common)
+    assert str(e.value.code).startswith(f"eval.py: {data}:2: answer: missing;") and not (tmp_path / "o.jsonl").exists()
+    res = run_cli([*common, "--bad-records", "skip"])
     err = capsys.readouterr().err
-    assert "skipped 2 row(s)" in err and "row(s) 2, 4" in err
+    assert "2 records skipped: answer: missing: 1 (line 2); problem: empty: 1 (line 4)" in err
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert sorted(r["problem"] for r in recs) == [0, 2] and res["summary"]["memento"]["problems"] == 2
     assert all(r["correct"] is False and r["tokens"] <= 8 for r in recs)  # a random model, no </think>
@@ -248,8 +252,8 @@ def test_a_dataset_with_splits_needs_one_named(ckpt, tmp_path):
     (d / "test.jsonl").write_text("".join(json.dumps({"problem": f"test {i}", "answer": str(i)}) + "\n" for i in range(3)))
     with pytest.raises(ValueError, match="splits test, train; name one with --split"):
         evaluation.load_problems(str(d), "problem", "answer")
-    problems, skipped = evaluation.load_problems(str(d), "problem", "answer", split="test")
-    assert [p.prompt for p in problems] == ["test 0", "test 1", "test 2"] and not skipped
+    problems, report = evaluation.load_problems(str(d), "problem", "answer", split="test")
+    assert [p.prompt for p in problems] == ["test 0", "test 1", "test 2"] and report.n_skipped == 0
     with pytest.raises(SystemExit) as e:
         run_cli(["--checkpoint", ckpt, "--data", d, "--out", tmp_path / "o.jsonl"])
     assert "name one with --split" in str(e.value)

@@ -300,9 +300,12 @@ def test_cli_prompt_json_and_replay_errors(checkpoint, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = json.dumps({"problem": "p", "response": "<think>\n<|block_start|>ab<|block_end|><|summary_start|>c<|summary_end|></think>d"})
     bad.write_text("not json\n" + json.dumps({"problem": "no response"}) + "\n" + good + "\n")
-    r = run_generate("--checkpoint", str(checkpoint), "--replay", str(bad), "--json")
+    r = run_generate("--checkpoint", str(checkpoint), "--replay", str(bad), "--json")  # a bad record: an error
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"generate.py: --replay {bad}:1: not JSON (Expecting value at column 1); --bad-records skip skips such records"]
+    r = run_generate("--checkpoint", str(checkpoint), "--replay", str(bad), "--json", "--bad-records", "skip")
     assert r.returncode == 0, r.stderr
-    assert "bad.jsonl:1: not JSON" in r.stderr and "bad.jsonl:2: no 'response'" in r.stderr
+    assert f"{bad}: 2 records skipped: not JSON: 1 (line 1); response: missing: 1 (line 2)" in r.stderr
     recs = [json.loads(l) for l in r.stdout.splitlines()]
     assert len(recs) == 1 and recs[0]["name"].endswith(":3") and recs[0]["blocks_completed"] == 1
 

@@ -286,14 +286,14 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(server, tmp_path):
     write_jsonl(inp, traces + [traces[2]] + rejects)  # a duplicate input line is processed once
     server.fail_after = 14  # ~2 traces' worth of requests, then the server breaks
     with pytest.raises(LLMError):
-        run_pipeline(inp, out, client(server, max_retries=1), SMALL, progress=False, log=lambda s: None)
+        run_pipeline(inp, out, client(server, max_retries=1), SMALL, progress=False, log=lambda s: None, bad="skip")
     first = output_ids(out)
     assert 1 <= len(first) < 6 and len(set(first)) == len(first)
     # a crash in the middle of a write leaves half a line; it must be dropped on resume
     with open(out, "a") as f:
         f.write('{"problem": "half a li')
     server.fail_after = None
-    stats = run_pipeline(inp, out, client(server), SMALL, workers=3, progress=False, log=lambda s: None)
+    stats = run_pipeline(inp, out, client(server), SMALL, workers=3, progress=False, log=lambda s: None, bad="skip")
     ids = output_ids(out)
     assert sorted(ids) == sorted(t["task_id"] for t in traces)
     assert ids[:len(first)] == first
@@ -301,7 +301,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(server, tmp_path):
     assert stats["duplicates"] == 1 and stats["filtered"] == {"cjk": 1, "no_close_think": 1}
     # a third run has nothing left to do
     n_req = len(server.requests)
-    stats = run_pipeline(inp, out, client(server), SMALL, progress=False, log=lambda s: None)
+    stats = run_pipeline(inp, out, client(server), SMALL, progress=False, log=lambda s: None, bad="skip")
     assert stats["written"] == 0 and len(server.requests) == n_req and output_ids(out) == ids
 
 
@@ -378,7 +378,8 @@ def test_end_to_end_on_the_raw_sample_trace(server, tmp_path):
     from data import openmementos
     from tokenizer import Tokenizer
 
-    examples, report = openmementos.tokenize(openmementos.read_records(str(out)), Tokenizer.byte_level(), 1024)
+    rows, read = openmementos.read_records(str(out), bad="error")
+    examples, report = openmementos.tokenize([r.data for r in rows], Tokenizer.byte_level(), 1024)
     assert report == {"kept": 1, "truncated": 1, "skipped": 0, "reasons": {}}  # a long trace, cut at 1024
     tiny = ["--data", str(out), "--max-steps", "1", "--max-seq-len", "1024", "--layers", "1", "--hidden", "32",
             "--heads", "2", "--kv-heads", "1", "--no-progress"]

@@ -163,7 +163,7 @@ def test_rows_without_answer_are_skipped_and_counted(policy, tmp_path, capsys):
                    "--minibatches", "1", "--max-steps", "1", "--max-new-tokens", "16", "--no-progress",
                    "--eval-samples", "0", "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
-    assert "2 rows without problem or answer skipped: rows [2, 4]" in out
+    assert f"{data}: 2 records skipped: answer: missing: 1 (line 2); answer: empty: 1 (line 4)" in out
     assert len((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) == 1
 
 

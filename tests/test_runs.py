@@ -114,7 +114,7 @@ def test_generate_bad_input_gives_one_line(ckpt, tmp_path, capsys):
         (["--dtype", "float17"], "argument --dtype: invalid choice: 'float17'"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
         (["--checkpoint", str(broken)], "unreadable safetensors file"),
-        (["--replay", str(binary)], "not a UTF-8 text file"),
+        (["--replay", str(binary)], f"--replay {binary}:1: not JSON"),  # line 1 is bytes 0-9: text, not JSON
         (["--restart", "--no-compaction"], "--restart needs compaction"),
         (["--max-new-tokens", "0"], "argument --max-new-tokens: 0 is out of range"),
         (["--top-p", "1.5"], "argument --top-p: 1.5 is out of range"),
@@ -147,9 +147,11 @@ def test_long_examples_never_crash_and_are_counted(tmp_path, capsys):
     data = _jsonl(tmp_path / "d.jsonl", good + [long_prompt, long_trace, "7"])
     from data import openmementos
 
-    examples, report = openmementos.tokenize(openmementos.read_records(str(data)), tok, 200)
-    assert report["kept"] == 5 and report["truncated"] == 1 and report["skipped"] == 2
-    assert report["reasons"] == {"prompt fills --max-seq-len": 1, "not a JSON object": 1}
+    rows, read = openmementos.read_records(str(data))
+    assert read.skipped == {"not a JSON object": [f"{data}:7"]} and [r.n for r in rows] == [0, 1, 2, 3, 4, 5]
+    examples, report = openmementos.tokenize([r.data for r in rows], tok, 200)
+    assert report["kept"] == 5 and report["truncated"] == 1 and report["skipped"] == 1
+    assert report["reasons"] == {"prompt fills --max-seq-len": [4]}
     assert all(len(e.input_ids) <= 200 and any(l != -100 for l in e.labels[1:]) for e in examples)
     m = sft.train(sft.parse_args(["--stage", "1", "--data", str(data), "--max-seq-len", "200",
                                               "--max-steps", "3", "--batch-size", "5", "--out", str(tmp_path / "o"),

@@ -79,10 +79,11 @@ def test_prompt_tokens_carry_no_loss_and_malformed_traces_are_counted():
         {"problem": "p", "response": "<think>\n<|summary_end|><|block_start|>a<|block_end|><|summary_start|>m<|summary_end|></think>x"},
         {"problem": "p", "response": "no blocks at all"},
         {"problem": "p"},
-        {"_error": "f.jsonl:3: not JSON"},
+        {"response": good["response"]},
     ]
     ex, report = openmementos.tokenize([good] + bad, tok, 4096)
-    assert report["kept"] == 1 and report["skipped"] == len(bad) and sum(report["reasons"].values()) == len(bad)
+    assert report["kept"] == 1 and report["skipped"] == len(bad)
+    assert sorted(i for where in report["reasons"].values() for i in where) == list(range(1, len(bad) + 1))
     n_prompt = len(tok.prompt_ids(good["problem"]))
     e = ex[0]
     assert e.labels[:n_prompt] == [-100] * n_prompt

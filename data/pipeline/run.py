@@ -3,11 +3,17 @@
 raw trace -> seed filter (§9.1) -> sentences (§9.2) -> boundary scores (§9.3) ->
 blocks (§9.4) -> mementos (§9.5) -> one JSON line in the OpenMementos schema.
 
+Input: read and checked by data/records.py before any request is made (INPUT; a repeated
+task_id is reported with the line of the first; --bad-records decides whether a bad record
+stops the run, the default, or is skipped and counted).
+
 Resuming: every finished trace is appended to the output as one JSON line, flushed and
 fsync'ed, and carries its key in pipeline.trace_id (task_id, else a hash of the cot). On
 start the output is read back: finished keys are skipped, and a last line cut short by a
-crash (no trailing newline, or not valid JSON) is truncated away. Lines are written in
-completion order, which differs from input order when --workers > 1.
+crash (no trailing newline) is truncated away. An output that is not this pipeline's (a line
+without pipeline.trace_id) is refused, never truncated; --overwrite replaces it, writing the
+new lines to a temp file renamed over it when the run ends. Lines are written in completion
+order, which differs from input order when --workers > 1.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from data import records
+
 from .format import build_response
 from .llm import ChatClient, LLMError
 from .memento import make_memento
@@ -31,7 +39,7 @@ from .segment import segment
 from .split import split_sentences
 from .tokens import approx_tokens, make_token_counter
 
-__all__ = ["Config", "process_trace", "read_done", "run_pipeline", "main"]
+__all__ = ["Config", "process_trace", "read_done", "read_traces", "run_pipeline", "main"]
 
 
 @dataclass
@@ -95,66 +103,88 @@ def process_trace(trace: dict, client: ChatClient, cfg: Config,
     }
 
 
+def _trace_id_field(v) -> dict:
+    if not isinstance(v, dict) or not isinstance(v.get("trace_id"), str):
+        raise records.Bad("not an object with a trace_id string")
+    return v
+
+
+OUTPUT = {"pipeline": _trace_id_field}  # what makes a line this pipeline's output
+# A raw trace (§9.1): `cot` the text to segment (a blank one is filtered as no_cot); the rest
+# is copied to the output as it is, `task_id` naming the trace (compared as text: 1 and "1"
+# are one key).
+INPUT = {"cot": records.string, "problem": records.optional(records.string), "task_id": records.optional(records.key)}
+NOT_OURS = "pass --overwrite to replace it, or another --output"
+
+
 def read_done(path: Path) -> set[str]:
     """Keys (pipeline.trace_id) of the traces already in the output file.
 
-    A last line without a trailing newline or that is not valid JSON (a crash mid-write)
-    is cut off the file. Raises ValueError if an earlier line is corrupt (the file is
-    not ours or was edited: move it away or fix it by hand).
+    The file must be this pipeline's output: every complete line an object with a
+    pipeline.trace_id string. Bytes after the last newline are a line cut by a crash and are
+    cut off the file, once its first line has shown that it is ours. Raises ValueError
+    (records.DataError, one line) for a file that is not, or no longer, pipeline output: it is
+    never truncated then.
     """
     if not path.exists():
         return set()
-    data = path.read_bytes()
+    data = records.read_bytes(path)
     keep = data.rfind(b"\n") + 1  # bytes after the last newline are a half-written line
-    lines = data[:keep].split(b"\n")[:-1]
-    done: set[str] = set()
-    for i, line in enumerate(lines):
-        try:
-            done.add(json.loads(line)["pipeline"]["trace_id"])
-        except (ValueError, KeyError, TypeError):
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}:{i + 1} is not a pipeline output line; "
-                                 f"move the file away or fix that line, then rerun")
-            keep -= len(line) + 1
+    report = records.Report(str(path), "error", hint=f"this file was edited or is not this pipeline's output: {NOT_OURS}")
+    rows = records.validate([r for r in records.jsonl_rows(str(path), data[:keep], report) if r.data is not None],
+                            OUTPUT, report)
+    if not rows and data.strip():  # only a fragment, or blank lines and no record: not ours to cut
+        raise records.DataError(f"{path}: not this pipeline's output (no complete line with pipeline.trace_id); "
+                                f"{NOT_OURS}")
     if keep != len(data):
         with open(path, "r+b") as f:
             f.truncate(keep)
             f.flush()
             os.fsync(f.fileno())
-    return done
+    return {r.data["pipeline"]["trace_id"] for r in rows}
 
 
-def _read_traces(path: Path) -> list[dict]:
-    traces = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                t = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e}); fix or remove that line") from None
-            if not isinstance(t, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object with a 'cot' field")
-            traces.append(t)
-    return traces
+def read_traces(path: Path, bad: str = "error") -> tuple[list[records.Row], records.Report]:
+    """The raw traces of --input (data/records.py's JSONL, each checked against INPUT), the
+    second and later traces with one key (seed.trace_id) rejected as duplicates, naming the
+    line of the first. Raises ValueError (records.DataError, one line) under bad="error"."""
+    rows, report = records.load(str(path), INPUT, bad)
+    first, kept = {}, []
+    for r in rows:
+        key = trace_id(r.data)
+        if key in first:
+            what = "task_id" if r.data.get("task_id") not in (None, "") else "cot (no task_id)"
+            report.reject(r.where, f"{what}: a duplicate", f"the key {key!r} of line {first[key].split(':')[-1]}; "
+                                                          "task ids compare as text: 1 and \"1\" are one")
+            continue
+        first[key] = r.where
+        kept.append(r)
+    report.kept = len(kept)
+    return kept, report
 
 
 def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None = None,
                  workers: int = 1, limit: int | None = None,
                  count_tokens: Callable[[str], int] = approx_tokens, progress: bool = True,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 bad: str = "error", overwrite: bool = False) -> dict:
     """Run the pipeline over a JSONL file of raw traces, resuming a previous run (§3/§9).
 
     Args: input_path: JSONL with cot (and problem, domain, source, task_id, difficulty);
         output_path: JSONL to append to; client: chat endpoint; cfg: settings; workers:
         traces processed concurrently; limit: only the first `limit` input traces are
-        considered (finished ones included); progress: tqdm bar on stderr.
+        considered (finished ones included); progress: tqdm bar on stderr; bad: what an
+        input record that fails INPUT, or repeats a key, does ("error": stop with one line;
+        "skip": count it, logged by reason with its lines); overwrite: start a new output
+        instead of resuming one (needed when output_path is not this pipeline's output): the
+        new lines go to a temp file, renamed over output_path when the run ends, so the old
+        file stays whole until then (and for good if the process is killed).
     Returns: counts {"input", "duplicates", "filtered": {reason: n}, "already_done",
         "written", "failed"}; a trace whose processing raises ValueError (unusable data) is
         logged, counted as failed and not written (a rerun tries it again).
     Raises: LLMError (after writing every trace that did finish) when the endpoint keeps
-        failing; ValueError / FileNotFoundError on bad input or output files.
+        failing; ValueError / FileNotFoundError on bad input or output files, before any
+        request is made and before the output is touched.
     """
 
     cfg = cfg or Config()
@@ -166,19 +196,16 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
     if limit is not None and limit < 0:
         raise ValueError(f"--limit {limit} must be >= 0")
     input_path, output_path = Path(input_path), Path(output_path)
-    traces = _read_traces(input_path)
-    if limit is not None:
-        traces = traces[:limit]
-    done = read_done(output_path)
-    stats = {"input": len(traces), "duplicates": 0, "filtered": {}, "already_done": 0, "written": 0,
-             "failed": 0}
-    pending, seen = [], set()
+    rows, report = read_traces(input_path, bad)
+    traces = [r.data for r in rows][:limit]
+    if report.n_skipped:
+        log(f"pipeline: {report.summary()}")
+    done = set() if overwrite else read_done(output_path)
+    stats = {"input": len(traces), "duplicates": sum(len(w) for r, w in report.skipped.items() if "duplicate" in r),
+             "filtered": {}, "already_done": 0, "written": 0, "failed": 0}
+    pending = []
     for t in traces:
         key = trace_id(t)
-        if key in seen:
-            stats["duplicates"] += 1
-            continue
-        seen.add(key)
         reason = seed_reason(t, cfg.min_trace_tokens, count_tokens)
         if reason:
             stats["filtered"][reason] = stats["filtered"].get(reason, 0) + 1
@@ -191,7 +218,11 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
 
     error: BaseException | None = None
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "a", encoding="utf-8") as out, \
+    # --overwrite: the new lines go to a temp file, renamed over the old output at the end
+    target = output_path.with_name(f".{output_path.name}.overwrite-tmp") if overwrite else output_path
+    if overwrite:
+        target.unlink(missing_ok=True)  # a killed --overwrite run's: ours
+    with open(target, "a", encoding="utf-8") as out, \
             ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(pending), disable=not progress, unit="trace") as bar:
         todo = iter(pending)
@@ -223,6 +254,8 @@ def run_pipeline(input_path, output_path, client: ChatClient, cfg: Config | None
                 os.fsync(out.fileno())
                 stats["written"] += 1
                 bar.update(1)
+    if overwrite:
+        os.replace(target, output_path)
     log(f"pipeline: wrote {stats['written']} traces to {output_path}"
         + (f", skipped {stats['failed']} unusable (see above)" if stats["failed"] else ""))
     if error is not None:
@@ -236,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Raw CoT traces -> OpenMementos blocks and mementos (MEMENTO §3).")
     p.add_argument("--input", required=True, help="JSONL of raw traces (cot, problem, domain, source, task_id)")
     p.add_argument("--output", required=True, help="JSONL to append results to (resumable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output instead of resuming it (the old file stays until the new one is written)")
+    p.add_argument("--bad-records", choices=records.BAD_RECORDS, default="error",
+                   help="an input record that fails its check or repeats a task_id: 'error' stops with "
+                        "FILE:LINE: field: what is wrong; 'skip' leaves it out and reports the skips")
     p.add_argument("--base-url", required=True, help="OpenAI-compatible root, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", required=True, help="model name sent to the endpoint")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
@@ -267,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         api_key = os.environ.get(a.api_key_env)
         if not api_key:
             return fail(f"--api-key-env {a.api_key_env}: that environment variable is empty; export the key")
-    if not Path(a.input).is_file():
-        return fail(f"--input {a.input}: no such file")
     cfg = Config(min_trace_tokens=a.min_trace_tokens, window=a.window, two_pass=a.two_pass,
                  min_block_tokens=a.min_block_tokens, lam=a.lam, min_blocks=a.min_blocks,
                  judge_threshold=a.judge_threshold, max_refinements=a.max_refinements)
@@ -277,11 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         count = make_token_counter(a.tokenizer)
         run_pipeline(a.input, a.output, client, cfg, workers=a.workers, limit=a.limit,
-                     count_tokens=count, progress=not a.no_progress)
+                     count_tokens=count, progress=not a.no_progress, bad=a.bad_records, overwrite=a.overwrite)
     except LLMError as e:
         return fail(f"{e} (finished traces are saved in {a.output}; rerun the same command to resume)")
     except (ValueError, OSError, ImportError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
+        if a.overwrite:
+            return fail(f"interrupted; {a.output} was left as it was (--overwrite replaces it only when a run ends)")
         return fail(f"interrupted; finished traces are saved in {a.output}; rerun the same command to resume")
     return 0
