@@ -129,7 +129,7 @@ def test_fsdp_validation_loss_with_uneven_shares_equals_one_process(stage1, tmp_
               "--max-steps", "2", "--max-seq-len", "512", "--no-progress"]
     one = single(*common, "--batch-size", "4", "--out", tmp_path / "one")
     two = torchrun(*common, "--batch-size", "2", "--fsdp", "--out", tmp_path / "two", port=free_port())
-    assert "'validation': 5" in one.stdout and "'validation': 5" in two.stdout
+    assert "validation: 5 examples" in one.stdout and "validation: 5 examples" in two.stdout
     va = [json.loads(x)["val_loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     vb = [json.loads(x)["val_loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(va) == len(vb) == 2 and max(abs(x - y) for x, y in zip(va, vb)) <= 1e-5
