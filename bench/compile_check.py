@@ -6,10 +6,12 @@ memento_flash_attention picks on CUDA and with the specialization a launch on al
 gets (pointers and strides divisible by 16, as triton's JITFunction specializes them), and
 the table reports per kernel: registers per thread, stack bytes (spills), shared memory, and
 whether the main loop is software-pipelined: asynchronous copies in the TTGIR
-(`async_copy_global_to_local`, TMA loads) and LDGSTS / UTMALDG instructions in the SASS.
+(`async_copy_global_to_local`, TMA loads) and the asynchronous loads they lower to: cp.async /
+cp.async.bulk.tensor in the PTX, which ptxas turns into LDGSTS / UTMALDG (with --sass, counted
+in the SASS too, and any row where the two counts would disagree is reported).
 
     python bench/compile_check.py [--arch 90 | --arch 80,90] [--dtypes bf16,fp16,fp32] [--dims 64,128]
-                                  [--page-size 16] [--strict] [--jobs 2] [--json]
+                                  [--page-size 16] [--strict] [--jobs 2] [--sass] [--json]
 
 Kernels: the memento flash kernels (memento_kernels/memento_flash.py: fwd, fwd_pos, dq, dkdv) and the
 paged-attention kernels (memento_kernels/paged_attention.py), each paged variant with the config
@@ -49,7 +51,7 @@ import memento_kernels.paged_attention as pa  # noqa: E402
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
 _INT_PTRS = {"MF", "KMAX", "KMIN", "KPMIN", "KPMAX", "QPOS", "KPOS", "FULL_NUM", "FULL_IDX", "PART_NUM", "PART_IDX",
-             "PT", "CTX", "QLEN"}
+             "PT", "CTX", "QLEN", "HIDE"}
 _I64_PTRS = {"FULL_START", "PART_START"}
 _F32_PTRS = {"LSE", "DELTA", "OP", "MP", "LP"}
 # Strides that a launch does not get 16-divisible in general: the page table's row stride is
@@ -127,23 +129,37 @@ def _aligned(fn, sig):
             if sig[name].startswith("*") or (name.startswith("s_") and name not in _UNALIGNED)}
 
 
-def _sass_counts(cubin: bytes) -> dict:
+def _resources(cubin: bytes, sass: bool) -> dict:
+    """Registers and stack (spill) bytes per thread from cuobjdump --dump-resource-usage (fast),
+    and with `sass` the SASS instruction counts: LDGSTS (cp.async), UTMALDG (TMA load), HGMMA
+    (Hopper's warpgroup MMA), HMMA (warp-level MMA). Dumping the SASS is the slowest part of a
+    compile here (about 0.4 s of 1.8), hence optional: the PTX counts of the same instructions
+    (_ptx_counts) give the same verdicts (`--sass` reports where they would not)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = {"regs": "?", "stack": "?"}
     if not os.path.exists(tool):
-        return {"regs": "?", "stack": "?", "ldgsts": "?", "utmaldg": "?", "hgmma": "?"}
+        return out
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    # HGMMA: Hopper's warpgroup MMA (wgmma); HMMA: the warp-level tensor-core MMA of sm_80+
-    out = {"regs": "?", "stack": "?", "ldgsts": sass.count("LDGSTS"), "utmaldg": sass.count("UTMALDG"),
-           "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA")}
+        if sass:
+            text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+            out.update(ldgsts=text.count("LDGSTS"), utmaldg=text.count("UTMALDG"), hgmma=text.count("HGMMA"),
+                       hmma=text.count("HMMA"))
     for line in usage.splitlines():
         if "REG:" in line:
             fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
             out["regs"], out["stack"] = int(fields.get("REG", -1)), int(fields.get("STACK", -1))
     return out
+
+
+def _ptx_counts(ptx: str) -> dict:
+    """The PTX instructions that ptxas turns into LDGSTS (cp.async to shared memory), UTMALDG
+    (cp.async.bulk.tensor: a TMA load), HGMMA (wgmma.mma_async) and HMMA (mma.sync)."""
+    tma = ptx.count("cp.async.bulk.tensor")
+    return {"cp_async": ptx.count("cp.async.ca.shared") + ptx.count("cp.async.cg.shared"), "tma": tma,
+            "wgmma_ops": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync")}
 
 
 def _paged_launch(name: str, dtype: str, D: int, arch: int, page_size: int):
@@ -153,15 +169,18 @@ def _paged_launch(name: str, dtype: str, D: int, arch: int, page_size: int):
         return pa._paged_reduce_kernel, consts, (pa.MAX_SPLITS, D, pa._REDUCE_WARPS, 1)
     rows, split = _PAGED[name]
     bm, bn, warps, stages = pa.config(D, _DT[dtype], True, rows, arch // 10)
-    consts = dict(PAGE=page_size, HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, UPCAST=False, IEEE=dtype == "fp32")
+    # decode steps carry a hidden key range (the engine's asynchronous steps); prefill chunks never
+    consts = dict(PAGE=page_size, HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, HAS_HIDE=name.startswith("paged_dec"),
+                  UPCAST=False, IEEE=dtype == "fp32")
     return pa._paged_fwd_kernel, consts, (bm, bn, warps, stages)
 
 
-def compile_kernel(name: str, dtype: str, D: int, arch: int, page_size: int = 16) -> dict:
+def compile_kernel(name: str, dtype: str, D: int, arch: int, page_size: int = 16, sass: bool = False) -> dict:
     """Compile one kernel (fwd, fwd_pos, dq, dkdv, reference, or a paged one: paged_dec,
     paged_dec1, paged_chunk, paged_chunk1, paged_reduce at page_size) for sm_{arch} with its
-    default CUDA config and aligned-launch specialization; returns its figures. Raises what
-    Triton raises if it does not compile."""
+    default CUDA config and aligned-launch specialization; returns its figures (the PTX counts
+    of _ptx_counts, and with `sass` the SASS counts too). Raises what Triton raises if it does
+    not compile."""
     if name in _PAGED or name in _NO_LOOP:
         fn, consts, (bm, bn, warps, stages) = _paged_launch(name, dtype, D, arch, page_size)
     else:
@@ -181,7 +200,7 @@ def compile_kernel(name: str, dtype: str, D: int, arch: int, page_size: int = 16
     ttgir = c.asm["ttgir"]
     return {"kernel": name, "dtype": dtype, "D": D, "arch": arch, "page_size": page_size if fn is pa._paged_fwd_kernel
             else None, "block_m": bm, "block_n": bn, "warps": warps,
-            "stages": stages, "smem": c.metadata.shared, **_sass_counts(c.asm["cubin"]),
+            "stages": stages, "smem": c.metadata.shared, **_resources(c.asm["cubin"], sass), **_ptx_counts(c.asm["ptx"]),
             "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
             "seconds": round(time.time() - t0, 1)}
 
@@ -196,15 +215,22 @@ def smem_limit(arch: int) -> int:
     return mf.ARCH_SMEM[mf.arch_family(capability(arch))]
 
 
-def wgmma(row: dict) -> bool | None:
-    """On sm_90, whether the kernel's dots compiled to warpgroup MMA (HGMMA in the SASS); None
-    elsewhere or without cuobjdump."""
-    return row["hgmma"] > 0 if row["arch"] == 90 and isinstance(row.get("hgmma"), int) else None
+def wgmma(row: dict, sass: bool | None = None) -> bool | None:
+    """On sm_90, whether the kernel's dots compiled to warpgroup MMA (HGMMA in the SASS, or
+    wgmma.mma_async in the PTX); None elsewhere. sass: which count (default: SASS if there)."""
+    if row["arch"] != 90:
+        return None
+    sass = "hgmma" in row if sass is None else sass
+    return (row["hgmma"] if sass else row["wgmma_ops"]) > 0
 
 
-def pipelined(row: dict) -> bool:
-    """The main loop's loads are asynchronous: cp.async / TMA in TTGIR and in the SASS."""
-    return row["async_copies"] > 0 and (row["ldgsts"] or 0) + (row["utmaldg"] or 0) > 0
+def pipelined(row: dict, sass: bool | None = None) -> bool:
+    """The main loop's loads are asynchronous: async copies in the TTGIR, and cp.async / TMA
+    loads in the SASS (LDGSTS / UTMALDG) or the PTX they come from. sass: which count
+    (default: SASS if the row has it)."""
+    sass = "ldgsts" in row if sass is None else sass
+    loads = row["ldgsts"] + row["utmaldg"] if sass else row["cp_async"] + row["tma"]
+    return row["async_copies"] > 0 and loads > 0
 
 
 def acceptable(row: dict) -> bool:
@@ -261,7 +287,7 @@ PAGED_CANDIDATES = {
             (16, 4, 3), (16, 4, 2), (16, 8, 2)],
     "chunk": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2),
               (32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 3), (16, 64, 8, 2),
-              (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+              (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)],
 }
 PAGED_SEARCH_PAGES = (16, 64)  # tiles of several pages, and part of a page
 
@@ -299,15 +325,21 @@ def search_paged(dtype: str, D: int, arch: int) -> dict:
     return picked
 
 
+def loads(row: dict) -> int:
+    """Asynchronous global-to-shared loads: LDGSTS + UTMALDG in the SASS if counted, else the
+    cp.async + cp.async.bulk.tensor instructions of the PTX."""
+    return row["ldgsts"] + row["utmaldg"] if "ldgsts" in row else row["cp_async"] + row["tma"]
+
+
 def _yes(flag) -> str:
     return "n/a" if flag is None else "yes" if flag else "NO"
 
 
 def _compile_row(task: tuple) -> tuple[tuple, dict | str]:
     """One compile of main's table, in a worker process: (task, figures) or (task, error line)."""
-    name, dt, D, arch, page_size = task
+    name, dt, D, arch, page_size, sass = task
     try:
-        return task, compile_kernel(name, dt, D, arch, page_size)
+        return task, compile_kernel(name, dt, D, arch, page_size, sass)
     except Exception as e:  # report and go on: one bad config should not hide the rest
         return task, f"FAILED: {type(e).__name__}: {str(e)[:300]}"
 
@@ -330,6 +362,9 @@ def main():
     ap.add_argument("--search", action="store_true", help="print the config table _config holds (slow: minutes)")
     ap.add_argument("--search-paged", action="store_true",
                     help="print the config table memento_kernels/paged_attention._CUDA_CONFIGS holds (slow: minutes)")
+    ap.add_argument("--sass", action="store_true",
+                    help="count LDGSTS / UTMALDG / HGMMA in the SASS too (slower) and report any row where the PTX "
+                         "counts would give another verdict")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 if a kernel of ours spills, exceeds the family's shared memory or has a main loop not pipelined")
     args = ap.parse_args()
@@ -347,8 +382,9 @@ def main():
                     print(json.dumps({"dtype": dt, "D": D, "arch": arch, **picked}), flush=True)
         return
     head = (f"{'dtype':5} {'D':>4} {'kernel':12} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'smem':>7} "
-            f"{'regs':>5} {'stack':>5} {'async':>5} {'LDGSTS':>6} {'UTMALDG':>7} {'pipelined':>9} {'wgmma':>5} {'s':>5}")
-    tasks = [(name, dt, D, arch, args.page_size) for arch in archs for dt in args.dtypes.split(",")
+            f"{'regs':>5} {'stack':>5} {'async':>5} {'loads' if not args.sass else 'LDGSTS':>6} {'pipelined':>9} "
+            f"{'wgmma':>5} {'s':>5}")
+    tasks = [(name, dt, D, arch, args.page_size, args.sass) for arch in archs for dt in args.dtypes.split(",")
              for D in map(int, args.dims.split(",")) for name in args.kernels.split(",")]
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -357,8 +393,8 @@ def main():
         results = pool.map(_compile_row, tasks)
     else:
         pool, results = None, map(_compile_row, tasks)
-    failures, arch_seen, t0 = 0, None, time.time()
-    for (name, dt, D, arch, _), r in results:
+    failures, disagree, arch_seen, t0 = 0, 0, None, time.time()
+    for (name, dt, D, arch, _, _), r in results:
         if arch != arch_seen and not args.json:
             print(f"sm_{arch}, pointers and strides specialized as 16-divisible (an aligned launch); "
                   f"paged kernels at page size {args.page_size}")
@@ -370,18 +406,22 @@ def main():
             continue
         if args.strict and name != "reference" and not acceptable(r):
             failures += 1
+        if args.sass and (pipelined(r, True) != pipelined(r, False) or wgmma(r, True) != wgmma(r, False)):
+            disagree += 1
+            print(f"{dt:5} {D:>4} {name:12} PTX and SASS counts disagree: {r}")
         if args.json:
             print(json.dumps(r), flush=True)
             continue
         piped = "n/a" if name in _NO_LOOP else "yes" if pipelined(r) else "NO"
         print(f"{dt:5} {D:>4} {name:12} {r['block_m']:>4} {r['block_n']:>4} {r['warps']:>5} {r['stages']:>6} "
-              f"{r['smem']:>7} {r['regs']:>5} {r['stack']:>5} {r['async_copies']:>5} {r['ldgsts']:>6} "
-              f"{r['utmaldg']:>7} {piped:>9} {_yes(wgmma(r)):>5} {r['seconds']:>5}", flush=True)
+              f"{r['smem']:>7} {r['regs']:>5} {r['stack']:>5} {r['async_copies']:>5} {loads(r):>6} "
+              f"{piped:>9} {_yes(wgmma(r)):>5} {r['seconds']:>5}", flush=True)
     if pool is not None:
         pool.shutdown()
     if not args.json:
         print(f"{len(tasks)} compiles for sm_{', sm_'.join(map(str, archs))} in {time.time() - t0:.0f} s "
-              f"with {args.jobs} job(s); {failures} not acceptable" + (" (--strict)" if args.strict else ""))
+              f"with {args.jobs} job(s); {failures} not acceptable" + (" (--strict)" if args.strict else "")
+              + (f"; PTX and SASS verdicts disagree on {disagree} row(s)" if args.sass else ""))
     sys.exit(1 if failures else 0)
 
 

@@ -696,7 +696,8 @@ def test_cuda_kernels_compile_pipelined_and_spill_free():
     """What a GPU would run, checked without one: forward (both forms), dQ and dK/dV compiled
     by Triton for sm_90 at head dim 128 in bf16, with the default launch config and the
     specialization an aligned launch gets. Each main loop must be software-pipelined
-    (asynchronous copies in the TTGIR and LDGSTS/UTMALDG in the SASS) and spill nothing.
+    (asynchronous copies in the TTGIR and LDGSTS/UTMALDG in the SASS, which the PTX counts
+    bench/compile_check.py uses by default must agree with) and spill nothing.
     Compiling needs triton without the interpreter, hence a subprocess."""
     import json
     import subprocess
@@ -704,15 +705,17 @@ def test_cuda_kernels_compile_pipelined_and_spill_free():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "bench/compile_check.py", "--arch", "90", "--dtypes", "bf16", "--dims", "128",
-                        "--kernels", "reference,fwd,fwd_pos,dq,dkdv", "--json"], cwd=repo, env=env, capture_output=True,
+                        "--kernels", "reference,fwd,fwd_pos,dq,dkdv", "--sass", "--json"], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {row["kernel"]: row for row in map(json.loads, r.stdout.splitlines())}
     assert set(rows) == {"reference", "fwd", "fwd_pos", "dq", "dkdv"}
     for name, row in rows.items():
-        assert row["async_copies"] > 0 and row["ldgsts"] + row["utmaldg"] > 0, row  # pipelined
+        # pipelined: async copies in the TTGIR, LDGSTS/UTMALDG in the SASS, and the PTX counts
+        # CI's compile phase reads (without --sass) agree
+        assert row["async_copies"] > 0 and row["ldgsts"] + row["utmaldg"] > 0 and row["cp_async"] + row["tma"] > 0, row
         assert row["stack"] == 0, row  # no spills
-        assert row["hgmma"] > 0, row  # the dots became Hopper's warpgroup MMA (wgmma)
+        assert row["hgmma"] > 0 and row["wgmma_ops"] > 0, row  # the dots became Hopper's warpgroup MMA (wgmma)
 
 
 @pytest.mark.parametrize("capability,family", [((8, 0), "sm_80"), ((8, 7), "sm_80"), ((8, 6), "sm_86"),
