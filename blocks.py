@@ -182,6 +182,24 @@ class BlockTracker:
                     return self._mask(self.unmasked[:-n])
         return []
 
+    def peek(self, token: int) -> list[Block]:
+        """The blocks `step(token)` would return, without reading it (nothing changes): what
+        an engine that feeds a token before it knows it must be ready to hide (§6.1,
+        asynchronous scheduling). The returned blocks are the tracker's own (a block being
+        summarized has no summary_end yet)."""
+        if not self.active:
+            return []
+        cfg, fmt = self.cfg, self.fmt
+        if token == fmt.block_start:
+            return list(self.unmasked) if cfg.keep_last_block_for_answer and self.unmasked else []
+        if token == fmt.summary_end and self.summarizing is not None:
+            n = cfg.keep_last_n_blocks
+            if n == 0 and not cfg.keep_last_block_for_answer:
+                return [self.summarizing]
+            if n > 0 and len(self.unmasked) + 1 > n:
+                return (self.unmasked + [self.summarizing])[:-n]
+        return []
+
     def _mask(self, blocks: list[Block]) -> list[Block]:
         self.unmasked = [b for b in self.unmasked if b not in blocks]
         return list(blocks)

@@ -320,6 +320,7 @@ def load_model(model_cls, config_cls, path_or_hub_id: str | os.PathLike, dtype: 
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)  # some tied checkpoints store a copy
+    state = model_cls.state_from_hf(state, cfg, str(path))  # HF's tensor names -> the model's fused ones
     for name, p in expected.items():
         if name not in state:
             raise ValueError(f"{path}: checkpoint is missing tensor {name!r}")
@@ -341,7 +342,8 @@ def write_model(model, out_dir: Path, *, dtype: torch.dtype | None = None, max_s
     atomicity here: Qwen3.save_pretrained and training checkpoints wrap it in atomic_dir).
 
     state: the weights to write, by parameter name (default the model's state_dict; a sharded
-    training run passes the full state it gathered). dtype: the stored dtype; default
+    training run passes the full state it gathered), written under Hugging Face's tensor names
+    (the model's state_to_hf: fused projections split). dtype: the stored dtype; default
     config.torch_dtype, i.e. the dtype the weights came in (a bf16 hub checkpoint trained in
     fp32 is saved in bf16, a model built here in fp32 in fp32). With max_shard_bytes, weights
     are split into model-0000k-of-0000n.safetensors plus model.safetensors.index.json.
@@ -354,7 +356,8 @@ def write_model(model, out_dir: Path, *, dtype: torch.dtype | None = None, max_s
                          f"{model.config.torch_dtype!r}); pass dtype=torch.bfloat16 or torch.float32")
     model.config.torch_dtype = str(dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in (state or model.state_dict()).items()}
+    state = type(model).state_to_hf(state or model.state_dict(), model.config)  # Hugging Face's names on disk
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     write_safetensors(state, out_dir, max_shard_bytes)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -47,11 +46,11 @@ from tqdm import tqdm
 
 from blocks import Block, BlockTracker, MementoConfig, MementoTokens
 from checkpoint import resolve_checkpoint
-from cuda_graphs import DecodeGraphs
 from kv_cache import PagedKVCache, curve_stats, kv_bytes_per_token
-from memento_attention import resolve_backend
 from model import Qwen3
-from sampling import STOP_TOKENS, SamplingParams, request_seed, sample, show
+from model_runner import Draw, ModelRunner, RowIn, default_kv_cache_tokens, gpu_kv_budget_bytes  # noqa: F401
+from sampling import STOP_TOKENS, SamplingParams, request_seed, show
+from scheduler import Scheduler
 from tokenizer import Tokenizer
 
 log = logging.getLogger("memento.engine")
@@ -108,12 +107,17 @@ class EngineConfig:
         while others run, so that running sequences can grow.
     keep_logits: store every position's logits in Sequence.logits (tests).
     keep_cache: do not free a finished sequence's pages (tests read its K/V).
-    enforce_eager: never record CUDA graphs for decode steps (vLLM's name; cuda_graphs.py).
-        On CUDA they are recorded at start when the pool is bounded, the page size suits the
-        paged kernel and keep_logits is off; never on the CPU.
+    enforce_eager: no torch.compile and no CUDA graphs (vLLM's meaning).
+    compile: run the layers through torch.compile (model.compiled_ops; vLLM's compilation
+        mode 0 = False); None: on CUDA unless enforce_eager, off on the CPU.
+    cudagraph_mode: "FULL_DECODE_ONLY" records decode steps as CUDA graphs (cuda_graphs.py;
+        on CUDA with a bounded pool, a page size the paged kernel takes and keep_logits
+        off), "NONE" runs the same bucketed steps eagerly (vLLM's names).
+    async_scheduling: plan and launch step n+1 before step n's tokens are read back, when
+        that plan cannot depend on them (vLLM's name; see Engine); None: on CUDA only.
     Raises ValueError naming the option for a size < 1, a share out of range, a pool that
     holds no page, a kv_cache_dtype that is not a floating dtype, max_num_batched_tokens <
-    max_num_seqs, or restart mode where undefined.
+    max_num_seqs, an unknown cudagraph_mode, or restart mode where undefined.
     """
 
     masking: MementoConfig = MementoConfig()
@@ -133,6 +137,9 @@ class EngineConfig:
     keep_logits: bool = False
     keep_cache: bool = False
     enforce_eager: bool = False
+    compile: bool | None = None
+    cudagraph_mode: str = "FULL_DECODE_ONLY"
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "mode", check_mode(self.mode, self.masking))
@@ -154,62 +161,52 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"EngineConfig: max_num_batched_tokens={self.max_num_batched_tokens} is below "
                              f"max_num_seqs={self.max_num_seqs}; every running sequence needs a token per step")
+        if self.cudagraph_mode not in ("NONE", "FULL_DECODE_ONLY"):
+            raise ValueError(f"EngineConfig: cudagraph_mode={self.cudagraph_mode!r}: use 'NONE' or 'FULL_DECODE_ONLY'")
         if not 0 < self.gpu_memory_utilization <= 1 or not self.cpu_kv_cache_gib > 0 or not 0 <= self.watermark < 1:
             raise ValueError(f"EngineConfig: gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1], "
                              f"cpu_kv_cache_gib={self.cpu_kv_cache_gib} > 0, watermark={self.watermark} in [0, 1)")
 
 
-# ----------------------------------------------------------------------------- the KV budget
-
-
-def gpu_kv_budget_bytes(total: int, free: int, reserved: int, peak_allocated: int, utilization: float) -> int:
-    """Bytes left for the KV pool on a GPU, as vLLM sizes it: utilization x total memory, minus
-    the peak torch allocated while profiling (weights and one forward's activations), minus what
-    other processes and non-torch allocations hold (total - free - reserved). May be <= 0."""
-    non_torch = max(0, total - free - reserved)
-    return int(utilization * total) - peak_allocated - non_torch
-
-
-@torch.no_grad()
-def default_kv_cache_tokens(model, config: EngineConfig) -> tuple[int, str]:
-    """The default KV budget in tokens and a line describing it (paper §A.3.1 bytes per token).
-
-    CUDA: gpu_kv_budget_bytes after one profiling forward of max_num_batched_tokens tokens
-    through a throwaway cache (the largest step the scheduler makes) and the LM head on
-    max_num_seqs rows. CPU: config.cpu_kv_cache_gib. Raises ValueError when the GPU has no
-    room left for a single page.
-    """
-    p = next(model.parameters())
-    dtype = config.kv_cache_dtype or p.dtype
-    per_token = kv_bytes_per_token(model.config, dtype)
-    if p.device.type != "cuda":
-        budget = int(config.cpu_kv_cache_gib * 2**30)
-        tokens = budget // per_token
-        return tokens, (f"KV cache: {config.cpu_kv_cache_gib:g} GiB = {tokens:,} tokens at {per_token:,} B/token "
-                        "(the CPU default; --kv-cache-tokens or --kv-cache-gib to change)")
-    torch.cuda.synchronize(p.device)
-    torch.cuda.reset_peak_memory_stats(p.device)
-    n = config.max_num_batched_tokens
-    cache = PagedKVCache(model.config, dtype, p.device, page_size=config.page_size)
-    cache.add(0)
-    h = model.hidden_states(torch.zeros(1, n, dtype=torch.int64, device=p.device),
-                            torch.arange(n, device=p.device)[None], None, cache.batch([0]))
-    model.logits(h[0, -1:].expand(config.max_num_seqs, -1))
-    del h, cache
-    torch.cuda.synchronize(p.device)
-    free, total = torch.cuda.mem_get_info(p.device)
-    budget = gpu_kv_budget_bytes(total, free, torch.cuda.memory_reserved(p.device),
-                                 torch.cuda.max_memory_allocated(p.device), config.gpu_memory_utilization)
-    torch.cuda.empty_cache()
-    tokens = max(0, budget) // per_token
-    if tokens < config.page_size:
-        raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={config.gpu_memory_utilization} "
-                         f"({total / 2**30:.1f} GiB device); raise it or lower max_num_batched_tokens")
-    return tokens, (f"KV cache: {budget / 2**30:.2f} GiB = {tokens:,} tokens at {per_token:,} B/token "
-                    f"({config.gpu_memory_utilization:.0%} of {total / 2**30:.1f} GiB, minus weights and activations)")
-
-
 # ----------------------------------------------------------------------------- requests
+
+
+class Held:
+    """The logical positions a sequence's cache entry holds, on the host: sorted, disjoint
+    [lo, hi] runs (paper §6.1: tokens sit in the cache in position order; a block's eviction
+    cuts a run). It turns a block's position range into the indices the cache holds it at, so
+    that eviction needs nothing from the device. Raises nothing."""
+
+    def __init__(self):
+        self.runs: list[list[int]] = []
+
+    def add(self, start: int, n: int) -> None:
+        """Positions start..start+n-1 were appended (after every position held)."""
+        if self.runs and self.runs[-1][1] == start - 1:
+            self.runs[-1][1] += n
+        else:
+            self.runs.append([start, start + n - 1])
+
+    def find(self, lo: int, hi: int) -> tuple[int, int]:
+        """(index of the first held position >= lo, how many held positions lie in [lo, hi])."""
+        first = count = seen = 0
+        for a, b in self.runs:
+            first += max(0, min(b, lo - 1) - a + 1)
+            count += max(0, min(b, hi) - max(a, lo) + 1)
+            seen += b - a + 1
+        return first, count
+
+    def remove(self, lo: int, hi: int) -> tuple[int, int]:
+        """Drop the held positions in [lo, hi]; returns find(lo, hi) as it was."""
+        out = self.find(lo, hi)
+        runs = []
+        for a, b in self.runs:
+            if a < lo:
+                runs.append([a, min(b, lo - 1)])
+            if b > hi:
+                runs.append([max(a, hi + 1), b])
+        self.runs = runs
+        return out
 
 
 @dataclass
@@ -247,8 +244,9 @@ class Sequence:
     itl: list[float] = field(default_factory=list)        # seconds between consecutive response tokens
     # running state
     last_token_time: float | None = None
-    last: tuple | None = None                             # (logits [rows, V] of a forward, its row), to sample from
     tracker: BlockTracker | None = None
+    held: Held = field(default_factory=lambda: Held())    # positions the cache holds, on the host
+    inflight: int = -1                                    # its draw in the step on the device, or -1
     events: set = field(default_factory=set)              # positions where a mask starts
     footprint: int = 0                                    # pages its (re-)prefill will hold at most
     computed: int = 0                                     # positions < computed are in the cache (or evicted)
@@ -336,6 +334,29 @@ class Engine:
         on_finish: callback(Sequence) when a request finishes (its curve and stop_reason set).
     The KV budget is logged once (logger "memento.engine") and kept in `kv_cache_note`.
 
+    Three parts: the Scheduler (scheduler.py) decides which sequences run each step; the
+    ModelRunner (model_runner.py) does the device work; the Engine joins them, keeps each
+    sequence's host state (its tokens, its block tracker, the positions its cache holds) and
+    implements the scheduler's Host hooks (plan, pages_to_append, free_pages, start, preempt,
+    outgrown, reject, fail, ahead).
+
+    Asynchronous scheduling (config.async_scheduling): a step's sampled tokens are read back
+    while the device runs the next step, which was planned without them, when that plan is
+    provably the one the synchronous engine would make (Scheduler.run_ahead): nothing waits
+    to be admitted, every running sequence decodes its token in flight, the pool holds every
+    row's next token even if none ends, and no token in flight can change the step in a way
+    the device cannot follow. The one thing a token can change is memento compaction: if it
+    completes a memento, its block must be invisible to it. The engine knows, before the
+    token is known, which block that would be (BlockTracker.peek) and where the cache holds
+    it (Held), so the step hides that range on the device if the token is the memento's end
+    (model_runner, the paged kernel's `hide`), and the block is evicted one step later, when
+    the host reads the token: the cache then holds what the synchronous engine's holds.
+    Steps where that is not possible (restart mode recomputing a memento, a forced
+    <|block_end|> near max_block_tokens, a replay, admissions, preemption) run synchronously.
+    A token is streamed (on_token) only once read back: a sequence that ended does not stream
+    the extra token its next step computed. Tokens, log-probabilities, KV curves and
+    preemptions equal the synchronous engine's (tests/test_async.py).
+
     One request never fails another: an exception while handling one sequence (planning its
     chunk, reading its tokens, sampling its row, its stop check, decoding its text, on_token)
     ends that sequence alone with stop_reason "error: <exception>", frees its pages and calls
@@ -362,21 +383,40 @@ class Engine:
         log.info(self.kv_cache_note)
         num_pages = None if budget is None else budget // config.page_size
         self.cache = PagedKVCache(model.config, self.dtype, self.device, page_size=config.page_size, num_pages=num_pages)
-        self.watermark_pages = max(1, int(config.watermark * num_pages)) if num_pages else 0
-        self.graphs = None
-        if (self.device.type == "cuda" and not config.enforce_eager and not config.keep_logits and self.cache.bounded
-                and self.cache.paged_kernel and resolve_backend(self.device) == "triton"):
-            self.graphs = DecodeGraphs(model, self.cache, config.max_num_seqs)
         self.format = MementoTokens.from_tokenizer(tok)
         self.eos_ids = frozenset(tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids)
         self.vocab = tok.n_vocab
         self.max_pos = model.config.max_position_embeddings
+        self.runner = ModelRunner(model, self.cache, config, self.vocab, self.format.block_end)
+        self.graphs = self.runner.graphs
+        watermark = max(1, int(config.watermark * num_pages)) if num_pages else 0
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, watermark, self)
+        asynchronous = config.async_scheduling
+        self.asynchronous = (self.device.type == "cuda") if asynchronous is None else asynchronous
+        m = config.masking  # the token whose arrival may start a mask (BlockTracker.step)
+        self.event_token = self.format.block_start if m.keep_last_block_for_answer else self.format.summary_end
         self.sequences: list[Sequence] = []
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        # steps: scheduler iterations that ran a forward; forwards: model forwards; tokens: fed tokens
+        self.inflight = None  # the launched step whose tokens the host has not read: (Sampled, [Sequence])
+        # steps: scheduler iterations that ran a forward; forwards: model forwards; tokens: fed tokens;
+        # ahead: steps planned before the previous step's tokens were read (asynchronous scheduling);
+        # ahead_evictions: blocks hidden on the device in such a step, then evicted
         self.stats = {"steps": 0, "forwards": 0, "tokens": 0, "preemptions": 0, "rejected": 0, "failed": 0,
-                      "batch_size_sum": 0, "max_running": 0}
+                      "batch_size_sum": 0, "max_running": 0, "ahead": 0, "ahead_evictions": 0}
+
+    @property
+    def waiting(self):
+        """Requests waiting to be admitted (the scheduler's queue, first in line first)."""
+        return self.scheduler.waiting
+
+    @property
+    def running(self):
+        """Requests admitted, in admission order (the scheduler's list)."""
+        return self.scheduler.running
+
+    @property
+    def watermark_pages(self) -> int:
+        """Pages kept free when admitting while others run (EngineConfig.watermark)."""
+        return self.scheduler.watermark_pages
 
     # ------------------------------------------------------------------------- requests
 
@@ -447,8 +487,6 @@ class Engine:
         if s is None:
             raise KeyError(f"no request with id {seq!r} in this engine")
         if not s.done:
-            if s in self.waiting:  # queued, or preempted: it holds no pages
-                self.waiting.remove(s)
             self._end(s, "abort")
         return s
 
@@ -466,11 +504,11 @@ class Engine:
         bar = None
         if progress:
             bar = tqdm(total=len(self.sequences), dynamic_ncols=True, desc="sequences")
-        while self.waiting or self.running:
+        while self.waiting or self.running or self.inflight is not None:
             self.step()
             if bar is not None:
                 st = self.cache.stats()
-                bar.n = sum(s.done for s in self.sequences)
+                bar.n = sum(s.done for s in self.sequences if s is not None)
                 bar.set_postfix(running=len(self.running), pool=f"{st['held_pages']}/{st['pages']} pages", refresh=False)
                 bar.refresh()
         if bar is not None:
@@ -480,105 +518,46 @@ class Engine:
     @torch.inference_mode()  # never autograd: no graph through the KV pool, and less bookkeeping per op than no_grad
     def step(self) -> None:
         """One scheduler iteration: schedule running sequences, then admit waiting ones, run
-        the scheduled tokens, sample for every sequence whose tokens are all fed. A sequence
-        whose own handling raises ends with an error; the others go on (see the class)."""
-        rows = self._schedule()
+        the scheduled tokens, sample for every sequence whose tokens are all fed. With
+        asynchronous scheduling the sampled tokens are read back during the next call, and
+        that call may launch its step first (see the class). A sequence whose own handling
+        raises ends with an error; the others go on (see the class)."""
+        if self.inflight is not None:
+            rows = self.scheduler.run_ahead() if self.asynchronous else None
+            if rows is not None:
+                try:
+                    launched = self._launch([(s, s.length, 1) for s, _, _ in rows], ahead=True)
+                except _Redraw as r:  # read the tokens in flight first, then draw row by row
+                    self._settle(self.inflight, fed={s.id for s, _, _ in rows})
+                    self.inflight = None
+                    self._redraw(r)
+                    return
+                self.stats["ahead"] += 1
+                self._settle(self.inflight, fed={s.id for s, _, _ in rows})
+                self.inflight = launched
+                return
+            self._settle(self.inflight)
+            self.inflight = None
+        rows = self.scheduler.schedule()
         if not rows:
             return
-        for group in _forward_groups(rows):
-            self._forward(group)
-        self.stats["steps"] += 1
-        self.stats["batch_size_sum"] += len(rows)
-        self.stats["max_running"] = max(self.stats["max_running"], len(rows))
-        self._sample([s for s, _, _ in rows if not s.done and s.forced is None and s.computed == s.length])
-
-    # ------------------------------------------------------------------------- scheduling
-
-    def _enqueue(self, s: Sequence, front: bool) -> None:
-        """Queue s (a new request, or a preempted one first in line) with the footprint of its
-        prefill; finish it at once if that can never fit the pool."""
-        known = s.ids(0, s.length) + (s.forced[len(s.tokens):] if s.forced is not None else [])
-        s.events, curve = kv_replay(known, self.format, self.config.masking, s.mode)
-        L = s.length  # the prefill feeds what is known; then the next token needs a slot
-        s.footprint = self.cache.pages_for(max(max(curve[:L]), curve[L - 1] + 1))
-        never = max(curve) if s.forced is not None else max(curve[:L]) + 1  # a replay's whole trace is known
-        if self.cache.bounded and self.cache.pages_for(never) > self.cache.num_pages:
-            what = "its replay" if s.forced is not None else "its prefill and first token"
-            self._end(s, f"rejected: {what} holds up to {never:,} KV tokens ({self.cache.pages_for(never)} pages of "
-                         f"{self.cache.page_size}), the KV pool holds {self.cache.num_pages} pages")
-            self.stats["rejected"] += 1
+        try:
+            launched = self._launch(rows)
+        except _Redraw as r:
+            self._redraw(r)
             return
-        if front:
-            self.waiting.appendleft(s)
-        else:
-            self.waiting.append(s)
+        if launched is not None:
+            if self.asynchronous:
+                self.inflight = launched
+            else:
+                self._settle(launched)
 
-    def _schedule(self) -> list[tuple[Sequence, int, int]]:
-        """This step's work as (sequence, first position, tokens) rows, pages reserved: running
-        sequences first, oldest first, each leaving one token of the budget for every later
-        one; a short pool preempts the newest. Then admissions with what is left."""
-        budget, promised, rows = self.config.max_num_batched_tokens, 0, []
-        i = 0
-        while i < len(self.running):
-            s = self.running[i]
-            try:
-                start, n = self._plan(s, budget - (len(self.running) - i - 1))
-                need = self.cache.pages_to_append(s.id, n)
-            except Exception as e:  # noqa: BLE001 -- s alone ends; running[i] is the next one now
-                self._fail(s, e)
-                continue
-            while need > self.cache.free_page_count() - promised and self.running[-1] is not s:
-                self._preempt(self.running[-1])
-            if need > self.cache.free_page_count() - promised:
-                if i == 0:  # alone in the pool and still short: it can never grow here
-                    # Its tokens were all emitted (on_token: a server streamed them), so they all
-                    # stay its response; the ones not fed count what the cache would hold.
-                    try:
-                        self._finish_unfed(s, f"KV pool full: the sequence alone outgrew it ({self.cache.num_pages} pages)")
-                    except Exception as e:  # noqa: BLE001 -- see _fail
-                        self._fail(s, e)
-                else:
-                    self._preempt(s)
-                continue
-            rows.append((s, start, n))
-            promised += need
-            budget -= n
-            i += 1
-        while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
-            s = self.waiting[0]
-            free = self.cache.free_page_count() - promised
-            if s.footprint + (self.watermark_pages if self.running else 0) > free:
-                if not self.running and not rows:  # nothing will give pages back (only with keep_cache)
-                    self.waiting.popleft()
-                    self.stats["rejected"] += 1
-                    self._end(s, f"KV pool full: {s.footprint} pages needed, {free} free")
-                    continue
-                break
-            self.waiting.popleft()
-            try:
-                self._start(s)
-                start, n = self._plan(s, budget)
-            except Exception as e:  # noqa: BLE001 -- see _fail
-                self._fail(s, e)
-                continue
-            rows.append((s, start, n))
-            promised += self.cache.pages_to_append(s.id, n)
-            budget -= n
-            self.running.append(s)
-        return rows
+    # ------------------------------------------------------------------------- the scheduler's hooks (scheduler.Host)
 
-    def _start(self, s: Sequence) -> None:
-        """Give an admitted sequence an empty cache entry and a fresh tracker; its whole token
-        stream will be fed again (curve and logits are counted again, identically)."""
-        self.cache.add(s.id)
-        s.tracker, s.computed, s.curve, s.logits = BlockTracker(self.format, self.config.masking), 0, [], []
-        if s.first_scheduled_time is None:
-            s.first_scheduled_time = time.perf_counter()
-
-    def _plan(self, s: Sequence, limit: int) -> tuple[int, int]:
+    def plan(self, s: Sequence, limit: int) -> tuple[int, int]:
         """The chunk s feeds this step, at most `limit` tokens: (first position, length). Reads
         the chunk's new tokens with the tracker, evicting what their arrival masks (only the
-        first may start a mask: a chunk never crosses an event)."""
+        first may start a mask: a chunk never crosses an event). Paper §6.1."""
         if s.forced is not None and s.computed == s.length:  # a replay takes its next forced tokens
             k = len(s.tokens)
             n = _chunk_length(s.length, len(s.prompt) + len(s.forced), min(limit, self.config.replay_chunk), s.events)
@@ -593,24 +572,95 @@ class Engine:
             self._read(s, t)
         return start, n
 
-    def _preempt(self, s: Sequence) -> None:
-        """Free a running sequence's pages and queue it again, first in line, with its tokens."""
-        self.running.remove(s)
+    def pages_to_append(self, s: Sequence, n: int) -> int:
+        """New pages s needs to append n tokens (paper §6.1 paging)."""
+        return self.cache.pages_to_append(s.id, n)
+
+    def free_pages(self) -> int:
+        """Pages free in the pool now."""
+        return self.cache.free_page_count()
+
+    def start(self, s: Sequence) -> None:
+        """Give an admitted sequence an empty cache entry and a fresh tracker; its whole token
+        stream will be fed again (curve and logits are counted again, identically)."""
+        self.cache.add(s.id)
+        s.tracker, s.computed, s.curve, s.logits = BlockTracker(self.format, self.config.masking), 0, [], []
+        s.held = Held()
+        if s.first_scheduled_time is None:
+            s.first_scheduled_time = time.perf_counter()
+
+    def preempt(self, s: Sequence) -> bool:
+        """Free a running sequence's pages; it will wait first in line with its tokens. False
+        (and it ends) if its re-prefill can never fit the pool."""
         self.cache.free(s.id)
         s.preemptions += 1
         self.stats["preemptions"] += 1
-        try:
-            self._enqueue(s, front=True)
-        except Exception as e:  # noqa: BLE001 -- see _fail
-            self._fail(s, e)
+        return self._size(s)
+
+    def outgrown(self, s: Sequence) -> None:
+        """End s, alone in the pool and still short of pages. Its tokens were all emitted
+        (on_token: a server streamed them), so they all stay its response; the ones not fed
+        count what the cache would hold."""
+        self._finish_unfed(s, f"KV pool full: the sequence alone outgrew it ({self.cache.num_pages} pages)")
+
+    def reject(self, s: Sequence, reason: str) -> None:
+        """End a waiting s that can never be admitted."""
+        self.stats["rejected"] += 1
+        self._end(s, reason)
+
+    def fail(self, s: Sequence, e: BaseException) -> None:
+        """End s alone after an exception while handling it: its traceback logged once,
+        stop_reason "error: <exception>", out of the queue or the running set, its pages
+        freed, on_finish called (every other sequence is untouched)."""
+        log.error(f"request {s.id} failed; it alone is ended", exc_info=e)
+        self.stats["failed"] += 1
+        if not s.done:
+            self._end(s, _error(e))
+
+    def ahead(self, s: Sequence) -> bool | None:
+        """Whether s's next step can be planned before its token in flight is read (Scheduler.
+        run_ahead): None if that token is its last by length (no row: it ends when read);
+        True if its next step is that one token, and no value of it changes the step beyond
+        a hidden range the device applies; False otherwise (paper §6.1)."""
+        if s.inflight < 0 or s.forced is not None or self.config.keep_logits:
+            return False
+        if len(s.tokens) + 1 >= s.max_tokens:
+            return None
+        M = self.config.max_block_tokens
+        if M and any(s.length - b.start >= M for b in s.tracker.open_blocks):  # a forced <|block_end|> may follow
+            return False
+        return self._hide(s) is not False
+
+    # ------------------------------------------------------------------------- requests' bookkeeping
+
+    def _enqueue(self, s: Sequence, front: bool) -> None:
+        """Queue s (a new request) with the footprint of its prefill, or end it at once if that
+        can never fit the pool."""
+        if self._size(s):
+            self.scheduler.add(s, front)
+
+    def _size(self, s: Sequence) -> bool:
+        """s's footprint (pages its prefill will hold at most: its compacted peak, §6.1) and the
+        positions where its masks start; False (and it ends, rejected) if it can never fit."""
+        known = s.ids(0, s.length) + (s.forced[len(s.tokens):] if s.forced is not None else [])
+        s.events, curve = kv_replay(known, self.format, self.config.masking, s.mode)
+        L = s.length  # the prefill feeds what is known; then the next token needs a slot
+        s.footprint = self.cache.pages_for(max(max(curve[:L]), curve[L - 1] + 1))
+        never = max(curve) if s.forced is not None else max(curve[:L]) + 1  # a replay's whole trace is known
+        if self.cache.bounded and self.cache.pages_for(never) > self.cache.num_pages:
+            what = "its replay" if s.forced is not None else "its prefill and first token"
+            self.stats["rejected"] += 1
+            self._end(s, f"rejected: {what} holds up to {never:,} KV tokens ({self.cache.pages_for(never)} pages of "
+                         f"{self.cache.page_size}), the KV pool holds {self.cache.num_pages} pages")
+            return False
+        return True
 
     def _end(self, s: Sequence, reason: str) -> None:
         """Finish s: out of the running set, pages freed (unless keep_cache), results set,
         on_finish called. The bookkeeping comes first, so that a text that cannot be decoded
         or a callback that raises still leaves the pool and the batch clean."""
-        s.done, s.stop_reason, s.finished_time, s.last = True, reason, time.perf_counter(), None
-        if s in self.running:
-            self.running.remove(s)
+        s.done, s.stop_reason, s.finished_time, s.inflight = True, reason, time.perf_counter(), -1
+        self.scheduler.remove(s)
         if s.id in self.cache.seqs and not self.config.keep_cache:
             self.cache.free(s.id)
         if s.tracker is not None:
@@ -628,118 +678,131 @@ class Engine:
             except Exception as e:  # noqa: BLE001 -- the caller's bug: it is finished all the same
                 log.error(f"request {s.id}: on_finish raised", exc_info=e)
 
-    def _fail(self, s: Sequence, e: BaseException) -> None:
-        """End s alone after an exception while handling it: its traceback logged once,
-        stop_reason "error: <exception>", out of the queue or the running set, its pages
-        freed, on_finish called (every other sequence is untouched)."""
-        log.error(f"request {s.id} failed; it alone is ended", exc_info=e)
-        self.stats["failed"] += 1
-        if s in self.waiting:
-            self.waiting.remove(s)
-        if not s.done:
-            self._end(s, _error(e))
+    _fail = fail
 
-    # ------------------------------------------------------------------------- forwards and sampling
+    # ------------------------------------------------------------------------- launching a step
 
-    def _forward(self, rows: list[tuple[Sequence, int, int]]) -> None:
-        """One model forward of these rows' chunks through the cache (right-padded; padding is
-        stored nowhere); counts the KV curve of first-time tokens and keeps the logits each
-        row needs."""
-        W = max(n for _, _, n in rows)
-        held = [self.cache.length(s.id) for s, _, _ in rows]
-        # right padding repeats a row's last token and position: it is stored nowhere
-        ids = [s.ids(a, a + n) + [0] * (W - n) for s, a, n in rows]
-        pos = [list(range(a, a + n)) + [a + n - 1] * (W - n) for s, a, n in rows]
-        view = self.cache.batch([s.id for s, _, _ in rows], [n for _, _, n in rows])
-        need_last = [r for r, (s, a, n) in enumerate(rows) if s.forced is None and a + n == s.length]
-        every = len(need_last) == len(rows)  # a decode step: every row samples
-        if self.graphs is not None and self.graphs.usable(view):
-            last = self.graphs.run(view, [x[0] for x in ids], [x[0] for x in pos])
-            last = last if every else last[need_last]
-        else:
-            ids, pos = view.upload(torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64))
-            h = self.model.hidden_states(ids, pos, None, view)
-            if every and all(n == W for _, _, n in rows):
-                last = self.model.logits(h[:, W - 1])
-            elif need_last:
-                last = self.model.logits(h[need_last, [rows[r][2] - 1 for r in need_last]])
-        row_of = {r: i for i, r in enumerate(need_last)}
-        self.stats["forwards"] += 1
+    def _launch(self, rows: list[tuple[Sequence, int, int]], ahead: bool = False):
+        """Run these rows' forward and sample every sequence whose tokens are all fed (on the
+        device; nothing is read back). ahead: rows planned before the last step's tokens were
+        read, each feeding its token in flight. Returns the launched step (Sampled, sequences
+        by draw) or None when nothing samples."""
+        ins, keep = [], self.config.keep_logits
+        for s, a, n in rows:
+            fresh = max(a, len(s.curve)) - a  # positions fed before are recomputed (restart mode)
+            r = RowIn(s.id, a, None if ahead else s.ids(a, a + n), prev=s.inflight if ahead else -1,
+                      keep_from=fresh if keep and fresh < n else None,
+                      hide=self._hide(s) if ahead else None)
+            r.sample = s.forced is None and (ahead or a + n == s.length)
+            ins.append(r)
+        logits, kept = self.runner.forward(ins)
+        self.stats["forwards"] += len(self.runner.last_groups)
         self.stats["tokens"] += sum(n for _, _, n in rows)
-        for r, (s, a, n) in enumerate(rows):
-            first = len(s.curve)  # positions fed before are recomputed (restart mode): not counted again
+        self.stats["steps"] += 1
+        self.stats["batch_size_sum"] += len(rows)
+        self.stats["max_running"] = max(self.stats["max_running"], len(rows))
+        for (s, a, n), r, k in zip(rows, ins, kept):
+            s.held.add(a, n)
+            if ahead:
+                continue  # its token's curve and tracker wait until the token is read (_settle)
+            held = self.cache.length(s.id) - n
+            first = len(s.curve)
             if a + n > first:
-                s.curve.extend(held[r] + p - a + 1 for p in range(max(a, first), a + n))
-                if self.config.keep_logits:
-                    s.logits.extend(self.model.logits(h[r, max(a, first) - a:n]).cpu())
+                s.curve.extend(held + p - a + 1 for p in range(max(a, first), a + n))
+                if k is not None:
+                    s.logits.extend(k)
             s.computed = a + n
-            if r in row_of:
-                s.last = (last, row_of[r])
             if s.forced is not None and s.computed == len(s.prompt) + len(s.forced):
                 self._end(s, "end of trace")
-
-    def _sample(self, ready: list[Sequence]) -> None:
-        """Sample the next token of every ready sequence in one call, then stop the ones done.
-        If the batched draw raises, each sequence draws alone (the same token: sampling is per
-        row), so that only the one that raises fails; a row's own handling is guarded too."""
+        ready = [(s, r) for (s, _, _), r in zip(rows, ins) if r.sample and not s.done]
         if not ready:
-            return
+            return None
+        draws = [self._draw(s) for s, _ in ready]
+        want = [i for i, r in enumerate(ins) if r.sample]
+        if len(ready) != len(want):  # a row ended at its forward (end of trace): drop its logits
+            keepers = {id(r) for _, r in ready}
+            logits = logits[[j for j, i in enumerate(want) if id(ins[i]) in keepers]]
+        seqs = [s for s, _ in ready]
         try:
-            ready, picks, lp, top, want_lp = self._draw(ready)
-        except Exception as e:  # noqa: BLE001 -- find the row that raised
-            if len(ready) == 1:
-                self._fail(ready[0], e)
-            else:
-                for s in ready:
-                    self._sample([s])
+            sampled = self.runner.sample(logits, draws)
+        except Exception as e:  # noqa: BLE001 -- find the row that raised: each draws alone
+            raise _Redraw(logits, draws, seqs, e) from None
+        for j, s in enumerate(seqs):
+            s.inflight = j
+        return sampled, seqs
+
+    def _redraw(self, r: "_Redraw") -> None:
+        """A batched draw raised: each row draws alone and is read at once, so that only the
+        row that raises fails (its sampling parameters are checked on arrival: a bug)."""
+        if len(r.seqs) == 1:
+            self.fail(r.seqs[0], r.error)
             return
-        for r, s in enumerate(ready):
+        for j, s in enumerate(r.seqs):
+            s.inflight = -1
             try:
-                self._take(s, picks[r], r, lp, top, want_lp)
-            except Exception as e:  # noqa: BLE001 -- see _fail
-                self._fail(s, e)
+                self._settle((self.runner.sample(r.logits[j:j + 1], [r.draws[j]]), [s]))
+            except Exception as e:  # noqa: BLE001 -- see fail
+                self.fail(s, e)
 
-    def _draw(self, ready: list[Sequence]) -> tuple:
-        """The batched part of _sample: (ready regrouped by forward, picked ids, log-probs
-        [rows wanting them, V] or None, their top-k or None, those rows' indices)."""
-        # the rows' logits, one indexing per forward they came from (usually one: the whole batch)
-        by_forward = {}
-        for s in ready:
-            by_forward.setdefault(id(s.last[0]), []).append(s)
-        ready = [s for group in by_forward.values() for s in group]
-        parts = []
-        for group in by_forward.values():
-            logits, rows = group[0].last[0], [s.last[1] for s in group]
-            parts.append(logits if rows == list(range(len(logits))) else logits[rows])
-        last = parts[0] if len(parts) == 1 else torch.cat(parts)
-        want_lp = [r for r, s in enumerate(ready) if s.params.logprobs is not None]
-        lp = top = None
-        if want_lp:  # the model's full distribution, as a training forward computes it
-            lp = torch.log_softmax(last[want_lp].float(), -1)
-            top_k = max(ready[r].params.logprobs for r in want_lp)
-            top = lp.topk(top_k, dim=-1) if top_k else None
-        last[:, self.vocab:] = float("-inf")  # the embedding may be padded beyond the tokenizer
-        picks = sample(last, [s.params for s in ready], [s.seed for s in ready], [len(s.tokens) for s in ready]).tolist()
-        return ready, picks, lp, top, want_lp
-
-    def _take(self, s: Sequence, t: int, r: int, lp, top, want_lp: list[int]) -> None:
-        """Row r's sampled token t for s (or <|block_end|> forced by max_block_tokens): its
-        log-probabilities, on_token, the stop check."""
-        s.last = None
+    def _draw(self, s: Sequence) -> Draw:
+        """How s draws its next token (paper §6.1 sampling): its counter is the token's index;
+        max_block_tokens forces <|block_end|> once the open block is that long."""
+        counter = len(s.tokens) + (1 if s.inflight >= 0 else 0)
+        length = s.length + (1 if s.inflight >= 0 else 0)
         ob = s.tracker.open_block_start
-        forced = bool(self.config.max_block_tokens and ob is not None and s.length - ob - 1 >= self.config.max_block_tokens)
-        if forced:
-            t = self.format.block_end
-        if s.params.logprobs is not None:
-            j = want_lp.index(r)
-            s.logprobs.append(float("nan") if forced else float(lp[j, t]))
-            if s.params.logprobs:
-                k = s.params.logprobs
-                s.top_logprobs.append(dict(zip(top.indices[j, :k].tolist(), top.values[j, :k].tolist())))
-        self._emit(s, t)
-        reason = self._stop_reason(s, t)
-        if reason:
-            self._finish_unfed(s, reason)
+        M = self.config.max_block_tokens
+        force = bool(M and ob is not None and length - ob - 1 >= M)
+        return Draw(s.params, s.seed, counter, force, s.params.logprobs)
+
+    def _hide(self, s: Sequence):
+        """For a row fed its token in flight: (token, lo, hi) if that token would complete a
+        memento whose block the cache holds at indices lo..hi, None if no token would evict
+        anything, False if its arrival would do what the device cannot follow (restart
+        mode's recomputation, several blocks at once). Paper §6.1."""
+        if s.mode is Mode.FULL:
+            return None
+        blocks = s.tracker.peek(self.event_token)
+        if not blocks:
+            return None
+        if s.mode is Mode.RESTART or len(blocks) > 1:
+            return False
+        first, count = s.held.find(*_evicted(blocks[0], self.config.masking, s.mode))
+        return (self.event_token, first, first + count - 1) if count else None
+
+    # ------------------------------------------------------------------------- reading a step's tokens
+
+    def _settle(self, launched, fed: set | frozenset = frozenset()) -> None:
+        """Read a launched step's tokens back and act on them: log-probabilities, on_token, the
+        stop checks. `fed`: ids of the sequences whose token the next step (already launched)
+        feeds: the tracker reads it now and evicts what it masks (the device hid that block
+        from it), and its KV curve entry is counted (paper §6.1); if it ends the sequence, the
+        token the next step draws for it is dropped."""
+        sampled, seqs = launched
+        ids, lps, tops = self.runner.collect(sampled)
+        for j, s in enumerate(seqs):
+            if s.done:  # ended (aborted, failed) while its token was on the device
+                continue
+            if s.id not in fed:
+                s.inflight = -1
+            try:
+                t = ids[j]
+                if s.params.logprobs is not None:
+                    s.logprobs.append(lps[j])
+                    if s.params.logprobs:
+                        s.top_logprobs.append(tops[j])
+                self._emit(s, t)
+                reason = self._stop_reason(s, t)
+                if s.id in fed:  # already in the cache: read it (evicting), count what the cache holds
+                    if self._read(s, t):
+                        self.stats["ahead_evictions"] += 1
+                    s.computed = s.length
+                    s.curve.append(self.cache.length(s.id))
+                    if reason:
+                        self._end(s, reason)
+                elif reason:
+                    self._finish_unfed(s, reason)
+            except Exception as e:  # noqa: BLE001 -- see fail
+                self.fail(s, e)
 
     def _emit(self, s: Sequence, t: int) -> None:
         """Append a response token (sampled or forced): timing, stop-string text, on_token."""
@@ -788,17 +851,22 @@ class Engine:
 
     # ------------------------------------------------------------------------- the mechanism
 
-    def _read(self, s: Sequence, token: int) -> None:
+    def _read(self, s: Sequence, token: int) -> int:
         """Let the tracker read the token about to be fed; evict whatever its arrival masks,
-        before it is fed (§6.1). Restart mode (§6.2.1) evicts the block with its delimiters
-        and the memento too, whose tokens are then fed again from s.computed: same text, same
-        positions, K/V recomputed without the block."""
+        before it is fed (§6.1): the positions come off the host's list (Held), which gives
+        the cache the indices to remove, so nothing is read back from the device. Restart
+        mode (§6.2.1) evicts the block with its delimiters and the memento too, whose tokens
+        are then fed again from s.computed: same text, same positions, K/V recomputed without
+        the block. Returns the number of tokens evicted."""
+        evicted = 0
         for b in s.tracker.step(token):
             if s.mode is Mode.FULL:
                 continue
-            self.cache.evict(s.id, *_evicted(b, self.config.masking, s.mode))
+            first, count = s.held.remove(*_evicted(b, self.config.masking, s.mode))
+            evicted += self.cache.remove(s.id, first, count)
             if s.mode is Mode.RESTART:
                 s.computed = min(s.computed, b.memento()[0])
+        return evicted
 
 
 def _evicted(b: Block, masking: MementoConfig, mode: Mode) -> tuple[int, int]:
@@ -818,20 +886,12 @@ def _chunk_length(start: int, end: int, limit: int, events: set, read: int | Non
     return n
 
 
-def _forward_groups(rows: list) -> list[list]:
-    """Rows split into forwards: longest chunk first, a row joins a forward while the padded
-    size (rows x longest chunk) stays within twice the real tokens (decode rows of one token
-    share one forward; a long prefill chunk runs apart from them)."""
-    groups, real = [], 0
-    for row in sorted(rows, key=lambda r: -r[2]):
-        g = groups[-1] if groups else None
-        if g is not None and (len(g) + 1) * g[0][2] <= 2 * (real + row[2]):
-            g.append(row)
-            real += row[2]
-        else:
-            groups.append([row])
-            real = row[2]
-    return groups
+class _Redraw(Exception):
+    """A step's batched draw raised (Engine._redraw draws its rows one by one)."""
+
+    def __init__(self, logits, draws, seqs, error):
+        super().__init__(str(error))
+        self.logits, self.draws, self.seqs, self.error = logits, draws, seqs, error
 
 
 def _error(e: BaseException) -> str:

@@ -165,11 +165,12 @@ class PagedKVCache:
         self.peak_pages = max(self.peak_pages, self.held_page_count())
 
     def _slots(self, s: _Seq, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Slot index of each held token start..stop-1 of a sequence, in order (int64)."""
+        """Slot index of each held token start..stop-1 of a sequence, in order (int64), computed
+        on the device from its page-table row: no host-to-device copy, no sync."""
         stop = s.length if stop is None else stop
+        self.flush_page_table()
         idx = torch.arange(start, stop, device=self.device)
-        pages = torch.tensor(s.pages, dtype=torch.int64, device=self.device)
-        return pages[idx // self.page_size] * self.page_size + idx % self.page_size
+        return self.page_table[s.row].long()[idx // self.page_size] * self.page_size + idx % self.page_size
 
     def _page_table_fits(self, rows: int, cols: int) -> None:
         """Grow the device page table (by doubling) to at least rows x cols."""
@@ -227,10 +228,39 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------------- compaction
 
+    def remove(self, seq_id: int, first: int, count: int) -> int:
+        """Remove `count` held tokens of a sequence from index `first` on (in the order it holds
+        them; paper §6.1 compaction): the tokens after them move left in one copy for all
+        layers, emptied pages at the end return to the pool. The caller knows which indices
+        hold a block (the engine keeps the held positions on the host), so nothing is read back
+        from the device: no sync. Returns count. Raises ValueError for a range outside what
+        the sequence holds."""
+        s = self.seqs[seq_id]
+        if count <= 0:
+            return 0
+        if first < 0 or first + count > s.length:
+            raise ValueError(f"PagedKVCache.remove: tokens {first}..{first + count - 1} of sequence {seq_id}, "
+                             f"which holds {s.length}")
+        slots = self._slots(s, first)
+        after = s.length - first - count
+        if after:
+            src, dst = slots[count:], slots[:after]
+            self.k[:, :, dst] = self.k[:, :, src]
+            self.v[:, :, dst] = self.v[:, :, src]
+            self.pos[dst], self.mask_from[dst] = self.pos[src], self.mask_from[src]
+        self.mask_from[slots[after:]] = EMPTY
+        s.length -= count
+        if s.masked:  # only a cache prefilled with masks (a probe) counts them; it reads them back
+            s.masked = int((self.mask_from[self._slots(s)] != NEVER).sum())
+        n_pages = self.pages_for(s.length)
+        self.free_pages.extend(reversed(s.pages[n_pages:]))
+        del s.pages[n_pages:]
+        return count
+
     def evict(self, seq_id: int, lo: int, hi: int) -> int:
         """Remove the tokens of a sequence with logical position in [lo, hi]; returns how many.
-        Reads the sequence's positions back from the pool: a device sync, once per evicted
-        block, outside any forward."""
+        Reads the sequence's positions back from the pool (a device sync; tests and probes:
+        the engine knows the indices and calls `remove`)."""
         s = self.seqs[seq_id]
         if not s.length:
             return 0
@@ -264,7 +294,7 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------------- forwards
 
-    def batch(self, seq_ids: list[int], query_lens: list[int] | None = None) -> "CacheBatch":
+    def batch(self, seq_ids: list[int], query_lens: list[int] | None = None, hide: bool = False) -> "CacheBatch":
         """The view a model forward uses for these sequences (row r = seq_ids[r]).
 
         query_lens: the number of new tokens of each row (right padding after them), known
@@ -272,10 +302,12 @@ class PagedKVCache:
         tokens are plain causal (mask_from NEVER), and no step of the forward reads a device
         tensor back (no host sync). None: read from the mask_from given to the forward (any
         memento mask; EMPTY marks padding), which costs one host copy.
+        hide: the forward will get a hidden key range per row (CacheBatch.hide), so every read
+        path applies one (the engine's asynchronous steps, paper §6.1).
         Raises OutOfPages if a bounded pool cannot hold the new tokens, ValueError for an
         unknown sequence or a query length < 0.
         """
-        return CacheBatch(self, list(seq_ids), query_lens)
+        return CacheBatch(self, list(seq_ids), query_lens, hide)
 
     def stats(self) -> dict:
         """Pool counters: pages (the budget, free within it, held, peak, allocated), tokens
@@ -305,9 +337,15 @@ class CacheBatch:
                 their masks), or the "torch"/"triton" backend without the kernel: the padded
                 view goes through memento_attention.attention with the memento rule.
     One sequence on consecutive pages is read as a slice of the pool, with no copy.
+
+    `hide` ([B, 2] int64 on the device, set before the forward, or None): row b's keys at
+    indices hide[b, 0]..hide[b, 1] of what it holds are hidden from its queries in every read
+    path (an empty range when the first exceeds the second). The engine's asynchronous steps
+    feed a token before the host knows whether it completes a memento; if it does, its block
+    is hidden here and evicted one step later (paper §6.1; engine.py).
     """
 
-    def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int] | None):
+    def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int] | None, hide: bool = False):
         unknown = [i for i in seq_ids if i not in cache.seqs]
         if unknown:
             raise ValueError(f"CacheBatch: sequence {unknown[0]} is not in the cache; add it first")
@@ -316,6 +354,7 @@ class CacheBatch:
         self.layers = [_LayerView(self, i) for i in range(cache.n_layers)]
         self.meta = None  # device metadata, after upload
         self.query_lens = None
+        self.hiding, self.hide = hide, None
         if query_lens is not None:
             if len(query_lens) != len(seq_ids) or min(query_lens, default=0) < 0:
                 raise ValueError(f"CacheBatch: query_lens {query_lens} must give one length >= 0 per row")
@@ -353,17 +392,21 @@ class CacheBatch:
         # reads its K/V as slices of the pool, with no copy.
         self.span = None
         s = self.seqs[0]
-        if not self.paged and len(self.seqs) == 1 and _consecutive(s.pages):
+        if not self.paged and not self.hiding and len(self.seqs) == 1 and _consecutive(s.pages):
             a = s.pages[0] * c.page_size
             self.span = slice(a, a + s.length)
 
     @classmethod
-    def planned(cls, cache: PagedKVCache, rows, starts, query_lens, lengths, *, max_length: int) -> "CacheBatch":
+    def planned(cls, cache: PagedKVCache, rows, starts, query_lens, lengths, *, max_length: int,
+                hide: torch.Tensor | None = None) -> "CacheBatch":
         """A decode batch whose metadata already sits on the device (cuda_graphs.py records a
         step on such static buffers): rows, starts, query_lens, lengths [B] int64 device
-        tensors as `upload` makes them; every row reads the paged path, one query each, with
-        the kernel's KV splits chosen for contexts up to max_length tokens (paper §6.1)."""
+        tensors as `upload` makes them, hide [B, 2] or None; every row reads the paged path,
+        one query each, with the kernel's KV splits chosen for contexts up to max_length
+        tokens (paper §6.1): a function of the bucket and the page table's capacity only, so
+        a replayed graph and the same step run eagerly make the same choice."""
         self = cls.__new__(cls)
+        self.hiding, self.hide = hide is not None, hide
         self.cache, self.seq_ids, self.seqs = cache, [], []
         self.layers = [_LayerView(self, i) for i in range(cache.n_layers)]
         self.meta = (rows, starts, query_lens, lengths)
@@ -453,13 +496,24 @@ class CacheBatch:
         S = n_pages * P
         self.shape = (B, S)
         if self.plain:  # query i of a row sits at context index length - query_len + i
-            if not self.same_length:  # (a decode step of equal rows needs no mask: keys are cut to length)
+            if not self.same_length or self.hiding:  # (equal decode rows need no mask: keys are cut to length)
                 ctx = (lengths - qlens)[:, None] + torch.arange(W, device=c.device)
-                self.attn_mask = (torch.arange(S, device=c.device)[None, None] <= ctx[:, :, None])[:, None]
+                keys = torch.arange(self.max_length if self.same_length else S, device=c.device)
+                visible = keys[None, None] <= ctx[:, :, None]
+                if self.hiding:
+                    visible &= ~self._hidden(keys)[:, None]
+                self.attn_mask = visible[:, None]
             return
         held = torch.arange(S, device=c.device)[None] < lengths[:, None]
         self.k_pos = c.pos.view(-1, P).index_select(0, self.gather).view(B, S)
         self.k_mask_from = torch.where(held, c.mask_from.view(-1, P).index_select(0, self.gather).view(B, S), EMPTY)
+        if self.hiding:  # a hidden key's mask starts at its row's first query
+            self.k_mask_from = torch.where(self._hidden(torch.arange(S, device=c.device)), positions[:, :1].long(),
+                                           self.k_mask_from)
+
+    def _hidden(self, keys: torch.Tensor) -> torch.Tensor:
+        """[B, len(keys)] bool: which of these key indices fall in each row's hidden range."""
+        return (keys[None] >= self.hide[:, :1]) & (keys[None] <= self.hide[:, 1:])
 
     def gathered(self, pool: torch.Tensor, which: int) -> torch.Tensor:
         """One layer's pool [Hkv, slots, D] gathered page by page into the rows' padded view,
@@ -524,7 +578,7 @@ class _LayerView:
             from memento_kernels.paged_attention import paged_attention  # triton: CUDA, or CPU under the interpreter
 
             y = paged_attention(q.to(kl.dtype), kl, vl, b.table, b.lengths_i32, b.qlens_i32, page_size=c.page_size,
-                                max_context=b.max_length, check_values=False)
+                                max_context=b.max_length, check_values=False, hide=b.hide)
             return y.to(q.dtype)
         if b.span is not None:
             k_all, v_all = kl[None, :, b.span], vl[None, :, b.span]
@@ -533,16 +587,17 @@ class _LayerView:
             if b.plain and b.same_length:
                 k_all, v_all = k_all[:, :, :b.max_length], v_all[:, :, :b.max_length]
             if b.plain and q.shape[2] == 1 and q.shape[0] > 1:
-                mask = None if b.same_length else b.attn_mask
+                mask = None if b.same_length and not b.hiding else b.attn_mask
                 dt = _compute_dtype(q, k_all)
                 return _decode_attention(q.to(dt), k_all.to(dt), v_all.to(dt), mask).to(q.dtype)
             k_all, v_all = k_all.transpose(0, 1), v_all.transpose(0, 1)
         if b.plain and (b.same_length or b.span is None):
             # one causal mask per batch, none for a decode step of equal rows
             dt = _compute_dtype(q, k_all)
+            masked = not b.same_length or b.hiding
             y = F.scaled_dot_product_attention(q.to(dt), k_all.to(dt), v_all.to(dt),
-                                               attn_mask=None if b.same_length else b.attn_mask,
-                                               is_causal=b.same_length and b.causal, enable_gqa=True)
+                                               attn_mask=b.attn_mask if masked else None,
+                                               is_causal=not masked and b.causal, enable_gqa=True)
             return y.to(q.dtype)
         return attention(q, k_all, v_all, b.k_mask_from, q_pos=q_pos, k_pos=b.k_pos)
 

@@ -1,11 +1,16 @@
 """A Qwen3 decoder written from scratch, loading and saving Hugging Face safetensors checkpoints.
 
-Read top to bottom: config, the three building blocks (RMSNorm, RoPE, SwiGLU), attention with
-grouped-query heads and per-head q/k norms, the decoder, the next-token loss computed in chunks
-of rows (so 32K-token training never holds [tokens, vocab] logits), and from_pretrained /
-save_pretrained (the HF file handling and the memento tokens' setup, paper §A.2.1, live in
-checkpoint.py). All attention goes through `memento_attention.attention`, so the same model runs plain causal attention (stage 1), memento attention over a whole sequence
-(stage 2, prefill) and decoding against a compacting KV cache (kv_cache.py).
+Read top to bottom: config, the building blocks (RMSNorm, RoPE), one layer as two functions
+around attention (attention_in: norm, fused QKV projection, q/k norms, RoPE; attention_out_mlp:
+output projection, norm, fused gate-up SwiGLU), the modules that hold the weights, Hugging
+Face's tensor names (checkpoints keep them; the projections are fused in memory), the
+next-token loss computed in chunks of rows (so 32K-token training never holds [tokens, vocab]
+logits), and from_pretrained / save_pretrained (the HF file handling and the memento tokens'
+setup, paper §A.2.1, live in checkpoint.py). All attention goes through
+`memento_attention.attention` or the KV cache, so the same model runs plain causal attention
+(stage 1), memento attention over a whole sequence (stage 2, prefill) and decoding against a
+compacting KV cache (kv_cache.py). The serving engine runs the two functions compiled
+(compiled_ops); training runs them as written.
 """
 from __future__ import annotations
 
@@ -125,76 +130,143 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x [..., n], in fp32, then weight [n] (HF Qwen3's order:
+    normalise in fp32, cast back, multiply)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """RoPE rotation tables at explicit logical positions.
 
-    positions: [B, T] int. Returns cos, sin: [B, 1, T, head_dim] in `dtype`. Positions are
-    logical (index in the full sequence), never cache slots: after compaction the next token
-    keeps the position it had in training (§6.1).
+    positions: [B, T] int. Returns cos, sin: [B, T, 1, head_dim] in `dtype` (they broadcast
+    over the heads of a [B, T, H, head_dim] tensor). Positions are logical (index in the full
+    sequence), never cache slots: after compaction the next token keeps the position it had
+    in training (§6.1).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, T, D] by the tables of `rope_cos_sin` (half-split layout, as in Qwen)."""
+    """Rotate x [..., D] by tables that broadcast against it (rope_cos_sin's [B, T, 1, D] for
+    [B, T, H, D]); the half-split layout, as in Qwen."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+# ----------------------------------------------------------------------------- one layer, in two pieces
+#
+# A layer is attention_in, then attention (the one part that reads the KV cache or the memento
+# mask), then attention_out_mlp. The two pieces take the layer's weights as arguments, so that
+# one torch.compile of each serves every layer (the engine compiles them: RMSNorm, RoPE,
+# SiLU x up and the residual adds become a few fused kernels around the matmuls). The MLP's
+# residual add is left to the next layer's attention_in (or the final norm), where it fuses
+# with the RMSNorm that reads it.
+#
+# Projections are fused: qkv_proj [(Hq + 2 Hkv) * D, hidden] holds, for each KV head g, the
+# rows of its `group` query heads, then its key head, then its value head; gate_up_proj
+# [2 * intermediate, hidden] interleaves gate row i and up row i. Both layouts keep what a
+# tensor-parallel rank needs in one contiguous slice of rows (whole GQA groups; matching gate
+# and up rows). Checkpoints keep Hugging Face's separate tensors (to_hf / from_hf below).
+
+
+def attention_in(x: torch.Tensor, delta: torch.Tensor | None, ln_w: torch.Tensor, qkv_w: torch.Tensor,
+                 qkv_b: torch.Tensor | None, qn_w: torch.Tensor, kn_w: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, eps: float, kv_heads: int, group: int):
+    """The residual add of the previous layer, the input RMSNorm, the fused QKV projection, the
+    per-head q/k RMSNorms and RoPE (Qwen3; paper §4 trains and §6.1 decodes this model).
+
+    x: [B, T, hidden] residual stream; delta: the previous layer's MLP output (same shape) or
+    None for the first layer; weights as in the modules; cos, sin: [B, T, 1, D] (rope_cos_sin).
+    Returns (x + delta, q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]), q and k rotated.
+    """
+    if delta is not None:
+        x = x + delta
+    B, T, _ = x.shape
+    qkv = F.linear(rms_norm(x, ln_w, eps), qkv_w, qkv_b).view(B, T, kv_heads, group + 2, -1)
+    # q, k, v are views of qkv (no copy): the norms and RoPE read them where they are
+    q = apply_rope(rms_norm(qkv[:, :, :, :group], qn_w, eps), cos[:, :, :, None], sin[:, :, :, None])
+    k = apply_rope(rms_norm(qkv[:, :, :, group], kn_w, eps), cos, sin)
+    return x, q.reshape(B, T, kv_heads * group, -1).transpose(1, 2), k.transpose(1, 2), qkv[:, :, :, group + 1].transpose(1, 2)
+
+
+def attention_out_mlp(x: torch.Tensor, y: torch.Tensor, o_w: torch.Tensor, o_b: torch.Tensor | None,
+                      ln_w: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor, eps: float):
+    """The output projection and its residual add, the post-attention RMSNorm and the SwiGLU
+    MLP, down(silu(gate) * up) (Qwen3; paper §4, §6.1).
+
+    x: [B, T, hidden]; y: [B, Hq, T, D] the attention output. Returns (x + o_proj(y), the MLP's
+    output [B, T, hidden]): the MLP's residual add is the next attention_in's (or final_norm's).
+    """
+    B, T, _ = x.shape
+    x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), o_w, o_b)
+    gu = F.linear(rms_norm(x, ln_w, eps), gate_up_w).view(B, T, -1, 2)
+    return x, F.linear(F.silu(gu[..., 0]) * gu[..., 1], down_w)
+
+
+def final_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The last layer's residual add and the final RMSNorm: [B, T, hidden] -> [B, T, hidden]."""
+    return rms_norm(x if delta is None else x + delta, weight, eps)
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """The functions a forward runs around attention: the plain ones (EAGER_OPS), or their
+    torch.compile'd versions (compiled_ops; the engine's decode and prefill forwards)."""
+
+    attention_in: object = attention_in
+    attention_out_mlp: object = attention_out_mlp
+    final_norm: object = final_norm
+    rope_cos_sin: object = rope_cos_sin
+
+
+EAGER_OPS = LayerOps()
+
+
+def compiled_ops(**compile_kwargs) -> LayerOps:
+    """LayerOps compiled with torch.compile (inductor), dynamic in batch and length, so that one
+    compilation serves every layer and every batch size (paper §6.1 serving: decode is bound by
+    kernel launches; fused, each piece is a few kernels). compile_kwargs go to torch.compile
+    (default dynamic=True). Compilation happens at the first call of each shape class."""
+    kw = {"dynamic": True, **compile_kwargs}
+    return LayerOps(*(torch.compile(f, **kw) for f in (attention_in, attention_out_mlp, final_norm, rope_cos_sin)))
+
+
 class SwiGLU(nn.Module):
-    """The Qwen MLP: down(silu(gate(x)) * up(x))."""
+    """The Qwen MLP, down(silu(gate(x)) * up(x)), with gate and up fused into gate_up_proj
+    (rows interleaved: gate row i, then up row i)."""
 
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with per-head RMSNorm on q and k (Qwen3), RoPE after the norm."""
+    """Grouped-query attention with per-head RMSNorm on q and k (Qwen3), RoPE after the norm;
+    q, k and v from one fused projection (layout above)."""
 
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
-        self.cfg = cfg
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
+        self.kv_heads, self.group = hkv, hq // hkv
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (hq + 2 * hkv) * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=cfg.attention_bias)  # as HF's Qwen3
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask_from, layer_cache):
-        B, T, _ = x.shape
-        d = self.cfg.head_dim
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, d)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, d)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if layer_cache is None:
-            # Whole sequence: mask_from is indexed by position in this sequence.
-            y = attention(q, k, v, mask_from)
-        else:
-            # Against the cache: it stores k, v and attends over every token each row holds,
-            # under the same rule in logical positions (kv_cache.py picks how it reads them).
-            y = layer_cache.attend(q, k, v, positions)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)); the second residual
+    add is carried to the next layer as `delta` (see attention_in)."""
 
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
@@ -203,9 +275,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, positions, mask_from, layer_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask_from, layer_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, delta, cos, sin, positions, mask_from, layer_cache=None, ops: LayerOps = EAGER_OPS):
+        """(x, delta) -> (x, delta) of the next layer; see attention_in / attention_out_mlp."""
+        a, m, eps = self.self_attn, self.mlp, self.input_layernorm.eps
+        x, q, k, v = ops.attention_in(x, delta, self.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
+                                      a.q_norm.weight, a.k_norm.weight, cos, sin, eps, a.kv_heads, a.group)
+        if layer_cache is None:
+            # Whole sequence: mask_from is indexed by position in this sequence.
+            y = attention(q, k, v, mask_from)
+        else:
+            # Against the cache: it stores k, v and attends over every token each row holds,
+            # under the same rule in logical positions (kv_cache.py picks how it reads them).
+            y = layer_cache.attend(q, k, v, positions)
+        return ops.attention_out_mlp(x, y, a.o_proj.weight, a.o_proj.bias, self.post_attention_layernorm.weight,
+                                     m.gate_up_proj.weight, m.down_proj.weight, eps)
 
 
 class Backbone(nn.Module):
@@ -267,6 +350,66 @@ def _chunk_cross_entropy(lm_head, rows: torch.Tensor, targets: torch.Tensor) -> 
     return F.cross_entropy(lm_head(rows).float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
 
 
+# ----------------------------------------------------------------------------- Hugging Face's tensor names
+
+
+def to_hf(state: dict, cfg: Qwen3Config) -> dict:
+    """Our state dict (fused qkv_proj, gate_up_proj) in Hugging Face's names and layout (q_proj,
+    k_proj, v_proj, gate_proj, up_proj apart), in HF's module order; other tensors as they are.
+    Values are views of ours (no copy). What checkpoints hold on disk."""
+    hkv, d = cfg.num_key_value_heads, cfg.head_dim
+    group = cfg.num_attention_heads // hkv
+    out = {}
+    for name, t in state.items():
+        prefix, _, kind = name.rpartition(".")
+        if prefix.endswith("self_attn.qkv_proj"):
+            base = prefix.removesuffix("qkv_proj")
+            parts = t.view(hkv, group + 2, d, *t.shape[1:])
+            for i, piece in enumerate(("q_proj", "k_proj", "v_proj")):
+                sl = parts[:, :group] if i == 0 else parts[:, group + i - 1:group + i]
+                out[f"{base}{piece}.{kind}"] = sl.reshape(-1, *t.shape[1:])
+        elif prefix.endswith("mlp.gate_up_proj"):
+            base = prefix.removesuffix("gate_up_proj")
+            pairs = t.view(-1, 2, *t.shape[1:])
+            out[f"{base}gate_proj.{kind}"], out[f"{base}up_proj.{kind}"] = pairs[:, 0], pairs[:, 1]
+        else:
+            out[name] = t
+    return out
+
+
+def from_hf(state: dict, cfg: Qwen3Config, source: str = "checkpoint") -> dict:
+    """Hugging Face's tensors fused into ours (the inverse of to_hf): q/k/v into qkv_proj (per
+    KV head: its query heads, its key head, its value head) and gate/up into gate_up_proj
+    (interleaved rows). Raises ValueError naming the Hugging Face tensor that is missing or
+    has a shape other than the config's."""
+    hq, hkv, d, hid = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    group, inter = hq // hkv, cfg.intermediate_size
+    out, taken = {}, set()
+
+    def get(name, shape):
+        if name not in state:
+            raise ValueError(f"{source}: checkpoint is missing tensor {name!r}")
+        t = state[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shape}")
+        taken.add(name)
+        return t
+
+    for i in range(cfg.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        kinds = ("weight", "bias") if cfg.attention_bias else ("weight",)
+        for kind in kinds:
+            tail = (hid,) if kind == "weight" else ()
+            q = get(f"{a}q_proj.{kind}", (hq * d, *tail)).reshape(hkv, group, d, *tail)
+            k = get(f"{a}k_proj.{kind}", (hkv * d, *tail)).reshape(hkv, 1, d, *tail)
+            v = get(f"{a}v_proj.{kind}", (hkv * d, *tail)).reshape(hkv, 1, d, *tail)
+            out[f"{a}qkv_proj.{kind}"] = torch.cat([q, k, v], 1).reshape(-1, *tail)
+        gate, up = get(f"{m}gate_proj.weight", (inter, hid)), get(f"{m}up_proj.weight", (inter, hid))
+        out[f"{m}gate_up_proj.weight"] = torch.stack([gate, up], 1).reshape(2 * inter, hid)
+    out.update({k: v for k, v in state.items() if k not in taken})
+    return out
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -291,23 +434,30 @@ class Qwen3(nn.Module):
         self.fp32_lm_head = False
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Qwen3":
-        """Random init for training from scratch: N(0, std) linears/embeddings, ones for norms."""
+        """Random init for training from scratch: N(0, std) linears/embeddings, ones for norms,
+        zero biases. Drawn tensor by tensor in Hugging Face's layout (q, k, v, gate, up apart),
+        so a seed gives the same model as before the projections were fused."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
-            with torch.no_grad():
+        shapes = to_hf({n: p for n, p in self.named_parameters()}, self.config)  # tied: lm_head once
+        with torch.no_grad():
+            hf = {}
+            for name, p in shapes.items():
                 if name.endswith("norm.weight"):
-                    p.fill_(1.0)
+                    hf[name] = torch.ones(p.shape)
                 elif name.endswith("bias"):
-                    p.zero_()
+                    hf[name] = torch.zeros(p.shape)
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    hf[name] = torch.randn(p.shape, generator=g) * std
+            for name, value in from_hf(hf, self.config).items():
+                self.get_parameter(name).copy_(value)
         return self
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      mask_from: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                      mask_from: torch.Tensor | None = None, cache=None, ops: LayerOps = EAGER_OPS) -> torch.Tensor:
         """The decoder's output before lm_head: [B, T, hidden_size] after the final RMSNorm.
 
-        Arguments and errors as in `forward`. The dtype is the residual stream's (the
+        Arguments and errors as in `forward`; ops: the functions around attention (EAGER_OPS,
+        or compiled_ops() as the engine runs them). The dtype is the residual stream's (the
         parameters' dtype; fp32 under autocast of an fp32 model).
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -327,15 +477,21 @@ class Qwen3(nn.Module):
             cache.append(positions, mask_from)
         if cache is None:  # once for all layers (the triton backend's tile lists)
             mask_from = prepare_mask(mask_from, (B, T), input_ids.device)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        x, delta = self.model.embed_tokens(input_ids), None
+        cos, sin = ops.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        # Compiled, the MLP's residual add rides into the next layer's fused RMSNorm; eager, it
+        # happens at once, so that a checkpointed layer keeps one tensor (x) for its backward.
+        carry = ops is not EAGER_OPS
         for i, layer in enumerate(self.model.layers):
             lc = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and self.training and lc is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask_from, use_reentrant=False)
+                x, delta = torch.utils.checkpoint.checkpoint(layer, x, delta, cos, sin, positions, mask_from,
+                                                             use_reentrant=False)
             else:
-                x = layer(x, cos, sin, positions, mask_from, lc)
-        return self.model.norm(x)
+                x, delta = layer(x, delta, cos, sin, positions, mask_from, lc, ops)
+            if not carry:
+                x, delta = x + delta, None
+        return ops.final_norm(x, delta, self.model.norm.weight, self.model.norm.eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 mask_from: torch.Tensor | None = None, cache=None, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -376,6 +532,9 @@ class Qwen3(nn.Module):
             return F.linear(h.float(), self.lm_head.weight.float())
 
     # ------------------------------------------------------------------------- checkpoints (checkpoint.py)
+
+    state_to_hf = staticmethod(to_hf)      # what checkpoint.write_model stores
+    state_from_hf = staticmethod(from_hf)  # what checkpoint.load_model reads
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.float32,

@@ -81,9 +81,9 @@ _LOG2E = 1.4426950408889634
 # what lets Triton software-pipeline them (a branch around the loads would not be).
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _page_tile(q, qpos, k_base, v_base, pt_base, t, ctx, s_ks, s_vs, qk_scale,
+def _page_tile(q, qpos, k_base, v_base, pt_base, t, ctx, hide_lo, hide_hi, s_ks, s_vs, qk_scale,
                PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-               MASKED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+               MASKED: tl.constexpr, HAS_HIDE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # Key tile t = keys t*BLOCK_N .. +BLOCK_N-1 of the row (several pages, or part of one).
     # Returns v [BLOCK_N, D] and the scores s [BLOCK_M, BLOCK_N] (base 2, -inf where hidden).
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,34 +100,39 @@ def _page_tile(q, qpos, k_base, v_base, pt_base, t, ctx, s_ks, s_vs, qk_scale,
     if MASKED:
         # keys past ctx are covered too: c_i < ctx for every real query
         s = tl.where(offs_n[None, :] <= qpos[:, None], s, float("-inf"))
+    if HAS_HIDE:
+        # keys hide_lo..hide_hi of the row are hidden (empty when hide_lo > hide_hi): a block
+        # whose memento the token being fed completes, evicted one step later (engine.py)
+        s = tl.where((offs_n[None, :] >= hide_lo) & (offs_n[None, :] <= hide_hi), float("-inf"), s)
     return v, s
 
 
 @triton.jit
-def _paged_inner(acc, l_i, m_i, q, qpos, k_base, v_base, pt_base, lo, hi, ctx, s_ks, s_vs, qk_scale,
+def _paged_inner(acc, l_i, m_i, q, qpos, k_base, v_base, pt_base, lo, hi, ctx, hide_lo, hide_hi, s_ks, s_vs, qk_scale,
                  PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-                 MASKED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                 MASKED: tl.constexpr, HAS_HIDE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     for t in range(lo, hi):
-        v, s = _page_tile(q, qpos, k_base, v_base, pt_base, t, ctx, s_ks, s_vs, qk_scale,
-                          PAGE, BLOCK_M, BLOCK_N, HEAD_D, MASKED, UPCAST, IEEE)
+        v, s = _page_tile(q, qpos, k_base, v_base, pt_base, t, ctx, hide_lo, hide_hi, s_ks, s_vs, qk_scale,
+                          PAGE, BLOCK_M, BLOCK_N, HEAD_D, MASKED, HAS_HIDE, UPCAST, IEEE)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, UPCAST, IEEE)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _paged_fwd_kernel(
-    Q, K, V, PT, CTX, QLEN, O, OP, MP, LP,
+    Q, K, V, PT, CTX, QLEN, HIDE, O, OP, MP, LP,
     s_qb, s_qh, s_qt,
     s_kh, s_ks, s_vh, s_vs,
     s_pb,
     s_ob, s_oh, s_ot,
     HKV, GROUP, W, NSPLIT, qk_scale,
     PAGE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_HIDE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Grid (B * HKV, NSPLIT, query tiles). SPLIT: write the partial (acc, m, l) of this split
     # to OP [B, Hq, W, NSPLIT, D], MP / LP [B, Hq, W, NSPLIT] (fp32, contiguous) for the
-    # reduce; otherwise normalise and write O directly.
+    # reduce; otherwise normalise and write O directly. HAS_HIDE: HIDE [B, 2] int32 holds each
+    # row's hidden key range (lo, hi), inclusive, context indices.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -136,6 +141,10 @@ def _paged_fwd_kernel(
     b64 = b.to(tl.int64)
     ctx = tl.load(CTX + b)
     qlen = tl.load(QLEN + b)
+    hide_lo, hide_hi = 0, -1
+    if HAS_HIDE:
+        hide_lo = tl.load(HIDE + 2 * b)
+        hide_hi = tl.load(HIDE + 2 * b + 1)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     g = rows // W
@@ -163,9 +172,11 @@ def _paged_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     acc, l_i, m_i = _paged_inner(acc, l_i, m_i, q, qpos, k_base, v_base, pt_base, t0, tl.minimum(t1, n_full),
-                                 ctx, s_ks, s_vs, qk_scale, PAGE, BLOCK_M, BLOCK_N, HEAD_D, False, UPCAST, IEEE)
+                                 ctx, hide_lo, hide_hi, s_ks, s_vs, qk_scale, PAGE, BLOCK_M, BLOCK_N, HEAD_D, False,
+                                 HAS_HIDE, UPCAST, IEEE)
     acc, l_i, m_i = _paged_inner(acc, l_i, m_i, q, qpos, k_base, v_base, pt_base, tl.maximum(t0, n_full), t1,
-                                 ctx, s_ks, s_vs, qk_scale, PAGE, BLOCK_M, BLOCK_N, HEAD_D, True, UPCAST, IEEE)
+                                 ctx, hide_lo, hide_hi, s_ks, s_vs, qk_scale, PAGE, BLOCK_M, BLOCK_N, HEAD_D, True,
+                                 HAS_HIDE, UPCAST, IEEE)
     # Padded queries saw keys too (their q is 0, in the unmasked loop); drop them here.
     l_i = tl.where(row_ok, l_i, 0.0)
     m_i = tl.where(row_ok, m_i, float("-inf"))
@@ -220,8 +231,9 @@ def _paged_reduce_kernel(
 # tile in tokens, whatever the page size. Chosen without a GPU by `bench/compile_check.py
 # --search-paged`: the first candidate, largest tiles and deepest pipeline first, that
 # compiles software-pipelined, spill-free and within the shared memory of every GPU of the
-# architecture (at page sizes 16 and 64, with and without split). Starting points for
-# tuning on a GPU, not timed numbers.
+# architecture (at page sizes 16 and 64, with and without split), under both Triton 3.7 (the
+# lock's) and 3.9 (three fp32 rows were searched again for that). Starting points for tuning
+# on a GPU, not timed numbers.
 _CUDA_CONFIGS = {
     (False, False, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
     (False, False, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 2)},
@@ -233,16 +245,16 @@ _CUDA_CONFIGS = {
     (False, True, 64): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
     (False, True, 128): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
     (False, True, 256): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
-    (True, False, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+    (True, False, 16): {"dec": (64, 4, 2), "chunk": (128, 64, 8, 3)},
     (True, False, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
     (True, False, 64): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
-    (True, False, 128): {"dec": (64, 8, 3), "chunk": (16, 64, 8, 3)},
+    (True, False, 128): {"dec": (32, 4, 3), "chunk": (16, 32, 8, 2)},
     (True, False, 256): {"dec": (32, 8, 3), "chunk": (16, 16, 4, 2)},
     (True, True, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
     (True, True, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
     (True, True, 64): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
     (True, True, 128): {"dec": (64, 8, 2), "chunk": (32, 64, 8, 2)},
-    (True, True, 256): {"dec": (64, 8, 3), "chunk": (16, 64, 8, 3)},
+    (True, True, 256): {"dec": (32, 8, 3), "chunk": (16, 16, 8, 2)},
 }
 _REDUCE_WARPS = 4
 
@@ -397,7 +409,7 @@ def _int32(t):
 
 
 def paged_attention(q, k_cache, v_cache, page_table, context_lens, query_lens=None, *, page_size, sm_scale=None,
-                    num_splits=None, max_context=None, check_values=None):
+                    num_splits=None, max_context=None, check_values=None, hide=None):
     """Causal attention of a decode step or a short query chunk over a paged KV cache (§6.1).
 
     Query i of row b (i < query_lens[b]) sits at context index context_lens[b] -
@@ -425,6 +437,10 @@ def paged_attention(q, k_cache, v_cache, page_table, context_lens, query_lens=No
             default max_pages * page_size (no device sync).
         check_values: check query_lens, context_lens and the used page ids on the host (a
             device sync); default True off CUDA, False on CUDA.
+        hide: [B, 2] integer tensor or None: row b's keys at context indices hide[b, 0] ..
+            hide[b, 1] (inclusive; an empty range when the first exceeds the second) are
+            hidden from its queries. The engine's asynchronous steps hide a block whose
+            memento the token being fed completes, one step before it is evicted (§6.1).
     Returns:
         [B, Hq, W, D] in q's dtype; padded query positions (i >= query_lens[b]) are 0.
     Raises:
@@ -462,6 +478,11 @@ def paged_attention(q, k_cache, v_cache, page_table, context_lens, query_lens=No
         raise ValueError(f"{name}: k_cache and v_cache need a contiguous last dim (strides "
                          f"{k_cache.stride()}, {v_cache.stride()}); copying the pool per call would defeat paging")
     page_table, context_lens, query_lens = _int32(page_table), _int32(context_lens), _int32(query_lens)
+    if hide is not None:
+        if tuple(hide.shape) != (B, 2) or hide.dtype.is_floating_point or hide.device != q.device:
+            raise ValueError(f"{name}: hide must be an integer [B={B}, 2] tensor on {q.device}, got "
+                             f"{tuple(hide.shape)} {hide.dtype} on {hide.device}")
+        hide = _int32(hide)
     out = torch.empty_like(q)
     split = num_splits > 1
     if split:
@@ -471,13 +492,14 @@ def paged_attention(q, k_cache, v_cache, page_table, context_lens, query_lens=No
     else:
         o_part = m_part = l_part = out  # not read: SPLIT is off
     _paged_fwd_kernel[(B * Hkv, num_splits, m_tiles)](
-        q, k_cache, v_cache, page_table, context_lens, query_lens, out, o_part, m_part, l_part,
+        q, k_cache, v_cache, page_table, context_lens, query_lens, context_lens if hide is None else hide, out, o_part,
+        m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         page_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         Hkv, group, W, num_splits, float(sm_scale) * _LOG2E,
-        PAGE=page_size, HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split,
+        PAGE=page_size, HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, HAS_HIDE=hide is not None,
         UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda, IEEE=q.dtype == torch.float32,
         num_warps=warps, num_stages=stages,
     )
@@ -492,11 +514,11 @@ def paged_attention(q, k_cache, v_cache, page_table, context_lens, query_lens=No
 
 
 def paged_attention_reference(q, k_cache, v_cache, page_table, context_lens, query_lens=None, *, page_size,
-                              sm_scale=None):
+                              sm_scale=None, hide=None):
     """Pure-PyTorch paged attention: the oracle paged_attention is tested against (§6.1).
 
-    Same arguments, semantics and result as paged_attention (without num_splits), computed
-    the plain way, one row at a time: gather the row's keys and values through its page
+    Same arguments, semantics and result as paged_attention (without num_splits; hide as
+    there), computed the plain way, one row at a time: gather the row's keys and values through its page
     table, repeat them for the GQA group, dense causal softmax in fp32. Any page_size >= 1
     works here. Values are always checked (on the host).
 
@@ -526,5 +548,8 @@ def paged_attention_reference(q, k_cache, v_cache, page_table, context_lens, que
         scores = qb @ k.transpose(1, 2) * scale
         qpos = n - nq + torch.arange(nq, device=q.device)
         scores = scores.masked_fill(j[None, None, :] > qpos[None, :, None], float("-inf"))
+        if hide is not None:
+            lo, hi = int(hide[b, 0]), int(hide[b, 1])
+            scores = scores.masked_fill((j >= lo) & (j <= hi), float("-inf"))
         out[b, :, :nq] = torch.softmax(scores, dim=-1) @ v
     return out.to(q.dtype)

@@ -139,3 +139,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TOY_POLICY_ARGS = ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--no-progress",
+                   "--eval-samples", "0"]
+
+
+@pytest.fixture(scope="session")
+def toy_policy(tmp_path_factory):
+    """A small model trained briefly on the embedded task's format (stage 1, 150 steps of 16),
+    so that its samples hold several completed blocks and mementos: a training run directory.
+    Trained once per test run: under pytest-xdist the workers share one directory, and the
+    first to get the lock trains (the others wait for it), as pytest-xdist's docs suggest."""
+    import sft
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    out = root / "toy_policy" / "stage1"
+    with FileLock(str(root / "toy_policy.lock")):
+        if not (out / "latest").exists():
+            sft.train(sft.parse_args(["--stage", "1", "--max-steps", "150", "--batch-size", "16", *TOY_POLICY_ARGS,
+                                      "--out", str(out)]))
+    return out

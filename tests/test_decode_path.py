@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import memento_text, tiny_model
 
-import engine as engine_module
+import model_runner as engine_module  # where the engine's sampler is called
 from blocks import MementoConfig
 from cuda_graphs import DecodeGraphs, capture_sizes
 from engine import Engine, EngineConfig, SamplingParams
@@ -141,10 +141,11 @@ def test_decode_steps_on_the_static_buffers_of_cuda_graphs_equal_eager_ones(monk
         eng = Engine(model, TOK, config)
         assert eng.graphs is None  # never on the CPU
         if graphs:
-            eng.graphs = DecodeGraphs(model, eng.cache, config.max_num_seqs, record=False)
+            r = eng.runner
+            r.graphs = DecodeGraphs(model, eng.cache, config.max_num_seqs, r.last_ids, ops=r.ops, record=False)
             used = []
-            real = eng.graphs.run
-            eng.graphs.run = lambda view, *a: used.append(len(view.seqs)) or real(view, *a)
+            real = r.graphs.run
+            r.graphs.run = lambda view, rows: used.append(len(view.seqs)) or real(view, rows)
         seqs = [eng.add(p, sp) for p, sp in zip(prompts, params)]
         eng.run()
         runs.append(([s.tokens for s in seqs], [s.curve for s in seqs], eng.stats["preemptions"]))

@@ -127,8 +127,8 @@ def test_a_preempted_long_trace_comes_back_by_its_compacted_footprint(shared_dat
         eng = Engine(model, TOK, EngineConfig(MementoConfig(0), replay_chunk=16, max_num_seqs=4, keep_logits=True, **budget))
         seqs = [eng.add(traces[i][0], forced=traces[i][1]) for i in order]
         preempted_at = []
-        real = eng._preempt
-        eng._preempt = lambda s: (preempted_at.append((s.id, s.length)), real(s))
+        real = eng.preempt
+        eng.preempt = lambda s: preempted_at.append((s.id, s.length)) or real(s)
         eng.run()
         runs[name] = (seqs, eng, preempted_at)
     seqs, eng, preempted_at = runs["tight"]
@@ -195,7 +195,7 @@ def test_any_workload_finishes_as_with_an_unlimited_pool(reqs, page_size, pool_t
 def _instrument(eng):
     """Record (step, event, seq id) for admissions and preemptions."""
     log = []
-    start, preempt = eng._start, eng._preempt
+    start, preempt = eng.start, eng.preempt
 
     def _start(s):
         log.append((eng.stats["steps"], "admit", s.id))
@@ -203,9 +203,9 @@ def _instrument(eng):
 
     def _preempt(s):
         log.append((eng.stats["steps"], "preempt", s.id))
-        preempt(s)
+        return preempt(s)
 
-    eng._start, eng._preempt = _start, _preempt
+    eng.start, eng.preempt = _start, _preempt
     return log
 
 
@@ -455,7 +455,7 @@ def _victim_raises(eng, victim_prompt, where, at=3):
     at `where`, once it has `at` tokens: in planning its chunk, in the batched draw (when its
     row is in it), in on_token, in its stop check, in decoding its text, or in on_finish
     (set as eng.on_token / eng.on_finish). Returns the list on_finish appends to."""
-    import engine as engine_module
+    import model_runner as engine_module  # where the engine's sampler is called
 
     finished, is_victim = [], lambda s: s is not None and s.prompt == victim_prompt  # noqa: E731
 
@@ -463,8 +463,8 @@ def _victim_raises(eng, victim_prompt, where, at=3):
         raise RuntimeError("injected: secret detail")
 
     if where == "plan":
-        real_plan = eng._plan
-        eng._plan = lambda s, limit: boom() if is_victim(s) and len(s.tokens) >= at else real_plan(s, limit)
+        real_plan = eng.plan
+        eng.plan = lambda s, limit: boom() if is_victim(s) and len(s.tokens) >= at else real_plan(s, limit)
     elif where == "sample":
         real_sample = engine_module.sample
         victim = lambda params: next((s for s in eng.running if s.params is params and is_victim(s)), None)  # noqa: E731
@@ -509,7 +509,7 @@ def test_a_request_that_raises_ends_alone_and_the_others_equal_their_runs_alone(
     "error: ..." (on_finish: it keeps its own reason), leaves the running set and the pool,
     gets on_finish once, and its traceback is logged once; the three others get the tokens
     they get alone, and every page comes back."""
-    import engine as engine_module
+    import model_runner as engine_module  # where the engine's sampler is called
 
     model = tiny_model(layers=1, seed=6)
     prompts = [TOK.encode(TOK.chat_prompt(f"sum {i} blocks from {i + 1}")) for i in range(4)]

@@ -240,6 +240,24 @@ def test_incremental_and_vectorized_trackers_agree(body, cfg, with_header, weigh
                    for z in range(ends[0] + 1, m + 1)), "hidden token whose block has no completed memento"
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(ALPHABET), max_size=60), st.sampled_from(CONFIGS))
+def test_peek_is_what_step_would_return(body, cfg):
+    """BlockTracker.peek(t), at every point of a random stream and for every token, returns
+    the blocks a copy of the tracker returns from step(t), and changes nothing."""
+    import copy
+
+    body = [t for t in body for _ in range(1 + (t in ALPHABET[:4]))]
+    tr = BlockTracker(IDS, cfg)
+    for t in [98, *IDS.assistant_header, *body]:
+        before = copy.deepcopy(tr)
+        for x in (IDS.block_start, IDS.summary_end, IDS.block_end, 97):
+            want = [(b.start, b.end) for b in copy.deepcopy(tr).step(x)]
+            assert [(b.start, b.end) for b in tr.peek(x)] == want
+        assert tr == before
+        tr.step(t)
+
+
 def test_special_tokens_in_prompt_are_ordinary():
     prompt, resp = _sequence(1, special_prompt=True)
     mf = build_mask_from(torch.tensor([prompt + resp]), IDS, MementoConfig(0))[0]

@@ -102,6 +102,37 @@ def _assert_padding_zero(out, qlen):
         assert (out[b, :, n:] == 0).all()
 
 
+def test_hidden_key_ranges_match_a_dense_mask():
+    """`hide` (the engine's asynchronous decode steps: a block hidden one step before it is
+    evicted) against SDPA over keys gathered token by token with the range masked out by hand;
+    an empty range (lo > hi) changes nothing; with and without split."""
+    Hkv, group, D, W, page, ctx, qlen = 2, 2, 64, 1, 16, [40, 33, 70, 5], [1, 1, 1, 1]
+    case = _pool_case(3, len(ctx), Hkv, group, D, W, page, ctx, qlen, torch.float32)
+    q, k, v, table, ctx_t, qlen_t = case
+    hide = torch.tensor([[3, 20], [1, 0], [32, 47], [0, 3]], dtype=torch.int32)  # row 1 empty; row 3 all but the last
+    B, Hq = q.shape[0], q.shape[1]
+    K = torch.zeros(B, Hkv, max(ctx), D)
+    V = torch.zeros(B, Hkv, max(ctx), D)
+    for b in range(B):
+        for j in range(ctx[b]):
+            slot = int(table[b, j // page]) * page + j % page
+            K[b, :, j], V[b, :, j] = k[:, slot], v[:, slot]
+    j = torch.arange(max(ctx))
+    visible = (j[None] < torch.tensor(ctx)[:, None]) & ~((j[None] >= hide[:, :1]) & (j[None] <= hide[:, 1:]))
+    want = F.scaled_dot_product_attention(q, K.repeat_interleave(group, 1), V.repeat_interleave(group, 1),
+                                          attn_mask=visible[:, None, None])
+    ref = paged_attention_reference(q, k, v, table, ctx_t, qlen_t, page_size=page, hide=hide)
+    torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)
+    for splits in (1, 2):
+        got = _run(case, splits, page_size=page, hide=hide.to(DEVICE))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    plain = _run(case, 1, page_size=page)
+    assert torch.equal(_run(case, 1, page_size=page, hide=torch.tensor([[1, 0]] * B, device=DEVICE)), plain)
+    assert not torch.allclose(got[0], plain[0])  # the hidden range mattered
+    with pytest.raises(ValueError, match="hide must be an integer"):
+        paged_attention(*[t.to(DEVICE) for t in case], page_size=page, hide=torch.zeros(B, 3, dtype=torch.int32))
+
+
 # (Hkv, group, D, W, page, context_lens, query_lens): GQA groups 1/2/4/8, head dims 64/128,
 # query chunks 1/3/16, contexts from 1 token to several pages with ragged ends, rows with
 # padded query positions, a context equal to its query chunk, and group x W = 128 rows (two
@@ -292,11 +323,13 @@ def test_cuda_kernels_compile_pipelined_and_spill_free():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     names = ["paged_dec"]  # the decode path; CI's `compile_check.py --strict` covers every variant
     r = subprocess.run([sys.executable, "bench/compile_check.py", "--arch", "90", "--dtypes", "bf16", "--dims", "128",
-                        "--kernels", ",".join(names), "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                        "--kernels", ",".join(names), "--sass", "--json"], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {row["kernel"]: row for row in map(json.loads, r.stdout.splitlines())}
     assert set(rows) == set(names)
     for row in rows.values():
         assert row["stack"] == 0, row  # no spills
-        assert row["async_copies"] > 0 and row["ldgsts"] + row["utmaldg"] > 0, row  # pipelined
+        # pipelined: async copies in the TTGIR, LDGSTS/UTMALDG in the SASS, and the PTX counts
+        # CI's compile phase reads (without --sass) agree
+        assert row["async_copies"] > 0 and row["ldgsts"] + row["utmaldg"] > 0 and row["cp_async"] + row["tma"] > 0, row

@@ -22,13 +22,10 @@ SMALL = ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(toy_policy):
     """A small model trained briefly on the toy format (stage 1), so that its samples hold
-    several completed blocks."""
-    out = tmp_path_factory.mktemp("rl") / "stage1"
-    sft.train(sft.parse_args(["--stage", "1", "--max-steps", "150", "--batch-size", "16", *SMALL,
-                                          "--out", str(out)]))
-    return out
+    several completed blocks (conftest.toy_policy, shared with other modules)."""
+    return toy_policy
 
 
 def _rollouts(path, **kw):
