@@ -125,13 +125,15 @@ def check_config(path: Path, config: dict, overwrite: bool, keys=RUN_DEFINING) -
 
 
 def part_path(out: Path, rank: int) -> Path:
-    """Where data-parallel process `rank` (>= 1) appends its records during a run: OUT.rankR.part
-    beside --out (process 0 appends to --out itself)."""
+    """Where data-parallel process `rank` (>= 1) appends its records (Table 1 results lines)
+    during a run: OUT.rankR.part beside --out (process 0 appends to --out itself). Raises
+    nothing."""
     return out.with_name(f"{out.name}.rank{rank}.part")
 
 
 def part_files(out: Path) -> list[Path]:
-    """The part files beside --out (part_path), by rank: this run's, or a killed run's."""
+    """The part files beside --out (part_path), by rank: this run's, or a killed run's (Table 1
+    results lines, read back by read_done). Raises OSError when the folder cannot be listed."""
     found = []
     for p in out.parent.glob(f"{glob.escape(out.name)}.rank*.part"):
         r = p.name[len(out.name) + len(".rank"):-len(".part")]
@@ -145,7 +147,8 @@ def merge_parts(out: Path, parts: list[Path]) -> None:
     not already hold, then delete the parts. Only process 0 writes --out, so lines never
     interleave; a merge killed midway leaves a cut last line (which read_done drops) and the
     parts in place, and the next merge skips the lines already copied (a line is a sample's
-    record with its timings: two runs never write the same line). Raises OSError."""
+    record with its timings: two runs never write the same line). Table 1's results, one
+    file. Raises OSError, or records.DataError (a ValueError) for a part that cannot be read."""
     have = records.read_bytes(out) if out.exists() else b""
     seen = {hashlib.sha256(line).digest() for line in have.splitlines()}
     with out.open("ab") as f:
@@ -215,6 +218,7 @@ def _agree(dp: DataParallel, name: str, error: str | None, **payload) -> list[di
     process exits (status 1), the one whose error it is printing it: one line."""
     got = exchange(dp, name, {"error": error, **payload})
     if any(g["error"] for g in got):
+        close_data_parallel(dp)  # every process saw it here and leaves: together
         sys.exit(f"eval.py: {error}" if error else 1)
     return got
 

@@ -203,7 +203,7 @@ def run(ap: ArgumentParser, args, config, dp: DataParallel) -> None:
     if not dp.lead:
         return
     if dp.size > 1:
-        print(f"generate.py: {len(jobs)} requests on {dp.size} processes (data parallel): "
+        print(f"generate.py: {len(jobs)} request{'s' * (len(jobs) != 1)} on {dp.size} processes (data parallel): "
               f"{' + '.join(str(len(part)) for part in gathered)}", file=sys.stderr)
 
     curves = []

@@ -86,7 +86,7 @@ class DataParallel:
 
     @property
     def lead(self) -> bool:
-        """Process 0: it checks the run's inputs, merges the results and prints."""
+        """Process 0: it checks the run's inputs, merges the results and prints (Table 1, §6.1)."""
         return self.process == 0
 
 
@@ -120,7 +120,8 @@ def close_data_parallel(dp: DataParallel, clean: bool = True) -> None:
     """Leave the process group (a no-op in one process or when already left). clean: every
     process got here (after its last `exchange`), so a barrier comes first (a gloo process
     torn down while a peer still sends can abort it); False on an error path, where the
-    peers may be gone, so no barrier."""
+    peers may be gone, so no barrier. Paper Table 1 / §6.1 runs. Raises what the barrier
+    raises (a process-group timeout)."""
     if dp.store is None or not dist.is_initialized():
         return
     if clean:
@@ -164,7 +165,8 @@ def exchange(dp: DataParallel, name: str, value) -> list:
     would time out), polling the store. Each name is used once per run (the keys carry
     torchrun's restart count, so a restarted run never reads an earlier attempt's). A process
     that fails posts its error (`post`) and exits, so the others learn it here instead of
-    waiting; one that dies outright is ended with the others by torchrun. Paper §6.1."""
+    waiting; one that dies outright is ended with the others by torchrun. Paper §6.1. Raises
+    TypeError for a value JSON cannot hold."""
     if dp.store is None:
         return [value]
     post(dp, name, value)
@@ -177,7 +179,8 @@ def exchange(dp: DataParallel, name: str, value) -> list:
 
 
 def post(dp: DataParallel, name: str, value) -> None:
-    """Post this process's `value` under `name` without waiting (see exchange)."""
+    """Post this process's `value` (JSON-serializable) under `name` without waiting (see
+    exchange; paper §6.1). Raises TypeError for a value JSON cannot hold."""
     if dp.store is not None:
         dp.store.set(_key(name, dp.process), json.dumps(value))
 
