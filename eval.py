@@ -205,7 +205,10 @@ def main(argv=None) -> dict:
         ap.error(f"--kv-shapes: unknown shape(s) {', '.join(unknown)}; choose from {', '.join(QWEN3_SHAPES)}")
     engine = engine_config(ap, args, "restart" if "restart" in modes else "memento")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
-    dp = setup_data_parallel(args.device)
+    try:
+        dp = setup_data_parallel(args.device)
+    except ValueError as e:
+        sys.exit(f"eval.py: {e}")
     args.device = str(dp.device)
     try:
         return evaluate(ap, args, modes, shapes, engine, dp)

@@ -131,7 +131,10 @@ def main(argv=None):
     mode = Mode.FULL if args.no_compaction else Mode.RESTART if args.restart else Mode.MEMENTO
     config = engine_config(ap, args, mode, replay_chunk=args.replay_chunk)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
-    dp = setup_data_parallel(args.device)
+    try:
+        dp = setup_data_parallel(args.device)
+    except ValueError as e:
+        sys.exit(f"generate.py: {e}")
     args.device = str(dp.device)
     try:
         run(ap, args, config, dp)

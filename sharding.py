@@ -107,10 +107,16 @@ def setup_data_parallel(device: str) -> DataParallel:
     """Join the processes of a data-parallel eval.py / generate.py run (Table 1, §6.1):
     under torchrun, the process group (gloo on CPU, nccl on CUDA, each process on
     cuda:LOCAL_RANK) over the run's store, which `exchange` then uses; without torchrun, one
-    process on `device`. Raises ValueError from data_parallel_rank_size."""
+    process on `device`. Raises ValueError (one line) from data_parallel_rank_size, or when a
+    node runs more processes than it has GPUs (checked by every process before any waits)."""
     if "WORLD_SIZE" not in os.environ:
         return DataParallel(device=torch.device(device))
     rank, size = data_parallel_rank_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if _backend(device) == "nccl" and local_world > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise ValueError(f"{local_world} processes on this node but {gpus} GPU(s): one GPU per process, so "
+                         f"--nproc_per_node {gpus} at most")
     store, process, processes = next(dist.rendezvous("env://"))
     dist.init_process_group(_backend(device), store=store, rank=process, world_size=processes)
     return DataParallel(rank, size, process, processes, _process_device(device), store)

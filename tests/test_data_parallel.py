@@ -222,6 +222,20 @@ def test_share_and_rank_size_refuse_bad_input(monkeypatch):
         sharding.data_parallel_rank_size(4)
 
 
+def test_more_processes_than_gpus_is_one_line(monkeypatch, capsys):
+    """torchrun --nproc_per_node 2 on a node with one GPU: every process stops with one line
+    before joining the group (so none waits for the others)."""
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(ev, "engine_config", lambda ap, args, mode: None)  # --device cuda passes its check
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--device", "cuda"])
+    assert str(e.value) == ("eval.py: 2 processes on this node but 1 GPU(s): one GPU per process, so "
+                            "--nproc_per_node 1 at most")
+    assert not torch.distributed.is_initialized()
+
+
 def test_one_process_needs_no_process_group(monkeypatch):
     """Without torchrun: one process, no group, no store; exchange returns the value itself."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
