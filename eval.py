@@ -286,7 +286,11 @@ def evaluate(ap: ArgumentParser, args, modes: list[str], shapes: list[str], engi
                     f.unlink(missing_ok=True)
             write_json(config_path, config)
             if parts and not args.overwrite:  # a killed run's records join --out before any new one
-                merge_parts(out, parts)
+                try:
+                    merge_parts(out, parts)
+                except (ValueError, OSError) as e:  # one line; the others are told, not left waiting
+                    error = f"cannot merge {', '.join(p.name for p in parts)} into {out}: {e}"
+        if error is None:
             latest = {_key(r): r for r in previous}  # a retried sample's last line counts
             previous = list(latest.values())
             cut = {key for key, r in latest.items() if r.get("kv_pool_cut")} & set(wanted)  # retried now
