@@ -11,9 +11,21 @@ stopped, and a rerun with other run-defining flags, other weights or other data 
 stops the run with one line, FILE:LINE: field: what is wrong (--bad-records skip: skipped and
 counted). The summary per mode is printed as a Markdown table and written to --out with
 .summary.json in place of .jsonl.
+
+    torchrun --nproc_per_node 8 eval.py --checkpoint DIR --data aime.jsonl --n-samples 64   # data parallel
+
+Under torchrun every process builds its engine on its own device and decodes its share of the
+(problem, mode, sample) keys (sharding.share), each with the seed it has in one process, so
+the records are a single process's whatever the number of processes. Process 0 checks the
+settings and the results file before any work (the others wait), appends its records to
+--out, the others to --out.rankR.part beside it, and it merges the parts into --out at the
+end and computes the summary over all records; a rerun, with any number of processes, reads
+--out and any leftover part, so it skips what any process finished.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +42,7 @@ from data import records
 from evaluation import MODES, load_problems, markdown, run, summarize, toy_problems
 from kv_cache import kv_bytes_per_token
 from model import QWEN3_SHAPES, Qwen3Config
+from sharding import DataParallel, close_data_parallel, exchange, post, setup_data_parallel, share
 
 # Flags whose change makes earlier results incomparable: a rerun with another value is refused.
 # The data's content hash (data_sha256) and the weights' (checkpoint_sha256) are compared too.
@@ -111,12 +124,54 @@ def check_config(path: Path, config: dict, overwrite: bool, keys=RUN_DEFINING) -
                          "rerun with the saved values, or pass --overwrite or another --out")
 
 
+def part_path(out: Path, rank: int) -> Path:
+    """Where data-parallel process `rank` (>= 1) appends its records (Table 1 results lines)
+    during a run: OUT.rankR.part beside --out (process 0 appends to --out itself). Raises
+    nothing."""
+    return out.with_name(f"{out.name}.rank{rank}.part")
+
+
+def part_files(out: Path) -> list[Path]:
+    """The part files beside --out (part_path), by rank: this run's, or a killed run's (Table 1
+    results lines, read back by read_done). Raises OSError when the folder cannot be listed."""
+    found = []
+    for p in out.parent.glob(f"{glob.escape(out.name)}.rank*.part"):
+        r = p.name[len(out.name) + len(".rank"):-len(".part")]
+        if r.isdigit():
+            found.append((int(r), p))
+    return [p for _, p in sorted(found)]
+
+
+def merge_parts(out: Path, parts: list[Path]) -> None:
+    """Append to --out every complete line of the part files (in rank order) that --out does
+    not already hold, then delete the parts. Only process 0 writes --out, so lines never
+    interleave; a merge killed midway leaves a cut last line (which read_done drops) and the
+    parts in place, and the next merge skips the lines already copied (a line is a sample's
+    record with its timings: two runs never write the same line). Table 1's results, one
+    file. Raises OSError, or records.DataError (a ValueError) for a part that cannot be read."""
+    have = records.read_bytes(out) if out.exists() else b""
+    seen = {hashlib.sha256(line).digest() for line in have.splitlines()}
+    with out.open("ab") as f:
+        for part in parts:
+            data = records.read_bytes(part)
+            for line in data[:data.rfind(b"\n") + 1].splitlines():
+                digest = hashlib.sha256(line).digest()
+                if line.strip() and digest not in seen:
+                    f.write(line + b"\n")
+                    seen.add(digest)
+        f.flush()
+        os.fsync(f.fileno())
+    for part in parts:
+        part.unlink()
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None) -> dict:
-    """Run the evaluation command (paper Table 1, §A.2.2); returns the summary dict. A problem
-    the user can fix (bad data, a results file that is not ours, other settings) exits with
-    one line; nothing in --out changes before every input was checked."""
+    """Run the evaluation command (paper Table 1, §A.2.2); returns the summary dict (under
+    torchrun on process 0; None on the others). A problem the user can fix (bad data, a
+    results file that is not ours, other settings) exits with one line, on every process;
+    nothing in --out changes before every input was checked."""
     ap = ArgumentParser(prog="eval.py", description=__doc__)
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint dir, training run dir or hub id")
     ap.add_argument("--data", default="toy", help="'toy', a .jsonl/.parquet file or a hub dataset id")
@@ -150,7 +205,36 @@ def main(argv=None) -> dict:
         ap.error(f"--kv-shapes: unknown shape(s) {', '.join(unknown)}; choose from {', '.join(QWEN3_SHAPES)}")
     engine = engine_config(ap, args, "restart" if "restart" in modes else "memento")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
+    try:
+        dp = setup_data_parallel(args.device)
+    except ValueError as e:
+        sys.exit(f"eval.py: {e}")
+    args.device = str(dp.device)
+    try:
+        return evaluate(ap, args, modes, shapes, engine, dp)
+    finally:  # an error path: leave without a barrier (a clean run has left already)
+        close_data_parallel(dp, clean=False)
 
+
+def _agree(dp: DataParallel, name: str, error: str | None, **payload) -> list[dict]:
+    """exchange {"error", **payload} among the processes; when any posted an error every
+    process exits (status 1), the one whose error it is printing it: one line."""
+    got = exchange(dp, name, {"error": error, **payload})
+    if any(g["error"] for g in got):
+        close_data_parallel(dp)  # every process saw it here and leaves: together
+        sys.exit(f"eval.py: {error}" if error else 1)
+    return got
+
+
+def _key(r: dict) -> tuple[int, str, int]:
+    return r["problem"], r["mode"], r["sample"]
+
+
+def evaluate(ap: ArgumentParser, args, modes: list[str], shapes: list[str], engine, dp: DataParallel) -> dict | None:
+    """The evaluation of main's checked flags in this process (paper Table 1, §A.2.2,
+    §A.3.1): its share of the samples, and on process 0 (dp.lead) the checks before any
+    work, the merge and the summary, which it returns (the other processes: None). Exits
+    with one line for a problem the user can fix."""
     if args.data == "toy":  # generated from --seed: no file to hash
         problems, report = toy_problems(args.toy_problems, args.seed), None
     else:
@@ -159,70 +243,124 @@ def main(argv=None) -> dict:
                                              config=args.config, seed=args.seed, bad=args.bad_records)
         except (FileNotFoundError, ValueError, ImportError) as e:
             sys.exit(f"eval.py: {e}")
-        if report.n_skipped:
+        if report.n_skipped and dp.lead:
             print(f"eval.py: {report.summary()}", file=sys.stderr)
         if not problems:
             sys.exit(f"eval.py: --data {args.data}: no usable problem")
     problems = problems[:args.limit]
 
     # Every input is checked before anything in --out changes: the data above, then the
-    # results already there (their settings, data and lines), then the checkpoint.
+    # results already there (their settings, data and lines, a killed data-parallel run's
+    # parts included), then the checkpoint. Process 0 checks; the others wait for its word.
     out = Path(args.out)
     config_path = out.with_name(out.name.removesuffix(".jsonl") + ".config.json")
     summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
     config = {**{k: getattr(args, k) for k in RUN_DEFINING}, "data_sha256": report and report.data_hash}
-    previous = []
-    if not args.overwrite:
-        if out.exists() and not config_path.exists():
-            sys.exit(f"eval.py: --out {out} exists without {config_path.name}, so it is {NOT_OURS}")
-        try:
-            check_config(config_path, config, False, (*RUN_DEFINING, "data_sha256"))
-            previous = read_done(out)
-        except ValueError as e:
-            sys.exit(f"eval.py: {e}")
+    previous, parts, error = [], part_files(out) if dp.lead else [], None
+    if dp.lead and not args.overwrite:
+        if (out.exists() or parts) and not config_path.exists():
+            error = f"--out {out} exists without {config_path.name}, so it is {NOT_OURS}"
+        else:
+            try:
+                check_config(config_path, config, False, (*RUN_DEFINING, "data_sha256"))
+                previous = read_done(out) + [r for part in parts for r in read_done(part)]
+            except ValueError as e:
+                error = str(e)
+    _agree(dp, "results", error)
     model, tok = load_or_exit("eval.py", args.checkpoint, args.device, getattr(torch, args.dtype))
-    config["checkpoint_sha256"] = model_fingerprint(model)
-    try:
-        check_config(config_path, config, args.overwrite, ("checkpoint_sha256",))
-    except ValueError as e:
-        sys.exit(f"eval.py: {e}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:  # the new run is known to start: the old results go
-        out.unlink(missing_ok=True)
-    write_json(config_path, config)
-
-    wanted = {(p.id, m, k) for p in problems for m in modes for k in range(args.n_samples)}
-    latest = {(r["problem"], r["mode"], r["sample"]): r for r in previous}  # a retried sample's last line counts
-    previous = list(latest.values())
-    cut = {key for key, r in latest.items() if r.get("kv_pool_cut")} & wanted  # retried now
-    done = set(latest) & wanted - cut
     engine = kv_cache_budget(ap, args, engine, model.config)
-    print(f"eval.py: {len(problems)} problems x {args.n_samples} samples x {len(modes)} modes = {len(wanted)} samples, "
-          f"{len(done)} already in {out}" + (f", {len(cut)} ended by the KV pool retried" if cut else ""), file=sys.stderr)
+
+    # problem-major, as one process adds them: the order the share rule deals from
+    wanted = [(p.id, m, k) for p in problems for m in modes for k in range(args.n_samples)]
+    done, todo = set(), None
+    if dp.lead:
+        config["checkpoint_sha256"] = model_fingerprint(model)
+        try:
+            check_config(config_path, config, args.overwrite, ("checkpoint_sha256",))
+        except ValueError as e:
+            error = str(e)
+        if error is None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if args.overwrite:  # the new run is known to start: the old results go
+                for f in (out, *parts):
+                    f.unlink(missing_ok=True)
+            write_json(config_path, config)
+            if parts and not args.overwrite:  # a killed run's records join --out before any new one
+                try:
+                    merge_parts(out, parts)
+                except (ValueError, OSError) as e:  # one line; the others are told, not left waiting
+                    error = f"cannot merge {', '.join(p.name for p in parts)} into {out}: {e}"
+        if error is None:
+            latest = {_key(r): r for r in previous}  # a retried sample's last line counts
+            previous = list(latest.values())
+            cut = {key for key, r in latest.items() if r.get("kv_pool_cut")} & set(wanted)  # retried now
+            done = set(latest) & set(wanted) - cut
+            todo = [key for key in wanted if key not in done]
+            print(f"eval.py: {len(problems)} problems x {args.n_samples} samples x {len(modes)} modes = {len(wanted)} "
+                  f"samples, {len(done)} already in {out}" + (f", {len(cut)} ended by the KV pool retried" if cut else "")
+                  + (f"; {len(todo)} to generate on {dp.size} processes (data parallel)" if dp.size > 1 else ""),
+                  file=sys.stderr)
+    todo = [tuple(key) for key in _agree(dp, "start", error, todo=todo)[0]["todo"]]
+    mine = share(todo, dp.rank, dp.size)
+
+    # Process 0 appends to --out, the others each to its own part: no two writers in a file.
+    target, sink = (out if dp.lead else part_path(out, dp.rank)), None
+
+    def write(r: dict, _seq) -> None:
+        nonlocal sink
+        if sink is None:
+            sink = target.open("a", encoding="utf-8")
+        sink.write(json.dumps(r) + "\n")
+        sink.flush()
 
     t0 = time.perf_counter()
-    with out.open("a", encoding="utf-8") as f:
-        def write(r: dict, _seq) -> None:
-            f.write(json.dumps(r) + "\n")
-            f.flush()
-
+    try:
         new = run(model, tok, problems, modes, args.n_samples, seed=args.seed, config=engine,
-                  shapes={s: kv_bytes_per_token(Qwen3Config.released(s), torch.bfloat16) for s in shapes}, done=done,
-                  on_record=write, progress=not args.no_progress and sys.stderr.isatty(),
+                  shapes={s: kv_bytes_per_token(Qwen3Config.released(s), torch.bfloat16) for s in shapes}, keys=mine,
+                  on_record=write, progress=dp.lead and not args.no_progress and sys.stderr.isatty(),
                   grading_workers=args.grading_workers)
+    except BaseException as e:  # the others learn it at "done" instead of waiting; the traceback follows
+        post(dp, "done", {"error": f"process {dp.process} failed ({type(e).__name__}: {e})", "samples": 0, "tokens": 0})
+        raise
+    finally:
+        if sink is not None:
+            sink.close()
+    ran = exchange(dp, "done", {"error": None, "samples": len(new), "tokens": sum(r["tokens"] for r in new)})
     seconds = time.perf_counter() - t0
-    records = [r for r in previous if (r["problem"], r["mode"], r["sample"]) in done] + new
-    summary = summarize(records, modes)
-    new_tokens = sum(r["tokens"] for r in new)
+    failed = [r["error"] for r in ran if r["error"]]
+    if failed:
+        sys.exit(f"eval.py: {failed[0]}; the finished samples are kept: rerun the same command to continue"
+                 if dp.lead else 1)
+    close_data_parallel(dp)  # every process is here: leave together
+    if not dp.lead:
+        return None
+
+    parts = part_files(out)
+    try:
+        new += [r for part in parts for r in read_done(part)]
+        merge_parts(out, parts)
+    except (ValueError, OSError) as e:
+        sys.exit(f"eval.py: {e}")
+    missing = set(todo) - {_key(r) for r in new}
+    if missing:  # a part written where process 0 cannot see it
+        sys.exit(f"eval.py: {len(missing)} samples the other processes finished are not in {out.name}.rankR.part "
+                 f"beside {out}: give every process an --out on a filesystem they all see")
+    # one order whatever the number of processes and the order samples finished in
+    finished = sorted([r for r in previous if _key(r) in done] + new,
+                      key=lambda r: (r["problem"], MODES.index(r["mode"]), r["sample"]))
+    summary = summarize(finished, modes)
+    new_tokens = sum(r["tokens"] for r in ran)
     result = {"summary": summary, "config": {**config, "modes": modes, "n_samples": args.n_samples,
                                              "problems": len(problems),
                                              "skipped_rows": report.skipped if report else {}},
               "generated": {"samples": len(new), "tokens": new_tokens, "seconds": seconds,
-                            "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0}}
+                            "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0,
+                            "data_parallel_size": dp.size, "samples_per_process": [r["samples"] for r in ran]}}
     write_json(summary_path, result)
     print(markdown(summary))
-    print(f"\n{len(new)} samples generated in {seconds:.1f} s ({result['generated']['tokens_per_s']:.0f} tokens/s); "
-          f"results in {out}, summary in {summary_path}", file=sys.stderr)
+    print(f"\n{len(new)} samples generated in {seconds:.1f} s ({result['generated']['tokens_per_s']:.0f} tokens/s"
+          + (f" on {dp.size} processes" if dp.size > 1 else "") + f"); results in {out}, summary in {summary_path}",
+          file=sys.stderr)
     return result
 
 

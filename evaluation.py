@@ -141,7 +141,7 @@ def record(p: Problem, mode: str, k: int, seed: int, s: Sequence, tok, fmt: Meme
 def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *, seed: int,
         config: EngineConfig = EngineConfig(), shapes: dict[str, int] | None = None,
         done: set | frozenset = frozenset(), on_record=None, progress: bool = False,
-        grading_workers: int = 1) -> list[dict]:
+        grading_workers: int = 1, keys: list[tuple[int, str, int]] | None = None) -> list[dict]:
     """Generate and grade every (problem, mode, sample) not in `done` through one Engine.
 
     Args:
@@ -153,6 +153,9 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
         shapes: {name: KV bytes per token} reported beside this model's own figures ("model").
         done: (problem id, mode, sample) keys to skip. on_record: callback(record, Sequence)
             per graded sample, in the order grading finished.
+        keys: the (problem id, mode, sample) keys to generate, in this order (a data-parallel
+            process's share, sharding.share; ids of `problems`, modes of `modes`); None:
+            every key of problems x modes x n_samples not in `done`, problem-major.
         grading_workers: worker processes grading math and multiple-choice answers (each
             with math-verify's own timeouts in its main thread), so that a slow grade never
             stalls decoding; 0 grades in this thread. The embedded task is always graded here
@@ -173,10 +176,15 @@ def run(model, tok, problems: list[Problem], modes: list[str], n_samples: int, *
     jobs, records = {}, []
 
     bar = None
-    todo = [(p, m, k) for p in problems for m in modes for k in range(n_samples) if (p.id, m, k) not in done]
+    if keys is None:
+        todo = [(p, m, k) for p in problems for m in modes for k in range(n_samples) if (p.id, m, k) not in done]
+        total = len(problems) * len(modes) * n_samples
+    else:
+        by_id = {p.id: p for p in problems}
+        todo = [(by_id[i], m, k) for i, m, k in keys if (i, m, k) not in done]
+        total = len(keys)
     if progress and todo:
-        bar = tqdm(total=len(problems) * len(modes) * n_samples, initial=len(problems) * len(modes) * n_samples - len(todo),
-                   desc="samples", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=total - len(todo), desc="samples", dynamic_ncols=True)
 
     pool = None
     if grading_workers > 0 and any(p.kind != "toy" for p, _, _ in todo):

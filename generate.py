@@ -10,6 +10,13 @@ it is fed (as the official engine does when <|summary_end|> is sampled). --resta
 recomputes each memento's K/V without its block (the implicit-channel ablation, §6.2.1);
 --no-compaction keeps every token (the full-cache baseline). With one prompt the trace is
 streamed, with its KV summary; with many, a progress bar, then one summary (or JSON line) each.
+
+    torchrun --nproc_per_node 8 generate.py --prompts-file prompts.txt --num-samples 64 --json
+
+Under torchrun (data parallel) every process builds its engine on its own device and
+generates its share of the requests (sharding.share: request i is prompt i // num-samples;
+replayed traces are dealt by length), request i with the seed it has in one process;
+process 0 prints everything, in request order, as one process would.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import logging
 import sys
 
 import torch
+import torch.distributed as dist
 
 from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_bad_records_arg, add_generation_args, engine_config,
                  kv_cache_budget, load_or_exit, positive_int)
@@ -26,6 +34,8 @@ from data import records
 from data.toy_task import check_trace, parse_prompt
 from engine import Mode, Sequence, generate
 from kv_cache import curve_stats
+from sampling import request_seed
+from sharding import DataParallel, close_data_parallel, exchange, post, setup_data_parallel, share
 
 
 def kv_summary(seq: Sequence, bytes_per_token: int) -> dict:
@@ -51,13 +61,13 @@ STYLE = {"block": "\033[2m", "memento": "\033[1;36m", "delimiter": "\033[33m", "
 RESET = "\033[0m"
 
 
-def read_inputs(args) -> tuple[list[records.Row], records.Report | None]:
+def read_inputs(args, quiet: bool = False) -> tuple[list[records.Row], records.Report | None]:
     """The prompts or traces of --prompts-file / --replay, read and checked by data/records.py
     (--replay: records.TRACE, a non-empty `problem` and a well-formed memento `response`;
     --prompts-file: records.read_prompts); [] and None for --prompt. A bad record stops the
     run (one line: FILE:LINE: field: what is wrong) or, with --bad-records skip, is skipped
-    and the skips are reported on stderr. Exits with one line when the file cannot be read or
-    nothing usable is left."""
+    and the skips are reported on stderr (quiet: not; the other processes of a data-parallel
+    run). Exits with one line when the file cannot be read or nothing usable is left."""
     if args.prompt is not None:
         return [], None
     flag, path = ("--replay", args.replay) if args.replay else ("--prompts-file", args.prompts_file)
@@ -68,7 +78,7 @@ def read_inputs(args) -> tuple[list[records.Row], records.Report | None]:
             rows, report = records.read_prompts(path, args.bad_records)
     except (ValueError, ImportError) as e:
         sys.exit(f"generate.py: {flag} {e}")
-    if report.n_skipped:
+    if report.n_skipped and not quiet:
         print(f"generate.py: {report.summary()}", file=sys.stderr)
     if not rows:
         sys.exit(f"generate.py: {flag} {path}: no usable {'trace' if args.replay else 'prompt'}")
@@ -121,7 +131,22 @@ def main(argv=None):
     mode = Mode.FULL if args.no_compaction else Mode.RESTART if args.restart else Mode.MEMENTO
     config = engine_config(ap, args, mode, replay_chunk=args.replay_chunk)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
-    rows, _ = read_inputs(args)  # before the model: a bad file costs no load
+    try:
+        dp = setup_data_parallel(args.device)
+    except ValueError as e:
+        sys.exit(f"generate.py: {e}")
+    args.device = str(dp.device)
+    try:
+        run(ap, args, config, dp)
+    finally:  # an error path: leave without a barrier (a clean run has left already)
+        close_data_parallel(dp, clean=False)
+
+
+def run(ap: ArgumentParser, args, config, dp: DataParallel) -> None:
+    """Generation of main's checked flags in this process (paper §6.1, §A.3): its share of the
+    requests, then on process 0 (dp.lead) every request's output in request order. Exits with
+    one line for a bad input file or request."""
+    rows, _ = read_inputs(args, quiet=not dp.lead)  # before the model: a bad file costs no load
     model, tok = load_or_exit("generate.py", args.checkpoint, args.device, getattr(torch, args.dtype))
     config = kv_cache_budget(ap, args, config, model.config)
 
@@ -137,11 +162,17 @@ def main(argv=None):
     for i, (name, prompt, forced) in enumerate(jobs):
         if forced is not None and len(prompt) + len(forced) > max_pos:
             over = len(prompt) + len(forced) - max_pos
-            print(f"{name}: trace is {over} tokens longer than max_position_embeddings; truncated", file=sys.stderr)
+            if dp.lead:
+                print(f"{name}: trace is {over} tokens longer than max_position_embeddings; truncated", file=sys.stderr)
             jobs[i] = (name, prompt, forced[:len(forced) - over])
-    # a sampled response stops where positions end (too long a prompt: engine.add says so)
-    params = [dataclasses.replace(config.sampling, max_tokens=max(1, min(config.sampling.max_tokens, max_pos - len(p))))
-              for _, p, _ in jobs]
+    # a sampled response stops where positions end (too long a prompt: engine.add says so);
+    # request i samples with request_seed(--seed, i) in whichever process generates it
+    params = [dataclasses.replace(config.sampling, max_tokens=max(1, min(config.sampling.max_tokens, max_pos - len(p))),
+                                  seed=request_seed(args.seed, i))
+              for i, (_, p, _) in enumerate(jobs)]
+    # a replay's work is known (its tokens): dealt by length; samples are dealt in turn
+    mine = share(list(range(len(jobs))), dp.rank, dp.size,
+                 [len(p) + len(f) for _, p, f in jobs] if args.replay else None)
     stream = not args.json and len(jobs) == 1 and jobs[0][2] is None
     color = stream and sys.stdout.isatty()
 
@@ -150,22 +181,43 @@ def main(argv=None):
         sys.stdout.write(f"{STYLE[kind]}{piece}{RESET}" if color and STYLE[kind] else piece)
         sys.stdout.flush()
 
-    try:
-        seqs, eng = generate(model, tok, [p for _, p, _ in jobs], config, params, seed=args.seed,
-                             forced=None if args.replay is None else [f for _, _, f in jobs],
-                             on_token=show if stream else None, progress=len(jobs) > 1 and sys.stderr.isatty())
-    except ValueError as e:
-        sys.exit(f"generate.py: {e}")
+    outputs, error = {}, None
+    if mine:
+        try:
+            seqs, eng = generate(model, tok, [jobs[i][1] for i in mine], config, [params[i] for i in mine],
+                                 forced=None if args.replay is None else [jobs[i][2] for i in mine],
+                                 on_token=show if stream else None,
+                                 progress=dp.lead and len(jobs) > 1 and sys.stderr.isatty())
+        except ValueError as e:
+            error = str(e)
+        except BaseException as e:  # the others learn it at "done" instead of waiting; the traceback follows
+            post(dp, "done", f"process {dp.process} failed ({type(e).__name__}: {e})")
+            raise
+        else:
+            outputs = {i: {"summary": kv_summary(s, eng.cache.bytes_per_token), "token_ids": s.prompt + s.tokens,
+                           "text": s.text} for i, s in zip(mine, seqs)}
+    if any(exchange(dp, "done", error)):
+        sys.exit(f"generate.py: {error}" if error else 1)
+    if dp.processes > 1:  # every process is here: the outputs go to process 0
+        gathered = [None] * dp.processes if dp.lead else None
+        dist.gather_object(outputs, gathered, dst=0)
+        outputs = {i: o for part in gathered or [] for i, o in part.items()}
+    close_data_parallel(dp)
+    if not dp.lead:
+        return
+    if dp.size > 1:
+        print(f"generate.py: {len(jobs)} request{'s' * (len(jobs) != 1)} on {dp.size} processes (data parallel): "
+              f"{' + '.join(str(len(part)) for part in gathered)}", file=sys.stderr)
+
     curves = []
-    for (name, _, _), s in zip(jobs, seqs):
-        if s.stop_reason.startswith(("rejected", "KV pool full")):
-            print(f"generate.py: {name}: {s.stop_reason}", file=sys.stderr)
-        summary = kv_summary(s, eng.cache.bytes_per_token)
+    for i, (name, _, _) in enumerate(jobs):
+        summary, text = outputs[i]["summary"], outputs[i]["text"]
+        if summary["stop_reason"].startswith(("rejected", "KV pool full")):
+            print(f"generate.py: {name}: {summary['stop_reason']}", file=sys.stderr)
         curves.append((name, summary["kv_curve"]))
-        text = s.text
         verdict = _task_verdict(args.prompt, text) if args.prompt else None
         if args.json:
-            out = {"name": name, **summary, "token_ids": s.prompt + s.tokens,
+            out = {"name": name, **summary, "token_ids": outputs[i]["token_ids"],
                    "special_token_ids": dict(tok.special_ids), "restart": args.restart,
                    "compaction": not args.no_compaction}
             if args.replay is None:

@@ -29,7 +29,7 @@ from checkpoint import add_memento_tokens, resolve_checkpoint
 from cli import ArgumentParser, add_bad_records_arg, fraction, nonnegative_int, positive_float, positive_int
 from data import openmementos, records, toy_task
 from model import Qwen3, Qwen3Config
-from sharding import grad_sync, load_optimizer_state, local_bytes, parallelize, total_norm
+from sharding import generation_copy, grad_sync, load_optimizer_state, local_bytes, parallelize, total_norm
 from tokenizer import Tokenizer
 from training import (StopRequest, TrainingError, add_optimizer_args, add_run_args, check_resume_args, check_run_args,
                       clear_run, compute_autocast, evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due, start_run)
@@ -269,6 +269,11 @@ def train(args) -> dict:
     if resume_from is not None:
         start, log, saved, opt_state = load_training_state(resume_from, model)
         check_resume_args(args, world, saved, RUN_DEFINING)
+    evaluating = args.data == "toy" and args.eval_samples > 0
+    # Under --fsdp the toy evaluation decodes through an unsharded copy (made before sharding,
+    # refreshed from the shards at each evaluation), each process its share of the problems;
+    # in the parameters' dtype, as one process decodes. Only for the toy task, whose models are tiny.
+    generation_model = generation_copy(model, next(model.parameters()).dtype) if args.fsdp and evaluating else None
     try:
         wrapped = parallelize(model, world, device, args.fsdp, args.cpu_offload)
     except RuntimeError as e:
@@ -320,11 +325,11 @@ def train(args) -> dict:
                 if rank == 0:
                     tqdm.write(f"step {step + 1}: loss {loss:.4f}, validation loss {entry['val_loss']:.4f}")
             want_eval = (args.eval_every and (step + 1) % args.eval_every == 0) or last
-            # a sharded model generates only with every process taking part
-            if (rank == 0 or args.fsdp) and args.data == "toy" and args.eval_samples > 0 and want_eval:
-                ev = evaluate_toy(model, tok, args.eval_samples, args.seed)
+            if evaluating and want_eval:  # every process decodes its share (a collective)
+                ev = evaluate_toy(model, tok, args.eval_samples, args.seed, rank=rank, world=world,
+                                  generation=generation_model)
+                entry["eval_accuracy_compaction"] = ev["accuracy"]
                 if rank == 0:
-                    entry["eval_accuracy_compaction"] = ev["accuracy"]
                     tqdm.write(f"step {step + 1}: loss {loss:.4f}, accuracy with compaction {ev['accuracy']:.3f} {ev['reasons']}")
             log.append(entry)
             if metrics_out:

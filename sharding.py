@@ -13,11 +13,24 @@ The training loop is one loop for all cases: it calls the model `parallelize` re
 `grad_sync` whether a micro-step synchronizes, and saves and loads full (unsharded) state
 dicts through torch.distributed.checkpoint's state_dict helpers, so a checkpoint is the
 same HF safetensors directory however the run was sharded.
+
+Evaluation and generation (eval.py, generate.py; paper Table 1, §6.1) are data parallel: each
+process builds its own engine on its own device and decodes its `share` of the requests; the
+processes agree at a few points through the run's torch.distributed store (`exchange`: no
+deadline, so a process that finishes hours before the others simply waits), and never talk
+during decoding. `data_parallel_rank_size` is the one place that says which share a process
+takes (with tensor parallelism, later, a group of processes will hold one engine). The toy
+evaluation inside a training run decodes through an unsharded copy of the policy
+(`generation_copy`, refreshed from the FSDP shards), each process its share.
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,14 +45,178 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     process, LOCAL_RANK); without torchrun: (0, 1, device)."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device(device)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if backend == "nccl":
+    dist.init_process_group(_backend(device))
+    return dist.get_rank(), dist.get_world_size(), _process_device(device)
+
+
+def _backend(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def _process_device(device: str) -> torch.device:
+    """This process's device under torchrun: cuda:LOCAL_RANK (made current) on CUDA, else `device`."""
+    if _backend(device) == "nccl":
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device(device)
+        return torch.device("cuda", local)
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------- data parallel (eval.py, generate.py)
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place in a data-parallel evaluation or generation (paper Table 1, §6.1).
+
+    rank, size: its data-parallel rank and the number of data-parallel engines
+        (data_parallel_rank_size); which share of the requests it decodes.
+    process, processes: its torch.distributed rank and the world size (the same as rank and
+        size while one process holds one engine).
+    device: where its engine runs (cuda:LOCAL_RANK on CUDA, else the device asked for).
+    store: the run's torch.distributed key-value store (None in one process), which
+        `exchange` talks through.
+    """
+
+    rank: int = 0
+    size: int = 1
+    process: int = 0
+    processes: int = 1
+    device: torch.device = torch.device("cpu")
+    store: dist.Store | None = None
+
+    @property
+    def lead(self) -> bool:
+        """Process 0: it checks the run's inputs, merges the results and prints (Table 1, §6.1)."""
+        return self.process == 0
+
+
+def data_parallel_rank_size(tensor_parallel_size: int = 1) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size) of this process, from torchrun's RANK and
+    WORLD_SIZE ((0, 1) without torchrun): the processes are cut into groups of
+    tensor_parallel_size consecutive ranks, each group one engine (today 1: every process is
+    its own engine). Raises ValueError (one line) when WORLD_SIZE is not a multiple of
+    tensor_parallel_size. Paper Table 1 / §6.1 (many independent samples)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if tensor_parallel_size < 1 or world % tensor_parallel_size:
+        raise ValueError(f"the world size {world} is not a multiple of the tensor-parallel size "
+                         f"{tensor_parallel_size}")
+    return rank // tensor_parallel_size, world // tensor_parallel_size
+
+
+def setup_data_parallel(device: str) -> DataParallel:
+    """Join the processes of a data-parallel eval.py / generate.py run (Table 1, §6.1):
+    under torchrun, the process group (gloo on CPU, nccl on CUDA, each process on
+    cuda:LOCAL_RANK) over the run's store, which `exchange` then uses; without torchrun, one
+    process on `device`. Raises ValueError (one line) from data_parallel_rank_size, or when a
+    node runs more processes than it has GPUs (checked by every process before any waits)."""
+    if "WORLD_SIZE" not in os.environ:
+        return DataParallel(device=torch.device(device))
+    rank, size = data_parallel_rank_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if _backend(device) == "nccl" and local_world > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise ValueError(f"{local_world} processes on this node but {gpus} GPU(s): one GPU per process, so "
+                         f"--nproc_per_node {gpus} at most")
+    store, process, processes = next(dist.rendezvous("env://"))
+    dist.init_process_group(_backend(device), store=store, rank=process, world_size=processes)
+    return DataParallel(rank, size, process, processes, _process_device(device), store)
+
+
+def close_data_parallel(dp: DataParallel, clean: bool = True) -> None:
+    """Leave the process group (a no-op in one process or when already left). clean: every
+    process got here (after its last `exchange`), so a barrier comes first (a gloo process
+    torn down while a peer still sends can abort it); False on an error path, where the
+    peers may be gone, so no barrier. Paper Table 1 / §6.1 runs. Raises what the barrier
+    raises (a process-group timeout)."""
+    if dp.store is None or not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def share(keys: list, rank: int, size: int, cost: list[float] | None = None) -> list:
+    """Data-parallel rank `rank`'s share of `keys` among `size` ranks, in the keys' order; the
+    shares of ranks 0..size-1 partition the keys, the same in every process (a function of
+    its arguments only), and a share may be empty.
+
+    cost None: every size-th key from the rank-th (keys[rank::size]). Over evaluation keys in
+    problem-major order (problem, mode, sample) this gives each rank the same number, within
+    one, of the samples of every (problem, mode): samples of one (problem, mode) have the
+    same expected length, so the ranks' expected work is equal whatever the problems'
+    lengths, without knowing them. cost: each key's known work (e.g. a replayed trace's
+    tokens): longest first, each to the rank with the least work so far (ties: the lower
+    rank), which keeps the largest share within one key's cost of the smallest.
+    Raises ValueError for size < 1, rank outside [0, size) or len(cost) != len(keys).
+    Paper Table 1 (samples per problem and mode), §6.1."""
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"share: rank {rank} of {size} (use 0 <= rank < size)")
+    if cost is None:
+        return list(keys[rank::size])
+    if len(cost) != len(keys):
+        raise ValueError(f"share: {len(cost)} costs for {len(keys)} keys")
+    load, mine = [0.0] * size, []
+    for i in sorted(range(len(keys)), key=lambda i: (-cost[i], i)):
+        r = min(range(size), key=lambda r: (load[r], r))
+        load[r] += cost[i]
+        if r == rank:
+            mine.append(i)
+    return [keys[i] for i in sorted(mine)]
+
+
+def exchange(dp: DataParallel, name: str, value) -> list:
+    """Every process posts `value` (JSON-serializable) under `name` and gets every process's,
+    in process order; [value] in one process. A barrier with no deadline: a process that
+    finished its share hours before the others waits for them (a process group's collective
+    would time out), polling the store. Each name is used once per run (the keys carry
+    torchrun's restart count, so a restarted run never reads an earlier attempt's). A process
+    that fails posts its error (`post`) and exits, so the others learn it here instead of
+    waiting; one that dies outright is ended with the others by torchrun. Paper §6.1. Raises
+    TypeError for a value JSON cannot hold."""
+    if dp.store is None:
+        return [value]
+    post(dp, name, value)
+    keys = [_key(name, p) for p in range(dp.processes)]
+    wait = 0.005
+    while not dp.store.check(keys):
+        time.sleep(wait)
+        wait = min(2 * wait, 0.5)
+    return [json.loads(dp.store.get(k)) for k in keys]
+
+
+def post(dp: DataParallel, name: str, value) -> None:
+    """Post this process's `value` (JSON-serializable) under `name` without waiting (see
+    exchange; paper §6.1). Raises TypeError for a value JSON cannot hold."""
+    if dp.store is not None:
+        dp.store.set(_key(name, dp.process), json.dumps(value))
+
+
+def _key(name: str, process: int) -> str:
+    return f"memento/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}/{process}"
+
+
+# ----------------------------------------------------------------------------- generation during training
+
+def generation_copy(model, dtype: torch.dtype):
+    """An unsharded copy of a model.Qwen3 in `dtype` for decoding under --fsdp (RL rollouts in
+    the compute dtype, the toy evaluation in the parameters' dtype), made before sharding;
+    refresh_generation_copy updates it (paper §A.2.3). Memory: the parameters once in
+    `dtype` (16 GB for Qwen3-8B in bf16), held through the run."""
+    gen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    gen.fp32_lm_head = model.fp32_lm_head
+    return gen
+
+
+@torch.no_grad()
+def refresh_generation_copy(gen, model) -> None:
+    """Copy the sharded policy's parameters into `gen`, one all-gathered parameter at a time
+    (a collective: every process calls it; the transient is the largest full parameter).
+    Raises ValueError if the two models' parameters differ by name. Paper §A.2.3."""
+    mine, theirs = list(gen.named_parameters()), list(model.named_parameters())
+    if [n for n, _ in mine] != [n for n, _ in theirs]:
+        raise ValueError("refresh_generation_copy: the copy's parameters are not the policy's")
+    for (_, q), (_, p) in zip(mine, theirs):
+        q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
 
 def parallelize(model, world: int, device: torch.device, fsdp: bool, cpu_offload: bool = False):

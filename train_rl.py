@@ -29,7 +29,7 @@ process generates its share of the step's groups and the rollouts are exchanged
 default) in the compute dtype (bf16 on CUDA, where rollouts and training forwards run under
 bf16 autocast with the LM head in fp32); with --fsdp the policy decodes through an unsharded
 copy in the compute dtype, refreshed from the shards before each step's rollouts
-(generation_copy), and the frozen reference is sharded like the policy (else held in the
+(sharding.generation_copy), and the frozen reference is sharded like the policy (else held in the
 compute dtype); the reference's forward runs without autograd; the training forward takes
 --micro-batch-size rollouts at a time, gradients accumulating over a minibatch.
 Each process trains on its share of the groups.
@@ -39,7 +39,6 @@ same run directory layout and atomic HF checkpoints).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -60,7 +59,8 @@ from evaluation import Problem, load_problems, toy_max_new_tokens, toy_problems
 from kv_cache import curve_stats, kv_bytes_per_token
 from model import IGNORE_INDEX, Qwen3
 from sampling import SamplingParams, request_seed
-from sharding import grad_sync, load_optimizer_state, parallelize, total_norm
+from sharding import (generation_copy, grad_sync, load_optimizer_state, parallelize, refresh_generation_copy,
+                      total_norm)
 from tokenizer import Tokenizer
 from training import (StopRequest, TrainingError, add_optimizer_args, add_run_args, check_resume_args, check_run_args,
                       clear_run, compute_autocast, evaluate_toy, load_training_state, lr_at, metrics_file, save_if_due,
@@ -260,27 +260,6 @@ def sharded_rollouts(model, tok, problems: list[Problem], args, step_seed: int, 
     return [r for p in problems for r in by_problem[p.id]]
 
 
-def generation_copy(model: Qwen3, dtype: torch.dtype) -> Qwen3:
-    """An unsharded copy of `model` in `dtype` (the compute dtype) for rollouts under --fsdp,
-    made before sharding; refresh_generation_copy updates it (paper §A.2.3). Memory: the
-    parameters once in `dtype` (16 GB for Qwen3-8B in bf16), held through the run."""
-    gen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-    gen.fp32_lm_head = model.fp32_lm_head
-    return gen
-
-
-@torch.no_grad()
-def refresh_generation_copy(gen: Qwen3, model) -> None:
-    """Copy the sharded policy's parameters into `gen`, one all-gathered parameter at a time
-    (a collective: every process calls it; the transient is the largest full parameter).
-    Raises ValueError if the two models' parameters differ by name. Paper §A.2.3."""
-    mine, theirs = list(gen.named_parameters()), list(model.named_parameters())
-    if [n for n, _ in mine] != [n for n, _ in theirs]:
-        raise ValueError("refresh_generation_copy: the copy's parameters are not the policy's")
-    for (_, q), (_, p) in zip(mine, theirs):
-        q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
-
-
 def distribute(model: Qwen3, ref: Qwen3, world: int, device: torch.device, fsdp: bool, cpu_offload: bool = False):
     """(what the loop trains, the generation copy or None, the reference) for `world`
     processes (sharding.parallelize): under fsdp the policy and the frozen reference are both
@@ -426,7 +405,10 @@ def train(args) -> dict:
             bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{entry['kl']:.4f}", blocks=f"{entry['blocks']:.1f}")
             last = step + 1 == args.max_steps
             if args.eval_samples and args.data == "toy" and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
-                ev = evaluate_toy(model, tok, args.eval_samples, args.seed + 10_000, args.max_num_seqs)
+                # each process decodes its share; under --fsdp through the copy, refreshed
+                # from the shards (the policy changed since the step's rollouts)
+                ev = evaluate_toy(model, tok, args.eval_samples, args.seed + 10_000, args.max_num_seqs, rank=rank,
+                                  world=world, generation=gen)
                 entry["eval_accuracy"] = ev["accuracy"]
                 if rank == 0:
                     tqdm.write(f"step {step + 1}: reward {entry['reward']:.3f}, held-out accuracy with compaction "

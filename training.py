@@ -30,7 +30,7 @@ from engine import EngineConfig
 from evaluation import run as evaluate, toy_max_new_tokens, toy_problems
 from model import Qwen3
 from sampling import generation_config
-from sharding import full_state, setup_distributed
+from sharding import full_state, refresh_generation_copy, setup_distributed, share
 from tokenizer import Tokenizer
 
 STATE_JSON, STATE_TENSORS, METRICS = "training_state.json", "training_state.safetensors", "metrics.jsonl"
@@ -304,20 +304,42 @@ def metrics_file(run: Path, start: int):
 
 
 @torch.no_grad()
-def evaluate_toy(model, tok, n: int, seed: int, max_num_seqs: int = 256) -> dict:
+def evaluate_toy(model, tok, n: int, seed: int, max_num_seqs: int = 256, *, rank: int = 0, world: int = 1,
+                 generation=None) -> dict:
     """Accuracy of sampled traces on n toy problems with compaction on (keep_last_n_blocks 0),
     checked by data/toy_task.check_trace: evaluation.run (as `eval.py --data toy --n-samples 1
     --modes memento`), up to max_num_seqs problems at once, each response capped at the
-    longest trace the task can have. model: a model.Qwen3 (in training mode or not; restored);
-    tok: its tokenizer.Tokenizer. Returns {"accuracy", "n", "reasons": {first word of the
-    reason: count}}."""
-    was_training = model.training
-    model.eval()
-    # a pool for all n traces at their longest: no preemption, and no probe of the device's
-    # memory in the middle of training
-    room = EngineConfig(kv_cache_tokens=n * (toy_max_new_tokens(tok) + 64), max_num_seqs=max_num_seqs,
+    longest trace the task can have (paper §6.2, Table 1 at toy scale).
+
+    model: a model.Qwen3 (in training mode or not; restored), replicated or FSDP-sharded;
+    tok: its tokenizer.Tokenizer. rank, world: with world > 1 (torch.distributed
+    initialized; every process calls this, a collective) each process decodes its share of
+    the problems (sharding.share: rank, rank + world, ...) and the verdicts are exchanged,
+    so every process returns the accuracy of all n, equal to one process's (a problem's
+    sample has its own seed, request_seed(seed, problem, 0)). generation: for a sharded
+    model, its unsharded copy (sharding.generation_copy), refreshed from the shards here (a
+    collective) and decoded through, so that the processes decode independently instead of
+    gathering every layer in lockstep. Returns {"accuracy", "n", "reasons": {first word of
+    the reason: count}, "per_problem": [{"problem", "correct", "tokens"}] by problem}.
+    Raises ValueError from refresh_generation_copy for a copy of another model."""
+    if generation is not None:
+        refresh_generation_copy(generation, model)
+    decoder = generation if generation is not None else model
+    was_training = decoder.training
+    decoder.eval()
+    mine = share(toy_problems(n, seed), rank, world)
+    # a pool for all of this process's traces at their longest: no preemption, and no probe of
+    # the device's memory in the middle of training
+    room = EngineConfig(kv_cache_tokens=max(1, len(mine)) * (toy_max_new_tokens(tok) + 64), max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max(2048, max_num_seqs))
-    recs = evaluate(model, tok, toy_problems(n, seed), ["memento"], 1, seed=seed, config=room)
-    model.train(was_training)
-    reasons = Counter("ok" if r["correct"] else r["reason"].split(":")[0].split(" ")[0] for r in recs)
-    return {"accuracy": sum(r["correct"] for r in recs) / n, "n": n, "reasons": dict(reasons)}
+    recs = evaluate(decoder, tok, mine, ["memento"], 1, seed=seed, config=room) if mine else []
+    decoder.train(was_training)
+    rows = [(r["problem"], r["correct"], "ok" if r["correct"] else r["reason"].split(":")[0].split(" ")[0], r["tokens"])
+            for r in recs]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, rows)
+        rows = [row for part in everyone for row in part]
+    rows.sort()
+    return {"accuracy": sum(c for _, c, _, _ in rows) / n, "n": n, "reasons": dict(Counter(why for _, _, why, _ in rows)),
+            "per_problem": [{"problem": p, "correct": c, "tokens": t} for p, c, _, t in rows]}
