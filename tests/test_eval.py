@@ -187,7 +187,14 @@ def test_missing_columns_named(ckpt, tmp_path):
 
 
 def test_hub_id_offline_one_line(ckpt, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # the libraries read HF_HUB_OFFLINE when imported: set their constants too (without them
+    # an offline machine spends ~25 s in the hub's retries before the same error)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit) as e:
         run_cli(["--checkpoint", ckpt, "--data", "someone/no-such-dataset-xyz", "--out", tmp_path / "o.jsonl"])
     assert "could not load it" in str(e.value) and len(str(e.value).splitlines()) == 1

@@ -16,7 +16,8 @@ from conftest import memento_text, tiny_model
 import memento_attention
 import sft
 from data import openmementos, toy_task
-from engine import EngineConfig, SamplingParams, sample
+from engine import EngineConfig, SamplingParams
+from sampling import sample
 from engine import generate
 from memento_kernels import memento_flash
 from blocks import MementoConfig, MementoTokens, build_mask_from
