@@ -90,6 +90,31 @@ def add_bad_records_arg(ap: ArgumentParser, default: str) -> None:
                          "'skip' leaves it out and reports the skips by reason")
 
 
+def compilation_config(text: str) -> dict:
+    """--compilation-config JSON (vLLM's keys) as EngineConfig fields: "mode" 0 (no
+    torch.compile) or 3 (compile; vLLM's default level) -> compile, "cudagraph_mode" "NONE" or
+    "FULL_DECODE_ONLY" -> cudagraph_mode. Raises argparse.ArgumentTypeError (one line) for
+    anything else."""
+    import json
+
+    try:
+        d = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON; e.g. '{{\"mode\": 0}}'") from None
+    if not isinstance(d, dict) or set(d) - {"mode", "cudagraph_mode"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a JSON object with keys mode and/or cudagraph_mode")
+    out = {}
+    if "mode" in d:
+        if d["mode"] not in (0, 3):
+            raise argparse.ArgumentTypeError(f"mode {d['mode']!r}: use 0 (no torch.compile) or 3 (torch.compile)")
+        out["compile"] = d["mode"] == 3
+    if "cudagraph_mode" in d:
+        if d["cudagraph_mode"] not in ("NONE", "FULL_DECODE_ONLY"):
+            raise argparse.ArgumentTypeError(f"cudagraph_mode {d['cudagraph_mode']!r}: use NONE or FULL_DECODE_ONLY")
+        out["cudagraph_mode"] = d["cudagraph_mode"]
+    return out
+
+
 def check_device(ap: ArgumentParser, device: str) -> str:
     """'cpu', 'cuda' or 'cuda:N' that exists here; otherwise ap.error (one line, exit 2)."""
     if device == "cpu":
@@ -127,7 +152,15 @@ def add_generation_args(ap: ArgumentParser, max_new_tokens: int) -> None:
     ap.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                     help="tokens per engine step, decode and prefill chunks together (>= --max-num-seqs)")
     ap.add_argument("--enforce-eager", action="store_true",
-                    help="do not record CUDA graphs for decode steps (they are used on CUDA only)")
+                    help="no torch.compile and no CUDA graphs (vLLM's meaning; both are used on CUDA only)")
+    ap.add_argument("--compilation-config", "-O", type=compilation_config, default={},
+                    help="JSON, vLLM's names: {\"mode\": 0} turns torch.compile off, {\"cudagraph_mode\": \"NONE\"} "
+                         "the CUDA graphs (decode steps then run the same bucketed kernels eagerly)")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="plan and launch each step before the last one's tokens are read back (default: on CUDA)")
+    ap.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                    help="processes (GPUs) one model is split over (vLLM's name; under torchrun, with "
+                         "--nproc_per_node a multiple of it: the groups share the requests)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     default="bfloat16" if torch.cuda.is_available() else "float32", help="weights and KV cache dtype")
@@ -155,7 +188,7 @@ def engine_config(ap: ArgumentParser, args, mode: str = "memento", **overrides):
                               page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
                               unbounded_kv_cache=args.unbounded_kv_cache,
                               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                              **overrides)
+                              async_scheduling=args.async_scheduling, **args.compilation_config, **overrides)
     except ValueError as e:
         ap.error(str(e))
     args.device = check_device(ap, args.device)

@@ -48,7 +48,8 @@ from blocks import Block, BlockTracker, MementoConfig, MementoTokens
 from checkpoint import resolve_checkpoint
 from kv_cache import PagedKVCache, curve_stats, kv_bytes_per_token
 from model import Qwen3
-from model_runner import Draw, ModelRunner, RowIn, default_kv_cache_tokens, gpu_kv_budget_bytes  # noqa: F401
+from model_runner import (Draw, ModelRunner, RowIn, default_kv_cache_tokens, gpu_kv_budget_bytes,  # noqa: F401
+                          local_config)
 from sampling import STOP_TOKENS, SamplingParams, request_seed, show
 from scheduler import Scheduler
 from tokenizer import Tokenizer
@@ -378,11 +379,17 @@ class Engine:
         elif budget is None:
             budget, self.kv_cache_note = default_kv_cache_tokens(model, config)
         else:
-            self.kv_cache_note = (f"KV cache: {budget:,} tokens = {budget * kv_bytes_per_token(model.config, self.dtype) / 2**30:.3g}"
+            self.kv_cache_note = (f"KV cache: {budget:,} tokens = {budget * kv_bytes_per_token(local_config(model), self.dtype) / 2**30:.3g}"
                                   " GiB (as configured)")
+        tp = getattr(model, "tensor_parallel", None)
+        if tp is not None and tp.size > 1:  # the pool is per process: its share of the KV heads, every token
+            c = model.config
+            self.kv_cache_note += (f" on each of {tp.size} tensor-parallel processes, which hold "
+                                   f"{c.num_key_value_heads // tp.size} of the {c.num_key_value_heads} KV heads each")
         log.info(self.kv_cache_note)
         num_pages = None if budget is None else budget // config.page_size
-        self.cache = PagedKVCache(model.config, self.dtype, self.device, page_size=config.page_size, num_pages=num_pages)
+        self.cache = PagedKVCache(local_config(model), self.dtype, self.device, page_size=config.page_size,
+                                  num_pages=num_pages)
         self.format = MementoTokens.from_tokenizer(tok)
         self.eos_ids = frozenset(tok.special_ids[s] for s in STOP_TOKENS if s in tok.special_ids)
         self.vocab = tok.n_vocab
@@ -412,6 +419,12 @@ class Engine:
     def running(self):
         """Requests admitted, in admission order (the scheduler's list)."""
         return self.scheduler.running
+
+    @property
+    def busy(self) -> bool:
+        """Whether step() has work: requests waiting or running, or a step whose tokens are not
+        read yet (asynchronous scheduling)."""
+        return bool(self.waiting or self.running) or self.inflight is not None
 
     @property
     def watermark_pages(self) -> int:
@@ -504,7 +517,7 @@ class Engine:
         bar = None
         if progress:
             bar = tqdm(total=len(self.sequences), dynamic_ncols=True, desc="sequences")
-        while self.waiting or self.running or self.inflight is not None:
+        while self.busy:
             self.step()
             if bar is not None:
                 st = self.cache.stats()

@@ -42,7 +42,9 @@ from data import records
 from evaluation import MODES, load_problems, markdown, run, summarize, toy_problems
 from kv_cache import kv_bytes_per_token
 from model import QWEN3_SHAPES, Qwen3Config
-from sharding import DataParallel, close_data_parallel, exchange, post, setup_data_parallel, share
+from model_runner import local_config
+from sharding import (DataParallel, close_data_parallel, exchange, post, setup_data_parallel, share,
+                      tensor_parallel)
 
 # Flags whose change makes earlier results incomparable: a rerun with another value is refused.
 # The data's content hash (data_sha256) and the weights' (checkpoint_sha256) are compared too.
@@ -206,7 +208,7 @@ def main(argv=None) -> dict:
     engine = engine_config(ap, args, "restart" if "restart" in modes else "memento")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
     try:
-        dp = setup_data_parallel(args.device)
+        dp = setup_data_parallel(args.device, args.tensor_parallel_size)
     except ValueError as e:
         sys.exit(f"eval.py: {e}")
     args.device = str(dp.device)
@@ -268,13 +270,19 @@ def evaluate(ap: ArgumentParser, args, modes: list[str], shapes: list[str], engi
                 error = str(e)
     _agree(dp, "results", error)
     model, tok = load_or_exit("eval.py", args.checkpoint, args.device, getattr(torch, args.dtype))
-    engine = kv_cache_budget(ap, args, engine, model.config)
+    fingerprint = model_fingerprint(model) if dp.lead else None  # of the whole model, whatever the split
+    if dp.tp is not None:
+        try:
+            tensor_parallel(model, dp.tp)
+        except ValueError as e:
+            sys.exit(f"eval.py: {e}")
+    engine = kv_cache_budget(ap, args, engine, local_config(model))  # --kv-cache-gib is per process
 
     # problem-major, as one process adds them: the order the share rule deals from
     wanted = [(p.id, m, k) for p in problems for m in modes for k in range(args.n_samples)]
     done, todo = set(), None
     if dp.lead:
-        config["checkpoint_sha256"] = model_fingerprint(model)
+        config["checkpoint_sha256"] = fingerprint
         try:
             check_config(config_path, config, args.overwrite, ("checkpoint_sha256",))
         except ValueError as e:
@@ -303,11 +311,14 @@ def evaluate(ap: ArgumentParser, args, modes: list[str], shapes: list[str], engi
     todo = [tuple(key) for key in _agree(dp, "start", error, todo=todo)[0]["todo"]]
     mine = share(todo, dp.rank, dp.size)
 
-    # Process 0 appends to --out, the others each to its own part: no two writers in a file.
+    # Process 0 appends to --out, the other engines each to its own part: no two writers in a
+    # file (the other processes of a tensor-parallel group run the same samples and write none).
     target, sink = (out if dp.lead else part_path(out, dp.rank)), None
 
     def write(r: dict, _seq) -> None:
         nonlocal sink
+        if not dp.writer:
+            return
         if sink is None:
             sink = target.open("a", encoding="utf-8")
         sink.write(json.dumps(r) + "\n")
@@ -325,7 +336,8 @@ def evaluate(ap: ArgumentParser, args, modes: list[str], shapes: list[str], engi
     finally:
         if sink is not None:
             sink.close()
-    ran = exchange(dp, "done", {"error": None, "samples": len(new), "tokens": sum(r["tokens"] for r in new)})
+    ran = exchange(dp, "done", {"error": None, "samples": len(new) if dp.writer else 0,
+                                "tokens": sum(r["tokens"] for r in new) if dp.writer else 0})
     seconds = time.perf_counter() - t0
     failed = [r["error"] for r in ran if r["error"]]
     if failed:
@@ -355,7 +367,8 @@ def evaluate(ap: ArgumentParser, args, modes: list[str], shapes: list[str], engi
                                              "skipped_rows": report.skipped if report else {}},
               "generated": {"samples": len(new), "tokens": new_tokens, "seconds": seconds,
                             "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0,
-                            "data_parallel_size": dp.size, "samples_per_process": [r["samples"] for r in ran]}}
+                            "data_parallel_size": dp.size, "tensor_parallel_size": args.tensor_parallel_size,
+                            "samples_per_process": [r["samples"] for r in ran]}}
     write_json(summary_path, result)
     print(markdown(summary))
     print(f"\n{len(new)} samples generated in {seconds:.1f} s ({result['generated']['tokens_per_s']:.0f} tokens/s"

@@ -35,7 +35,9 @@ from data.toy_task import check_trace, parse_prompt
 from engine import Mode, Sequence, generate
 from kv_cache import curve_stats
 from sampling import request_seed
-from sharding import DataParallel, close_data_parallel, exchange, post, setup_data_parallel, share
+from model_runner import local_config
+from sharding import (DataParallel, close_data_parallel, exchange, post, setup_data_parallel, share,
+                      tensor_parallel)
 
 
 def kv_summary(seq: Sequence, bytes_per_token: int) -> dict:
@@ -132,7 +134,7 @@ def main(argv=None):
     config = engine_config(ap, args, mode, replay_chunk=args.replay_chunk)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's one line on its KV budget
     try:
-        dp = setup_data_parallel(args.device)
+        dp = setup_data_parallel(args.device, args.tensor_parallel_size)
     except ValueError as e:
         sys.exit(f"generate.py: {e}")
     args.device = str(dp.device)
@@ -148,7 +150,12 @@ def run(ap: ArgumentParser, args, config, dp: DataParallel) -> None:
     one line for a bad input file or request."""
     rows, _ = read_inputs(args, quiet=not dp.lead)  # before the model: a bad file costs no load
     model, tok = load_or_exit("generate.py", args.checkpoint, args.device, getattr(torch, args.dtype))
-    config = kv_cache_budget(ap, args, config, model.config)
+    if dp.tp is not None:
+        try:
+            tensor_parallel(model, dp.tp)
+        except ValueError as e:
+            sys.exit(f"generate.py: {e}")
+    config = kv_cache_budget(ap, args, config, local_config(model))  # --kv-cache-gib is per process
 
     # (name, prompt ids, forced response ids or None). A problem is plain text (prompt_ids: a
     # control token written in it stays text); a replayed response keeps its special tokens.
@@ -186,7 +193,7 @@ def run(ap: ArgumentParser, args, config, dp: DataParallel) -> None:
         try:
             seqs, eng = generate(model, tok, [jobs[i][1] for i in mine], config, [params[i] for i in mine],
                                  forced=None if args.replay is None else [jobs[i][2] for i in mine],
-                                 on_token=show if stream else None,
+                                 on_token=show if stream and dp.lead else None,
                                  progress=dp.lead and len(jobs) > 1 and sys.stderr.isatty())
         except ValueError as e:
             error = str(e)
@@ -205,9 +212,10 @@ def run(ap: ArgumentParser, args, config, dp: DataParallel) -> None:
     close_data_parallel(dp)
     if not dp.lead:
         return
-    if dp.size > 1:
-        print(f"generate.py: {len(jobs)} request{'s' * (len(jobs) != 1)} on {dp.size} processes (data parallel): "
-              f"{' + '.join(str(len(part)) for part in gathered)}", file=sys.stderr)
+    if dp.size > 1:  # (a tensor-parallel group's processes hold the same outputs: counted once)
+        per_engine = gathered[::dp.processes // dp.size]
+        print(f"generate.py: {len(jobs)} request{'s' * (len(jobs) != 1)} on {dp.size} engines (data parallel): "
+              f"{' + '.join(str(len(part)) for part in per_engine)}", file=sys.stderr)
 
     curves = []
     for i, (name, _, _) in enumerate(jobs):

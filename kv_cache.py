@@ -355,6 +355,7 @@ class CacheBatch:
         self.meta = None  # device metadata, after upload
         self.query_lens = None
         self.hiding, self.hide = hide, None
+        self.tiles = None  # the memento kernel's tile lists of this step (triton backend, gathered path)
         if query_lens is not None:
             if len(query_lens) != len(seq_ids) or min(query_lens, default=0) < 0:
                 raise ValueError(f"CacheBatch: query_lens {query_lens} must give one length >= 0 per row")
@@ -406,7 +407,7 @@ class CacheBatch:
         tokens (paper §6.1): a function of the bucket and the page table's capacity only, so
         a replayed graph and the same step run eagerly make the same choice."""
         self = cls.__new__(cls)
-        self.hiding, self.hide = hide is not None, hide
+        self.hiding, self.hide, self.tiles = hide is not None, hide, None
         self.cache, self.seq_ids, self.seqs = cache, [], []
         self.layers = [_LayerView(self, i) for i in range(cache.n_layers)]
         self.meta = (rows, starts, query_lens, lengths)
@@ -599,7 +600,14 @@ class _LayerView:
                                                attn_mask=b.attn_mask if masked else None,
                                                is_causal=not masked and b.causal, enable_gqa=True)
             return y.to(q.dtype)
-        return attention(q, k_all, v_all, b.k_mask_from, q_pos=q_pos, k_pos=b.k_pos)
+        mask = b.k_mask_from
+        if resolve_backend(c.device) == "triton":  # the kernel's tile lists, built once for every layer
+            if b.tiles is None:
+                from memento_kernels.memento_flash import TileMask  # triton: CUDA, or CPU under the interpreter
+
+                b.tiles = TileMask(b.k_mask_from, q_pos, b.k_pos)
+            mask = b.tiles
+        return attention(q, k_all, v_all, mask, q_pos=q_pos, k_pos=b.k_pos)
 
 
 def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:

@@ -97,7 +97,9 @@ def attention(q, k, v, mask_from=None, *, q_pos=None, k_pos=None, backend=None):
             attention, no K/V copies needed by callers). Tk >= Tq.
         mask_from: [B, Tk] int or None. Key j is visible to query i iff
             k_pos[j] <= q_pos[i] < mask_from[j]. None means plain causal attention. Or
-            prepare_mask's result (a model forward's, shared by its layers).
+            prepare_mask's result (a model forward's, shared by its layers), or a TileMask
+            with positions (a KV cache's batch, shared by its layers; give q_pos/k_pos too,
+            for the other backends).
         q_pos, k_pos: optional [B, Tq] / [B, Tk] int logical positions. By default keys sit
             at 0..Tk-1 and queries are the last Tq of them (training, prefill, and decoding
             against a cache whose entries are all visible).
@@ -172,6 +174,8 @@ def _attention(q, k, v, mask_from, q_pos, k_pos, backend):
     if backend == "triton":
         from memento_kernels.memento_flash import memento_flash_attention  # see above
 
+        if tiles is not None and tiles.q_pos is not None:  # positions and lists built once for every layer
+            return memento_flash_attention(q, k, v, tiles)
         return memento_flash_attention(q, k, v, mask_from, q_pos=q_pos, k_pos=k_pos)
     vis = visible_mask(q_pos.long(), k_pos.long(), mask_from.long())[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=True)

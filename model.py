@@ -14,6 +14,8 @@ compacting KV cache (kv_cache.py). The serving engine runs the two functions com
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -199,17 +201,23 @@ def attention_in(x: torch.Tensor, delta: torch.Tensor | None, ln_w: torch.Tensor
 
 
 def attention_out_mlp(x: torch.Tensor, y: torch.Tensor, o_w: torch.Tensor, o_b: torch.Tensor | None,
-                      ln_w: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor, eps: float):
+                      ln_w: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor, eps: float, reduce=None):
     """The output projection and its residual add, the post-attention RMSNorm and the SwiGLU
     MLP, down(silu(gate) * up) (Qwen3; paper §4, §6.1).
 
-    x: [B, T, hidden]; y: [B, Hq, T, D] the attention output. Returns (x + o_proj(y), the MLP's
-    output [B, T, hidden]): the MLP's residual add is the next attention_in's (or final_norm's).
+    x: [B, T, hidden]; y: [B, Hq, T, D] the attention output. reduce: None, or (tensor
+    parallelism) the sum over the ranks of a row-parallel projection's partial output
+    (sharding.tensor_parallel). Returns (x + o_proj(y), the MLP's output [B, T, hidden]): the
+    MLP's residual add is the next attention_in's (or final_norm's).
     """
     B, T, _ = x.shape
-    x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), o_w, o_b)
+    o = F.linear(y.transpose(1, 2).reshape(B, T, -1), o_w, o_b if reduce is None else None)
+    if reduce is not None:  # each rank holds some heads' share of o_proj: sum, then the bias once
+        o = reduce(o) if o_b is None else reduce(o) + o_b
+    x = x + o
     gu = F.linear(rms_norm(x, ln_w, eps), gate_up_w).view(B, T, -1, 2)
-    return x, F.linear(F.silu(gu[..., 0]) * gu[..., 1], down_w)
+    out = F.linear(F.silu(gu[..., 0]) * gu[..., 1], down_w)
+    return x, out if reduce is None else reduce(out)
 
 
 def final_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -220,24 +228,34 @@ def final_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
 @dataclass(frozen=True)
 class LayerOps:
     """The functions a forward runs around attention: the plain ones (EAGER_OPS), or their
-    torch.compile'd versions (compiled_ops; the engine's decode and prefill forwards)."""
+    torch.compile'd versions (compiled_ops; the engine's decode and prefill forwards), and
+    `reduce`: None, or under tensor parallelism the all-reduce of a row-parallel projection's
+    output (sharding.tensor_parallel)."""
 
     attention_in: object = attention_in
     attention_out_mlp: object = attention_out_mlp
     final_norm: object = final_norm
     rope_cos_sin: object = rope_cos_sin
+    reduce: object = None
 
 
 EAGER_OPS = LayerOps()
 
 
+@functools.lru_cache(maxsize=None)
 def compiled_ops(**compile_kwargs) -> LayerOps:
     """LayerOps compiled with torch.compile (inductor), dynamic in batch and length, so that one
     compilation serves every layer and every batch size (paper §6.1 serving: decode is bound by
     kernel launches; fused, each piece is a few kernels). compile_kwargs go to torch.compile
-    (default dynamic=True). Compilation happens at the first call of each shape class."""
+    (default dynamic=True). Compilation happens at the first call of each shape class; the
+    same LayerOps is returned for the same arguments, so engines of one process share it."""
     kw = {"dynamic": True, **compile_kwargs}
     return LayerOps(*(torch.compile(f, **kw) for f in (attention_in, attention_out_mlp, final_norm, rope_cos_sin)))
+
+
+def with_reduce(ops: LayerOps, reduce) -> LayerOps:
+    """ops whose row-parallel projections sum over tensor-parallel ranks with `reduce`."""
+    return dataclasses.replace(ops, reduce=reduce)
 
 
 class SwiGLU(nn.Module):
@@ -288,7 +306,7 @@ class DecoderLayer(nn.Module):
             # under the same rule in logical positions (kv_cache.py picks how it reads them).
             y = layer_cache.attend(q, k, v, positions)
         return ops.attention_out_mlp(x, y, a.o_proj.weight, a.o_proj.bias, self.post_attention_layernorm.weight,
-                                     m.gate_up_proj.weight, m.down_proj.weight, eps)
+                                     m.gate_up_proj.weight, m.down_proj.weight, eps, ops.reduce)
 
 
 class Backbone(nn.Module):

@@ -25,6 +25,7 @@ its own size.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch
 from cuda_graphs import DecodeGraphs
 from kv_cache import PagedKVCache, kv_bytes_per_token
 from memento_attention import resolve_backend
-from model import EAGER_OPS, compiled_ops
+from model import EAGER_OPS, compiled_ops, with_reduce
 from sampling import sample
 
 log = logging.getLogger("memento.model_runner")
@@ -96,6 +97,19 @@ class Sampled:
 # ----------------------------------------------------------------------------- the KV budget
 
 
+def local_config(model):
+    """The model.Qwen3Config of what this process holds: the model's, with the attention and
+    KV heads divided by the tensor-parallel size (sharding.tensor_parallel) if it is split.
+    Its KV cache is sized and shaped from this (paper §A.3.1 bytes per token, per rank)."""
+    tp = getattr(model, "tensor_parallel", None)
+    c = model.config
+    if tp is None or tp.size == 1:
+        return c
+    return dataclasses.replace(c, num_attention_heads=c.num_attention_heads // tp.size,
+                               num_key_value_heads=c.num_key_value_heads // tp.size)
+
+
+
 def gpu_kv_budget_bytes(total: int, free: int, reserved: int, peak_allocated: int, utilization: float) -> int:
     """Bytes left for the KV pool on a GPU, as vLLM sizes it: utilization x total memory, minus
     the peak torch allocated while profiling (weights and one forward's activations), minus what
@@ -116,7 +130,7 @@ def default_kv_cache_tokens(model, config) -> tuple[int, str]:
     """
     p = next(model.parameters())
     dtype = config.kv_cache_dtype or p.dtype
-    per_token = kv_bytes_per_token(model.config, dtype)
+    per_token = kv_bytes_per_token(local_config(model), dtype)
     if p.device.type != "cuda":
         budget = int(config.cpu_kv_cache_gib * 2**30)
         tokens = budget // per_token
@@ -125,10 +139,10 @@ def default_kv_cache_tokens(model, config) -> tuple[int, str]:
     torch.cuda.synchronize(p.device)
     torch.cuda.reset_peak_memory_stats(p.device)
     n = config.max_num_batched_tokens
-    cache = PagedKVCache(model.config, dtype, p.device, page_size=config.page_size)
+    cache = PagedKVCache(local_config(model), dtype, p.device, page_size=config.page_size)
     cache.add(0)
     h = model.hidden_states(torch.zeros(1, n, dtype=torch.int64, device=p.device),
-                            torch.arange(n, device=p.device)[None], None, cache.batch([0]))
+                            torch.arange(n, device=p.device)[None], None, cache.batch([0]), ops=_tp_ops(model, EAGER_OPS))
     model.logits(h[0, -1:].expand(config.max_num_seqs, -1))
     del h, cache
     torch.cuda.synchronize(p.device)
@@ -137,6 +151,11 @@ def default_kv_cache_tokens(model, config) -> tuple[int, str]:
                                  torch.cuda.max_memory_allocated(p.device), config.gpu_memory_utilization)
     torch.cuda.empty_cache()
     tokens = max(0, budget) // per_token
+    tp = getattr(model, "tensor_parallel", None)
+    if tp is not None and tp.size > 1:  # the group's engines must agree on the pool: the smallest
+        t = torch.tensor([tokens], device=p.device)
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MIN, group=tp.group)
+        tokens = int(t)
     if tokens < config.page_size:
         raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={config.gpu_memory_utilization} "
                          f"({total / 2**30:.1f} GiB device); raise it or lower max_num_batched_tokens")
@@ -166,13 +185,16 @@ class ModelRunner:
         self.vocab, self.block_end = vocab, block_end
         self.device = cache.device
         cuda = self.device.type == "cuda"
-        compile_ = config.compile if config.compile is not None else (cuda and not config.enforce_eager)
-        self.ops = compiled_ops() if compile_ and not config.enforce_eager else EAGER_OPS
+        self.tp = getattr(model, "tensor_parallel", None)
+        split = self.tp is not None and self.tp.size > 1
+        # Tensor parallel: no torch.compile and no CUDA graphs until a multi-GPU run has checked them
+        compile_ = config.compile if config.compile is not None else (cuda and not config.enforce_eager and not split)
+        self.ops = _tp_ops(model, compiled_ops() if compile_ and not config.enforce_eager and not split else EAGER_OPS)
         self.last_ids = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         # keep_logits needs every position's logits, which the bucketed step does not return
         self.static = (cuda and cache.bounded and cache.paged_kernel and not config.keep_logits
                        and resolve_backend(self.device) == "triton")
-        graphs = config.cudagraph_mode != "NONE" and not config.enforce_eager
+        graphs = config.cudagraph_mode != "NONE" and not config.enforce_eager and not split
         self.graphs = None
         self.last_groups: list[list[int]] = []  # the forwards of the last step (row indices)
         self.compile_seconds = 0.0
@@ -271,7 +293,12 @@ class ModelRunner:
             k = max(want[i] for i in lp_rows)
             top = lp.topk(k, dim=-1) if k else None
         logits[:, self.vocab:] = float("-inf")  # the embedding may be padded beyond the tokenizer
-        ids = sample(logits, [d.params for d in draws], [d.seed for d in draws], [d.counter for d in draws])
+        if self.tp is None or self.tp.size == 1 or self.tp.rank == 0:
+            ids = sample(logits, [d.params for d in draws], [d.seed for d in draws], [d.counter for d in draws])
+        else:
+            ids = torch.empty(len(draws), dtype=torch.int64, device=self.device)
+        if self.tp is not None and self.tp.size > 1:  # sampled once, on the group's first process
+            torch.distributed.broadcast(ids, src=self.tp.src, group=self.tp.group)
         force = [d.force for d in draws]
         if any(force):
             ids = torch.where(torch.tensor(force, device=ids.device), self.block_end, ids)
@@ -314,6 +341,12 @@ class ModelRunner:
                     tops[i] = dict(zip(idx[j][:k], vals[j][:k]))
                 j += 1
         return ids, lps, tops
+
+
+def _tp_ops(model, ops):
+    """ops with the tensor-parallel all-reduce of a split model (sharding.tensor_parallel)."""
+    tp = getattr(model, "tensor_parallel", None)
+    return ops if tp is None or tp.size == 1 else with_reduce(ops, tp.all_reduce)
 
 
 def forward_groups(rows: list[RowIn]) -> list[list[int]]:

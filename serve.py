@@ -35,6 +35,7 @@ import math
 import os
 import queue
 import re
+import sys
 import threading
 import time
 import uuid
@@ -51,6 +52,8 @@ from starlette.exceptions import HTTPException
 from cli import (DEFAULT_CHECKPOINT, ArgumentParser, add_generation_args, engine_config, kv_cache_budget, load_or_exit,
                  nonnegative_int, positive_float, positive_int)
 from engine import Engine, Mode, check_mode
+from model_runner import local_config
+from sharding import setup_data_parallel, tensor_parallel
 from kv_cache import curve_stats
 from sampling import SamplingParams, request_seed, show
 
@@ -413,6 +416,12 @@ class EngineLoop:
     def __init__(self, model, tok, config, metrics: Metrics):
         self.engine = Engine(model, tok, config, on_token=self._on_token, on_finish=self._on_finish)
         self.tok, self.metrics, self.inbox = tok, metrics, queue.Queue()
+        tp = getattr(model, "tensor_parallel", None)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.said: list = []  # under tensor parallelism: the engine calls since the last step, for the others
+        if self.tp is not None:
+            self.engine.add, self.engine.abort, self.engine.release = (
+                self._recorded(name) for name in ("add", "abort", "release"))
         self.jobs: dict[int, tuple[Job, int]] = {}  # sequence id -> (its Job, choice index), while it runs
         self.out: dict[Job, list] = {}              # events of this iteration
         self.failed: list[Job] = []                 # Jobs a sequence of which ended in an error this iteration
@@ -458,19 +467,22 @@ class EngineLoop:
         while True:
             items = []
             try:
-                items.append(self.inbox.get(block=not (eng.waiting or eng.running)))
+                # idle under tensor parallelism: wake up now and then to keep the other processes' wait alive
+                items.append(self.inbox.get(block=not eng.busy, timeout=60 if self.tp else None))
                 while True:
                     items.append(self.inbox.get_nowait())
             except queue.Empty:
                 pass
             for kind, job in items:
                 if kind == "stop":
+                    self._tell([("stop", (), {})])
                     return
                 if kind == "add":
                     self._add(job)
                 else:
                     self._abort(job)
-            if eng.waiting or eng.running:
+            self._tell([("step", (), {})] if eng.busy else [])
+            if eng.busy:
                 try:
                     eng.step()
                 except Exception as e:  # noqa: BLE001 -- batch-wide (out of memory, a bug): what is in flight fails
@@ -485,6 +497,26 @@ class EngineLoop:
                 self._fail(job, internal_error(job.rid))
             self.failed = []
             self._flush()
+
+    def _recorded(self, name: str):
+        """The engine's `name` method, each call also recorded (by sequence id) for the other
+        processes of the tensor-parallel group, which replay it before the next step."""
+        real = getattr(self.engine, name)
+
+        def call(*args, **kw):
+            self.said.append((name, tuple(a.id if hasattr(a, "id") and not isinstance(a, list) else a for a in args),
+                              kw))
+            return real(*args, **kw)
+        return call
+
+    def _tell(self, then: list) -> None:
+        """Under tensor parallelism, send the other processes this iteration's engine calls and
+        what follows ("step", "stop", or nothing), so that their engines stay this one's twin."""
+        if self.tp is None:
+            return
+        msg = [self.said + then]
+        self.said = []
+        torch.distributed.broadcast_object_list(msg, src=self.tp.src, group=self.tp.group)
 
     def _add(self, job: Job) -> None:
         eng = self.engine
@@ -877,6 +909,31 @@ class BrowserGuard:
         await self.app(scope, receive, send)
 
 
+def follow(model, tok, config) -> None:
+    """A tensor-parallel process other than the first (paper §6.1 serving): its engine holds its
+    share of the model and the KV heads and replays, in order, the engine calls the first
+    process broadcasts (add, abort, release by sequence id; step; stop), so the group's engines
+    make the same decisions and feed the same tokens (the first process samples; sampling
+    broadcasts the ids). Returns at "stop". Raises what the collectives raise."""
+    tp = model.tensor_parallel
+    eng = Engine(model, tok, config)
+    while True:
+        msg = [None]
+        torch.distributed.broadcast_object_list(msg, src=tp.src, group=tp.group)
+        for name, args, kw in msg[0]:
+            if name == "stop":
+                return
+            if name == "step":
+                eng.step()
+            elif name == "add":
+                try:
+                    eng.add(*args, **kw)
+                except ValueError:  # refused here as there: the first process's next calls say what follows
+                    pass
+            elif eng.sequences[args[0]] is not None:  # abort / release by id
+                getattr(eng, name)(eng.sequences[args[0]], **kw)
+
+
 def build_app(srv: Server, api_key: str | None, allowed_hosts: list[str] = (), allowed_origins: list[str] = (),
               host: str = "127.0.0.1") -> FastAPI:
     """The FastAPI app over a Server (paper §6.1 serving); no interactive docs (they would be
@@ -962,9 +1019,27 @@ def main(argv=None):
     api_key = args.api_key or os.environ.get("MEMENTO_API_KEY") or None
     config = engine_config(ap, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tp = None
+    if args.tensor_parallel_size > 1:  # one engine over the processes of torchrun; the first serves HTTP
+        try:
+            dp = setup_data_parallel(args.device, args.tensor_parallel_size)
+        except ValueError as e:
+            sys.exit(f"serve.py: {e}")
+        if dp.size != 1:
+            sys.exit(f"serve.py: one server is one engine: run --nproc_per_node {args.tensor_parallel_size} (the "
+                     f"--tensor-parallel-size), not {dp.processes}")
+        tp, args.device = dp.tp, str(dp.device)
     model, tok = load_or_exit("serve.py", args.checkpoint, args.device, getattr(torch, args.dtype))
-    config = kv_cache_budget(ap, args, config, model.config)
+    if tp is not None:
+        try:
+            tensor_parallel(model, tp)
+        except ValueError as e:
+            sys.exit(f"serve.py: {e}")
+    config = kv_cache_budget(ap, args, config, local_config(model))  # --kv-cache-gib is per process
     torch.manual_seed(args.seed)  # requests without a seed draw theirs from torch's generator
+    if tp is not None and tp.rank > 0:
+        follow(model, tok, config)
+        return
     srv = Server(model, tok, config, args)
     srv.loop.thread.start()
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):

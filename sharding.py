@@ -19,7 +19,8 @@ process builds its own engine on its own device and decodes its `share` of the r
 processes agree at a few points through the run's torch.distributed store (`exchange`: no
 deadline, so a process that finishes hours before the others simply waits), and never talk
 during decoding. `data_parallel_rank_size` is the one place that says which share a process
-takes (with tensor parallelism, later, a group of processes will hold one engine). The toy
+takes; with tensor parallelism (`--tensor-parallel-size K`) a group of K consecutive processes
+holds one engine, and the groups share the requests. The toy
 evaluation inside a training run decodes through an unsharded copy of the policy
 (`generation_copy`, refreshed from the FSDP shards), each process its share.
 """
@@ -62,6 +63,85 @@ def _process_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# ----------------------------------------------------------------------------- tensor parallel (one model over K processes)
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """A model split over the K processes of a tensor-parallel group (paper §6.1 serving: a
+    model too large for one GPU's memory and its KV pool). size: K; rank: this process's
+    place in the group; group: the torch.distributed group; src: the global rank of the
+    group's first process (it samples, and its ids reach the others by broadcast)."""
+
+    size: int = 1
+    rank: int = 0
+    group: object = None
+    src: int = 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of x over the group: a row-parallel projection's partial outputs (a
+        functional collective, so torch.compile can trace it). Raises what the collective raises."""
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_reduce(x, "sum", self.group)
+
+
+def tensor_parallel_groups(size: int) -> tuple[TensorParallel, int, int]:
+    """Cut the torchrun processes into groups of `size` consecutive ranks (one engine each) and
+    return (this process's TensorParallel, its data-parallel rank, the data-parallel size).
+    Needs an initialized process group (every process calls this, in the same order).
+    Raises ValueError (one line) when the world size is not a multiple of size."""
+    dp_rank, dp_size = data_parallel_rank_size(size)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for g in range(world // size):  # every process creates every group, in order (new_group's rule)
+        ranks = list(range(g * size, (g + 1) * size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = TensorParallel(size, rank - ranks[0], group, ranks[0])
+    return mine, dp_rank, dp_size
+
+
+def tensor_parallel(model, tp: TensorParallel):
+    """Split a model.Qwen3's layers over a tensor-parallel group with torch.distributed's own
+    tensor-parallel styles (paper §6.1 serving): ColwiseParallel for the fused QKV and gate-up
+    projections (their layouts keep whole GQA groups and matching gate/up rows in one slice;
+    model.py), RowwiseParallel for o_proj and down_proj. Each process then holds its shard of
+    those weights, K-th of the attention heads (so its KV pool holds K-th of the KV heads),
+    and the rest replicated (embedding, norms, lm_head). parallelize_module places the shards;
+    the forward runs the layer functions on each process's local shard and sums the two
+    row-parallel outputs with one all-reduce each (LayerOps.reduce = tp.all_reduce), which
+    the engine passes to every forward. Sets model.tensor_parallel = tp. Returns the model.
+    Raises ValueError when K does not divide the KV heads (one line)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    c = model.config
+    if c.num_key_value_heads % tp.size:
+        raise ValueError(f"--tensor-parallel-size {tp.size} must divide the model's {c.num_key_value_heads} KV heads")
+    device = next(model.parameters()).device
+    mesh = DeviceMesh.from_group(tp.group, device.type)
+    plan = {}
+    for i in range(c.num_hidden_layers):
+        plan[f"model.layers.{i}.self_attn.qkv_proj"] = ColwiseParallel()
+        plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()
+        plan[f"model.layers.{i}.mlp.gate_up_proj"] = ColwiseParallel()
+        plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
+    parallelize_module(model, mesh, plan)
+    for name, module in model.named_modules():  # the layer functions take local shards, not DTensors
+        if name in plan:
+            for pname, p in list(module.named_parameters(recurse=False)):
+                if isinstance(p, DTensor):
+                    setattr(module, pname, torch.nn.Parameter(p.to_local(), requires_grad=p.requires_grad))
+            module._forward_pre_hooks.clear()
+            module._forward_hooks.clear()
+    for layer in model.model.layers:
+        layer.self_attn.kv_heads = c.num_key_value_heads // tp.size
+    model.tensor_parallel = tp
+    return model
+
+
 # ----------------------------------------------------------------------------- data parallel (eval.py, generate.py)
 
 @dataclass(frozen=True)
@@ -75,6 +155,8 @@ class DataParallel:
     device: where its engine runs (cuda:LOCAL_RANK on CUDA, else the device asked for).
     store: the run's torch.distributed key-value store (None in one process), which
         `exchange` talks through.
+    tp: its tensor-parallel group (TensorParallel) when one engine spans several processes
+        (--tensor-parallel-size), else None.
     """
 
     rank: int = 0
@@ -83,11 +165,18 @@ class DataParallel:
     processes: int = 1
     device: torch.device = torch.device("cpu")
     store: dist.Store | None = None
+    tp: TensorParallel | None = None
 
     @property
     def lead(self) -> bool:
         """Process 0: it checks the run's inputs, merges the results and prints (Table 1, §6.1)."""
         return self.process == 0
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes its engine's results: the first process of its
+        tensor-parallel group (every process without tensor parallelism)."""
+        return self.tp is None or self.tp.rank == 0
 
 
 def data_parallel_rank_size(tensor_parallel_size: int = 1) -> tuple[int, int]:
@@ -103,15 +192,25 @@ def data_parallel_rank_size(tensor_parallel_size: int = 1) -> tuple[int, int]:
     return rank // tensor_parallel_size, world // tensor_parallel_size
 
 
-def setup_data_parallel(device: str) -> DataParallel:
+def setup_data_parallel(device: str, tensor_parallel_size: int = 1) -> DataParallel:
     """Join the processes of a data-parallel eval.py / generate.py run (Table 1, §6.1):
     under torchrun, the process group (gloo on CPU, nccl on CUDA, each process on
     cuda:LOCAL_RANK) over the run's store, which `exchange` then uses; without torchrun, one
-    process on `device`. Raises ValueError (one line) from data_parallel_rank_size, or when a
-    node runs more processes than it has GPUs (checked by every process before any waits)."""
+    process on `device`. With tensor_parallel_size K > 1 the processes form groups of K
+    consecutive ranks, one engine each (tensor_parallel_groups). Raises ValueError (one line)
+    from data_parallel_rank_size, for K > 1 without torchrun or without the collective backend
+    of the device, or when a node runs more processes than it has GPUs (checked by every
+    process before any waits)."""
+    if tensor_parallel_size > 1 and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--tensor-parallel-size {tensor_parallel_size} needs torchrun: "
+                         f"torchrun --nproc_per_node {tensor_parallel_size} ...")
+    if tensor_parallel_size > 1 and not (dist.is_nccl_available() if _backend(device) == "nccl"
+                                         else dist.is_gloo_available()):
+        raise ValueError(f"--tensor-parallel-size {tensor_parallel_size} needs the {_backend(device)} backend, which "
+                         "this torch build lacks")
     if "WORLD_SIZE" not in os.environ:
         return DataParallel(device=torch.device(device))
-    rank, size = data_parallel_rank_size()
+    rank, size = data_parallel_rank_size(tensor_parallel_size)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if _backend(device) == "nccl" and local_world > torch.cuda.device_count():
         gpus = torch.cuda.device_count()
@@ -119,7 +218,8 @@ def setup_data_parallel(device: str) -> DataParallel:
                          f"--nproc_per_node {gpus} at most")
     store, process, processes = next(dist.rendezvous("env://"))
     dist.init_process_group(_backend(device), store=store, rank=process, world_size=processes)
-    return DataParallel(rank, size, process, processes, _process_device(device), store)
+    tp = tensor_parallel_groups(tensor_parallel_size)[0] if tensor_parallel_size > 1 else None
+    return DataParallel(rank, size, process, processes, _process_device(device), store, tp)
 
 
 def close_data_parallel(dp: DataParallel, clean: bool = True) -> None:

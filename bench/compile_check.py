@@ -168,7 +168,7 @@ def _paged_launch(name: str, dtype: str, D: int, arch: int, page_size: int):
         consts = dict(HEAD_D=D, SPLITS_PAD=pa.MAX_SPLITS)
         return pa._paged_reduce_kernel, consts, (pa.MAX_SPLITS, D, pa._REDUCE_WARPS, 1)
     rows, split = _PAGED[name]
-    bm, bn, warps, stages = pa.config(D, _DT[dtype], True, rows, arch // 10)
+    bm, bn, warps, stages = pa.config(D, _DT[dtype], True, rows, capability(arch))
     # decode steps carry a hidden key range (the engine's asynchronous steps); prefill chunks never
     consts = dict(PAGE=page_size, HEAD_D=D, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, HAS_HIDE=name.startswith("paged_dec"),
                   UPCAST=False, IEEE=dtype == "fp32")

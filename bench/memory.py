@@ -5,6 +5,7 @@
     python bench/memory.py --table                                     # the README table
     python bench/memory.py --check                                     # formula vs a measured CPU step
     python bench/memory.py --rl --world-size 8 --micro-batch-size 1    # an RL step per GPU (train_rl.py)
+    python bench/memory.py --serve --model Qwen3-32B --tensor-parallel-size 2   # a serving engine per GPU
 
 What train_sft.py holds on one GPU during a micro-step (bf16 autocast over fp32 master weights,
 AdamW, the Triton kernel, the loss chunked over rows, gradient accumulation), in bytes, with
@@ -289,6 +290,68 @@ def rl_estimate(cfg, *, world_size: int = 8, fsdp: bool = True, seq_len: int = 3
                       pool // (per_token * seq_len))
 
 
+@dataclass
+class ServeEstimate:
+    """Bytes per GPU of a serving engine (eval.py, generate.py, serve.py; paper §6.1) whose model
+    is split over tensor_parallel_size GPUs: weights (each rank's share of the layers' sharded
+    projections, the embedding, lm_head and norms whole), engine_step (the activations of the
+    largest step: max_num_batched_tokens through one layer's projections at a time, and the
+    LM head's fp32 logits for max_num_seqs rows), graphs (CUDA graphs' memory: the decode
+    buckets' activations, none under tensor parallelism, where graphs are off), kv_pool (what
+    gpu_memory_utilization leaves, or kv_cache_gib) and kv_tokens (the pool in tokens: each
+    rank holds its share of the KV heads for every token); full_traces_at_once: max-length
+    full-cache traces the pool holds together (memento traces peak lower)."""
+
+    weights: int
+    engine_step: int
+    graphs: int
+    kv_pool: int
+    kv_tokens: int
+    full_traces_at_once: int
+    peak: int
+
+
+def serve_estimate(cfg, *, tensor_parallel_size: int = 1, seq_len: int = 32768, kv_cache_gib: float | None = None,
+                   device_bytes: int = 80 * 10**9, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
+                   max_num_batched_tokens: int = 2048, cuda_graphs: bool | None = None) -> ServeEstimate:
+    """Memory per GPU of serving a bf16 model with the engine (paper §6.1; module docstring).
+
+    Args:
+        cfg: a model.Qwen3Config. tensor_parallel_size: K, GPUs one model spans (must divide
+            the KV heads). seq_len: prompt + new tokens of the longest request. kv_cache_gib:
+            the pool per GPU (None: the engine's default, gpu_memory_utilization of
+            device_bytes less weights and activations). max_num_seqs, max_num_batched_tokens:
+            the engine's. cuda_graphs: None = on unless K > 1.
+    Returns:
+        ServeEstimate, bytes (tokens and counts where named so).
+    Raises:
+        ValueError for a non-positive size, K not dividing the KV heads, or no room for a pool.
+    """
+    K = tensor_parallel_size
+    if min(K, seq_len, max_num_seqs, max_num_batched_tokens) < 1:
+        raise ValueError("serve_estimate: sizes must be >= 1")
+    if cfg.num_key_value_heads % K:
+        raise ValueError(f"serve_estimate: --tensor-parallel-size {K} must divide the {cfg.num_key_value_heads} KV heads")
+    h, i, d, L = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    sharded = L * ((q + 2 * kv) * h + q * h + 3 * i * h)  # qkv, o, gate-up, down: split K ways
+    whole = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + L * (2 * h + 2 * d) + h
+    weights = 2 * (sharded // K + whole)
+    engine_step = (2 * ((q + 2 * kv + 3 * i) // K + 2 * h) * max_num_batched_tokens + 4 * cfg.vocab_size * max_num_seqs)
+    graphs = (K == 1) if cuda_graphs is None else cuda_graphs
+    graph_bytes = 2 * ((q + 2 * kv + 3 * i) // K + 2 * h) * max_num_seqs + 4 * cfg.vocab_size * max_num_seqs if graphs else 0
+    per_token = 2 * L * (kv // K) * 2  # bf16 K and V of this rank's KV heads (kv_cache.kv_bytes_per_token)
+    if kv_cache_gib is None:
+        pool = int(gpu_memory_utilization * device_bytes) - weights - engine_step - graph_bytes
+        if pool < per_token * 16:
+            raise ValueError(f"serve_estimate: no room for a KV pool: {weights / GIB:.1f} GiB of weights per GPU of "
+                             f"{device_bytes / GIB:.1f} GiB at gpu_memory_utilization={gpu_memory_utilization}")
+    else:
+        pool = int(kv_cache_gib * GIB)
+    return ServeEstimate(weights, engine_step, graph_bytes, pool, pool // per_token, pool // (per_token * seq_len),
+                         weights + engine_step + graph_bytes + pool)
+
+
 def measure_peak(fn, device: str = "cpu") -> tuple[int, int]:
     """(peak, final) bytes allocated by torch while fn() runs, above what was allocated before.
 
@@ -347,6 +410,9 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="measure small training steps (CUDA if present) against the formula")
     ap.add_argument("--check-tokens", type=positive_int, default=256, help="tokens per --check step (the CPU interpreter is slow)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the listing")
+    sv = ap.add_argument_group("--serve: a serving engine per GPU (eval.py, generate.py, serve.py)")
+    sv.add_argument("--serve", action="store_true", help="estimate a serving engine per GPU (bf16 weights)")
+    sv.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="GPUs one model spans")
     rl = ap.add_argument_group("--rl: an RL step of train_rl.py per GPU (--max-seq-len: the longest rollout)")
     rl.add_argument("--rl", action="store_true", help="estimate an RL step instead of an SFT micro-step")
     rl.add_argument("--no-fsdp", dest="fsdp", action="store_false", help="DDP: every GPU holds everything")
@@ -357,6 +423,27 @@ def main(argv=None):
     rl.add_argument("--gpu-gb", type=float, default=80.0, help="device memory in GB (10^9 bytes), as vendors state it")
     rl.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="the engine's share of the device")
     args = ap.parse_args(argv)
+    if args.serve:
+        cfg = load_config(args.model)
+        try:
+            e = serve_estimate(cfg, tensor_parallel_size=args.tensor_parallel_size, seq_len=args.max_seq_len,
+                               kv_cache_gib=args.kv_cache_gib, device_bytes=int(args.gpu_gb * 10**9),
+                               gpu_memory_utilization=args.gpu_memory_utilization)
+        except ValueError as err:
+            sys.exit(f"bench/memory.py: {err}")
+        if args.json:
+            print(json.dumps({"model": args.model, **asdict(e)}))
+            return
+        device = args.gpu_gb * 10**9
+        print(f"{args.model} served in bf16 over {args.tensor_parallel_size} GPU(s) of {args.gpu_gb:g} GB (tensor "
+              f"parallel), requests up to {args.max_seq_len:,} tokens; GiB per GPU:")
+        for k in ("weights", "engine_step", "graphs", "kv_pool"):
+            print(f"  {k:<12} {getattr(e, k) / GIB:10.2f}")
+        print(f"  KV pool: {e.kv_tokens:,} tokens (each GPU holds its share of the KV heads for every token); "
+              f"{e.full_traces_at_once} full-cache {args.max_seq_len:,}-token requests at once")
+        print(f"  fits: {'yes' if e.peak <= device and e.full_traces_at_once >= 1 else 'NO'} "
+              f"({e.peak / GIB:.1f} of {device / GIB:.1f} GiB)")
+        return
     if args.rl:
         cfg = load_config(args.model)
         try:

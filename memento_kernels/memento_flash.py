@@ -612,18 +612,28 @@ class TileMask:
     O(B x row tiles) counts and starts plus O(tiles visited) indices, where the dense lists
     of tile_lists hold B x R x C. `nbytes()` reports what is held.
 
+    The positions form (queries against a KV cache, §6.1): with q_pos [B, Tq] and k_pos [B, T]
+    the lists are the forward's only, and a prefill chunk's forward builds them once for all
+    its layers (kv_cache.py hands every layer the same TileMask).
+
     Attributes:
         mask_from: [B, T] int32 (clamped as memento_flash_attention does).
-        T: tokens per row. builds: how many list sets were built (tests, benchmarks).
+        T: tokens (keys) per row. q_pos, k_pos: int32 positions or None.
+        builds: how many list sets were built (tests, benchmarks).
     Raises:
-        ValueError (constructor) for a mask_from that is not a [B, T] integer tensor.
+        ValueError (constructor) for a mask_from that is not a [B, T] integer tensor, or
+        positions not given together.
     """
 
-    def __init__(self, mask_from: torch.Tensor):
+    def __init__(self, mask_from: torch.Tensor, q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None):
         if not isinstance(mask_from, torch.Tensor) or mask_from.dim() != 2 or mask_from.dtype.is_floating_point \
                 or mask_from.dtype == torch.bool:
             raise ValueError("TileMask: mask_from must be a [B, T] integer tensor")
+        if (q_pos is None) != (k_pos is None):
+            raise ValueError("TileMask: give q_pos and k_pos together")
         self.mask_from = _int32(mask_from)
+        self.q_pos = None if q_pos is None else _int32(q_pos)
+        self.k_pos = None if k_pos is None else _int32(k_pos)
         self.T = mask_from.shape[1]
         self.builds = 0
         self._lists = {}
@@ -632,6 +642,13 @@ class TileMask:
         """{kernel: csr_lists} for the launch config cfg ({"fwd"|"dq"|"dkdv": (BLOCK_M,
         BLOCK_N, warps, stages)}), built together the first time this tiling is asked for;
         dK/dV's rows are key tiles (the schedule transposed)."""
+        if self.q_pos is not None:  # the positions form: the forward's list only
+            key = cfg["fwd"][:2]
+            if key not in self._lists:
+                self._lists[key] = {"fwd": csr_lists(tile_schedule(self.mask_from, self.T, *key, q_pos=self.q_pos,
+                                                                   k_pos=self.k_pos))}
+                self.builds += 1
+            return self._lists[key]
         key = tuple(cfg[k][:2] for k in ("fwd", "dq", "dkdv"))
         if key not in self._lists:
             schedules = {}
@@ -997,8 +1014,10 @@ def memento_flash_attention(q, k, v, mask_from, sm_scale=None, *, q_pos=None, k_
     """
     tiles = mask_from if isinstance(mask_from, TileMask) else None
     if tiles is not None and q_pos is not None:
-        raise ValueError("memento_flash_attention: a TileMask is for whole sequences; pass mask_from as a tensor "
-                         "with q_pos/k_pos")
+        raise ValueError("memento_flash_attention: a TileMask carries its own positions (TileMask(mask_from, q_pos, "
+                         "k_pos)); do not pass q_pos/k_pos with one")
+    if tiles is not None and tiles.q_pos is not None:
+        q_pos, k_pos = tiles.q_pos, tiles.k_pos
     _validate(q, k, v, tiles.mask_from if tiles is not None else mask_from, q_pos, k_pos)
     D = q.shape[-1]
     if sm_scale is None:
@@ -1010,7 +1029,7 @@ def memento_flash_attention(q, k, v, mask_from, sm_scale=None, *, q_pos=None, k_
         raise ValueError("memento_flash_attention: with q_pos/k_pos (queries against a KV cache) the kernel is "
                          "forward-only; run it under torch.no_grad(), or train on whole sequences without positions")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    mask_from, q_pos, k_pos = _int32(mask_from), _int32(q_pos), _int32(k_pos)
-    fbm, fbn = cfg["fwd"][:2]
-    lists = csr_lists(tile_schedule(mask_from, k.shape[2], fbm, fbn, q_pos=q_pos, k_pos=k_pos))
-    return _forward(q, k, v, mask_from, float(sm_scale), cfg, lists, q_pos, k_pos)[0]
+    if tiles is None:
+        tiles = TileMask(mask_from, q_pos, k_pos)
+    return _forward(q, k, v, tiles.mask_from, float(sm_scale), cfg, tiles.lists(cfg)["fwd"], tiles.q_pos,
+                    tiles.k_pos)[0]

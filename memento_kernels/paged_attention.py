@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memento_kernels.memento_flash import _INTERPRET, load_and_score, online_softmax_step
+from memento_kernels.memento_flash import _INTERPRET, arch_family, load_and_score, online_softmax_step
 
 _SUPPORTED_D = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -224,48 +224,90 @@ def _paged_reduce_kernel(
 # ---------------------------------------------------------------------------------------
 # Host side.
 # ---------------------------------------------------------------------------------------
-# Default CUDA launch configs per (fp32?, Hopper or newer?, head dim); fp16 uses bf16's:
+# Default CUDA launch configs per architecture family (memento_flash.arch_family: sm_80, sm_86,
+# sm_90, sm_100, sm_120, by shared memory) and (fp32?, head dim); fp16 uses bf16's:
 #     {"dec": (BLOCK_N, num_warps, num_stages), "chunk": (BLOCK_M, BLOCK_N, num_warps, num_stages)}
 # "dec" serves GROUP * W <= 16 query rows (decode with a GQA group up to 16) with a 16-row
 # tile; "chunk" serves more rows (prefill chunks) in BLOCK_M-row tiles. BLOCK_N is the key
 # tile in tokens, whatever the page size. Chosen without a GPU by `bench/compile_check.py
 # --search-paged`: the first candidate, largest tiles and deepest pipeline first, that
 # compiles software-pipelined, spill-free and within the shared memory of every GPU of the
-# architecture (at page sizes 16 and 64, with and without split), under both Triton 3.7 (the
-# lock's) and 3.9 (three fp32 rows were searched again for that). Starting points for tuning
-# on a GPU, not timed numbers.
+# family (at page sizes 16 and 64, with and without split), under both Triton 3.7 (the lock's)
+# and 3.9; `compile_check.py --strict` compiles every row in CI. Starting points for tuning on
+# a GPU, not timed numbers.
 _CUDA_CONFIGS = {
-    (False, False, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
-    (False, False, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 2)},
-    (False, False, 64): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
-    (False, False, 128): {"dec": (64, 4, 2), "chunk": (64, 64, 8, 3)},
-    (False, False, 256): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
-    (False, True, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
-    (False, True, 32): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
-    (False, True, 64): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
-    (False, True, 128): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
-    (False, True, 256): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
-    (True, False, 16): {"dec": (64, 4, 2), "chunk": (128, 64, 8, 3)},
-    (True, False, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
-    (True, False, 64): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
-    (True, False, 128): {"dec": (32, 4, 3), "chunk": (16, 32, 8, 2)},
-    (True, False, 256): {"dec": (32, 8, 3), "chunk": (16, 16, 4, 2)},
-    (True, True, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
-    (True, True, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
-    (True, True, 64): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
-    (True, True, 128): {"dec": (64, 8, 2), "chunk": (32, 64, 8, 2)},
-    (True, True, 256): {"dec": (32, 8, 3), "chunk": (16, 16, 8, 2)},
+    "sm_80": {
+        (False, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 2)},
+        (False, 64): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 128): {"dec": (64, 4, 2), "chunk": (64, 64, 8, 3)},
+        (False, 256): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
+        (True, 16): {"dec": (64, 4, 2), "chunk": (128, 64, 8, 3)},
+        (True, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
+        (True, 64): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
+        (True, 128): {"dec": (32, 4, 3), "chunk": (16, 32, 8, 2)},
+        (True, 256): {"dec": (32, 8, 3), "chunk": (16, 16, 4, 2)},
+    },
+    "sm_86": {
+        (False, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 2)},
+        (False, 64): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 128): {"dec": (64, 4, 2), "chunk": (64, 64, 8, 3)},
+        (False, 256): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
+        (True, 16): {"dec": (64, 4, 2), "chunk": (128, 64, 8, 3)},
+        (True, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
+        (True, 64): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
+        (True, 128): {"dec": (32, 4, 3), "chunk": (16, 32, 8, 2)},
+        (True, 256): {"dec": (32, 8, 3), "chunk": (16, 16, 4, 2)},
+    },
+    "sm_90": {
+        (False, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 32): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 64): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 128): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 256): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
+        (True, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (True, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
+        (True, 64): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
+        (True, 128): {"dec": (64, 8, 2), "chunk": (32, 64, 8, 2)},
+        (True, 256): {"dec": (32, 8, 3), "chunk": (16, 16, 8, 2)},
+    },
+    "sm_100": {
+        (False, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 32): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 64): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 128): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 256): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
+        (True, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (True, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
+        (True, 64): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
+        (True, 128): {"dec": (64, 8, 2), "chunk": (32, 64, 8, 2)},
+        (True, 256): {"dec": (32, 8, 3), "chunk": (16, 16, 8, 2)},
+    },
+    "sm_120": {
+        (False, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 32): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 64): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 128): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (False, 256): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
+        (True, 16): {"dec": (64, 4, 3), "chunk": (128, 64, 8, 3)},
+        (True, 32): {"dec": (64, 4, 3), "chunk": (64, 64, 8, 3)},
+        (True, 64): {"dec": (64, 4, 3), "chunk": (64, 32, 8, 2)},
+        (True, 128): {"dec": (64, 8, 2), "chunk": (32, 64, 8, 2)},
+        (True, 256): {"dec": (32, 8, 3), "chunk": (16, 16, 8, 2)},
+    },
 }
 _REDUCE_WARPS = 4
 
 
-def config(D: int, dtype: torch.dtype, is_cuda: bool, rows: int, sm_major: int = 9):
-    """Launch config (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel.
+def config(D: int, dtype: torch.dtype, is_cuda: bool, rows: int, capability: tuple[int, int] = (9, 0)):
+    """Launch config (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel (§6.1).
 
     Args:
         D: head dim; dtype: q/k/v dtype; is_cuda: CUDA (else the interpreter);
-        rows: GROUP * W query rows per (row, kv head); sm_major: the GPU's compute
-            capability major (9 = Hopper; >= 9 uses Hopper's table).
+        rows: GROUP * W query rows per (row, kv head); capability: the GPU's compute
+            capability (major, minor), which picks the family's table (an unknown GPU gets
+            sm_86's, searched under the smallest shared memory).
     Returns:
         (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M = 16 when rows <= 16, else the
         "chunk" tile; BLOCK_N in tokens (a key tile may hold several pages or part of one:
@@ -275,7 +317,7 @@ def config(D: int, dtype: torch.dtype, is_cuda: bool, rows: int, sm_major: int =
         # Interpreter: small tiles keep numpy temporaries small; 32-token key tiles hold two
         # pages of 16 or half a page of 64, so the tests cover both kinds of tile.
         return (16 if rows <= 16 else 64), 32, 4, 1
-    table = _CUDA_CONFIGS[(dtype == torch.float32, sm_major >= 9, D)]
+    table = _CUDA_CONFIGS[arch_family(capability)][(dtype == torch.float32, D)]
     if rows <= 16:
         bn, warps, stages = table["dec"]
         bm = 16
@@ -336,8 +378,8 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _sm_major(t: torch.Tensor) -> int:
-    return torch.cuda.get_device_capability(t.device)[0] if t.is_cuda else 0
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
 
 
 def _validate(name, q, k_cache, v_cache, page_table, context_lens, query_lens, page_size, kernel):
@@ -463,7 +505,7 @@ def paged_attention(q, k_cache, v_cache, page_table, context_lens, query_lens=No
         _check_values(name, page_table, context_lens, query_lens, W, page_size, k_cache.shape[1] // page_size)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
-    bm, bn, warps, stages = config(D, q.dtype, q.is_cuda, group * W, _sm_major(q))
+    bm, bn, warps, stages = config(D, q.dtype, q.is_cuda, group * W, _capability(q))
     m_tiles = triton.cdiv(group * W, bm)
     if num_splits is None:
         cap = max_context if max_context is not None else page_table.shape[1] * page_size

@@ -160,7 +160,7 @@ def test_generate_replay_on_two_processes_gives_one_process_curves(stage1, tmp_p
     r = torchrun("generate.py", *args)
     two = _without_timings(r.stdout)
     assert two == ref and [r["name"] for r in two] == [f"{traces}:{i}" for i in range(1, 6)]
-    assert "5 requests on 2 processes (data parallel): 3 + 2" in r.stderr  # each generated its share only
+    assert "5 requests on 2 engines (data parallel): 3 + 2" in r.stderr  # each generated its share only
     assert all(r["peak_kv_tokens"] < r["full_cache_peak_kv_tokens"] for r in two)  # the curves hold compactions
 
 
@@ -173,7 +173,7 @@ def test_generate_prompts_file_on_two_processes_prints_one_process_output(stage1
     ref = _generate_one(args, capsys)
     assert ref.count("--- KV summary") == 6 and "blocks completed" in ref
     two = torchrun("generate.py", *args)
-    assert two.stdout == ref and "6 requests on 2 processes (data parallel): 3 + 3" in two.stderr
+    assert two.stdout == ref and "6 requests on 2 engines (data parallel): 3 + 3" in two.stderr
 
 
 def test_toy_evaluation_of_an_fsdp_run_decodes_shares_through_the_copy(stage1, tmp_path):

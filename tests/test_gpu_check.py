@@ -72,3 +72,25 @@ def test_bench_attention_methods_kernel_alone_and_end_to_end_agree():
         for attend in (fwd, e2e):
             assert torch.allclose(attend(q, k, v), ref, atol=1e-5)
     assert 0 < bench_attention._build_method("ours_memento", q, mf, 2)[2]["skipped_fraction"] < 1
+
+
+def test_decode_benchmark_runs_quick(tmp_path):
+    """bench/bench_decode_gpu.py --quick (tiny shapes, on the CPU here): every way of every batch
+    size reports tok/s and a step time, the engine's ways a bandwidth and kernels per step, and
+    Fig. 8's memento and full runs finish; the figures themselves are not asserted."""
+    import os
+    import subprocess
+
+    out = tmp_path / "decode.json"
+    r = subprocess.run([sys.executable, "bench/bench_decode_gpu.py", "--quick", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    rows = {(x["B"], x["way"]) for x in res["decode"]}
+    assert rows == {(b, w) for b in (1, 4) for w in ("graphs", "eager", "HF")}
+    for x in res["decode"]:
+        assert x["tok_per_s"] > 0
+        if x["way"] != "HF":
+            assert x["step_ms"] > 0 and x["kernels_per_step"] > 0 and 0 < x["bandwidth"]
+            assert x["rows_equal_graphs"] == x["B"] if x["way"] == "graphs" else True
+    assert res["fig8"]["memento"]["ok"] and res["fig8"]["full"]["ok"] and res["fig8"]["ratio"] > 0

@@ -718,6 +718,41 @@ def test_cuda_kernels_compile_pipelined_and_spill_free():
         assert row["hgmma"] > 0 and row["wgmma_ops"] > 0, row  # the dots became Hopper's warpgroup MMA (wgmma)
 
 
+def test_a_prefill_chunk_against_the_cache_builds_its_tile_lists_once(monkeypatch):
+    """A chunk of 40 queries against a cache that still holds masked keys (the gathered path,
+    the kernel's positions form): tile_schedule runs once for all 3 layers, and the logits equal
+    the dense reference backend's (§6.1)."""
+    from blocks import MementoConfig, MementoTokens, build_mask_from
+    from kv_cache import PagedKVCache
+    from memento_kernels import memento_flash
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer.byte_level()
+    ids = tok.prompt_ids("sum") + tok.encode("<think>\n<|block_start|>abcdefghij<|block_end|><|summary_start|>xy"
+                                             "<|summary_end|>klmnopqrstuvwxyzabcdefghijklmnop")
+    mf = build_mask_from(torch.tensor([ids]), MementoTokens.from_tokenizer(tok), MementoConfig(0))
+    calls = []
+    real = memento_flash.tile_schedule
+    monkeypatch.setattr(memento_flash, "tile_schedule", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MEMENTO_ATTN_BACKEND", backend)
+        model = tiny_model(layers=3, hidden=32, heads=4, kv_heads=2, head_dim=16).to(DEVICE)
+        cache = PagedKVCache(model.config, torch.float32, DEVICE, page_size=16)
+        cache.add(0)
+        T = len(ids)
+        pos = torch.arange(T, device=DEVICE)[None]
+        ids_t = torch.tensor([ids], device=DEVICE)
+        with torch.no_grad():  # a first chunk with its masks, then 40 more queries against it
+            model.hidden_states(ids_t[:, :T - 40], pos[:, :T - 40], mf[:, :T - 40].to(DEVICE), cache.batch([0]))
+            calls.clear()
+            h = model.hidden_states(ids_t[:, T - 40:], pos[:, T - 40:], mf[:, T - 40:].to(DEVICE), cache.batch([0]))
+        out[backend] = model.logits(h)
+        if backend == "triton":
+            assert len(calls) == 1, len(calls)  # one build for the three layers
+    torch.testing.assert_close(out["triton"], out["torch"], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("capability,family", [((8, 0), "sm_80"), ((8, 7), "sm_80"), ((8, 6), "sm_86"),
                                                ((8, 9), "sm_86"), ((9, 0), "sm_90"), ((10, 0), "sm_100"),
                                                ((10, 3), "sm_100"), ((12, 0), "sm_120"), ((12, 1), "sm_120"),

@@ -116,3 +116,38 @@ def test_the_documented_multi_gpu_rl_command_fits_80_gb(monkeypatch):
     e = memory.rl_estimate(cfg, micro_batch_size=args.micro_batch_size, **kw)
     assert e.peak <= 80 * 10**9 and e.full_traces_at_once >= 4, e
     assert memory.rl_estimate(cfg, micro_batch_size=64, **kw).peak > 80 * 10**9
+
+
+def test_the_documented_32b_tensor_parallel_command_fits_80_gb():
+    """docs/evaluation.md's Qwen3-32B command (torchrun 8 processes, --tensor-parallel-size 2),
+    parsed by eval.py's own parser: per serve_estimate each of its GPUs of 80 GB holds its
+    weights, a step and a pool of several full-cache 32K-token samples; on one GPU per model
+    the pool would not hold one."""
+    import shlex
+    from unittest import mock
+
+    import eval as eval_cli
+
+    text = (REPO / "docs" / "evaluation.md").read_text()
+    cmd = next(line for line in text.replace("\\\n", " ").splitlines() if "--tensor-parallel-size" in line
+               and line.lstrip().startswith("torchrun"))
+    words = shlex.split(cmd)
+    nproc = int(words[words.index("--nproc_per_node") + 1])
+    seen = {}
+    with mock.patch.object(eval_cli, "evaluate", lambda ap, args, *a, **kw: seen.update(args=args)), \
+            mock.patch.object(eval_cli, "setup_data_parallel", lambda *a, **kw: eval_cli.DataParallel()):
+        eval_cli.main(words[words.index("eval.py") + 1:])
+    args = seen["args"]
+    assert nproc == 8 and args.tensor_parallel_size == 2 and nproc % args.tensor_parallel_size == 0
+    cfg = memory.builtin_config("Qwen3-32B")
+    kw = dict(seq_len=args.max_new_tokens + 1024, gpu_memory_utilization=args.gpu_memory_utilization,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    e = memory.serve_estimate(cfg, tensor_parallel_size=args.tensor_parallel_size, **kw)
+    assert e.peak <= 80 * 10**9 and e.full_traces_at_once >= 4, e
+    assert memory.serve_estimate(cfg, tensor_parallel_size=1, **kw).full_traces_at_once == 0
+    # the estimate's weights are the direct arithmetic: half of every layer's projections each
+    one = memory.serve_estimate(cfg, tensor_parallel_size=1, kv_cache_gib=1)
+    two = memory.serve_estimate(cfg, tensor_parallel_size=2, kv_cache_gib=1)
+    whole = 2 * (cfg.vocab_size * cfg.hidden_size * 2 + cfg.num_hidden_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim)
+                 + cfg.hidden_size)
+    assert abs((one.weights - whole) - 2 * (two.weights - whole)) <= 4 and two.kv_tokens == 2 * one.kv_tokens
