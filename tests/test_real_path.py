@@ -50,7 +50,9 @@ def _count_calls(monkeypatch):
     real_kernel, real_ref = memento_flash.memento_flash_attention, memento_attention.attention_reference
 
     def kernel(q, *a, **kw):
-        calls["kernel"].append((q.shape[2], "q_pos" in kw and kw["q_pos"] is not None))
+        mask = a[2] if len(a) > 2 else kw.get("mask_from")  # positions as arguments, or carried by a TileMask
+        with_pos = kw.get("q_pos") is not None or getattr(mask, "q_pos", None) is not None
+        calls["kernel"].append((q.shape[2], with_pos))
         return real_kernel(q, *a, **kw)
 
     def reference(q, *a, **kw):
